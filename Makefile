@@ -8,7 +8,7 @@ run:
 
 test:
 	bash scripts/install.sh test
-	.venv/bin/python -m pytest -q
+	.venv/bin/pytest -q
 
 lint:
 	.venv/bin/ruff format --check . && .venv/bin/ruff check .

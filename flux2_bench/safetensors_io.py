@@ -112,9 +112,7 @@ class SafetensorsReader:
             self.tensors[name] = TensorInfo(name, dtype, shape, base + begin, base + end)
             data_end = max(data_end, base + end)
         if data_end > size:
-            raise CheckpointError(
-                f"{self.path}: truncated: the header describes {data_end} bytes, the file has {size}"
-            )
+            raise CheckpointError(f"{self.path}: truncated: the header describes {data_end} bytes, the file has {size}")
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -167,7 +165,11 @@ class SafetensorsWriter:
             for s in shape:
                 numel *= int(s)
             nbytes = numel * dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self._expected[name] = (dtype, tuple(shape), nbytes)
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -190,9 +192,7 @@ class SafetensorsWriter:
             raise ValueError(f"tensors must be written in declared order: expected {want}, got {name}")
         dtype, shape, nbytes = self._expected[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{name}: declared {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}"
-            )
+            raise ValueError(f"{name}: declared {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}")
         t = tensor.detach().to("cpu").contiguous()
         if nbytes:
             self._f.write(t.view(-1).view(torch.uint8).numpy().tobytes())

@@ -67,7 +67,7 @@ def forward_once(
     if device.startswith("cuda"):
         summary["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(
-        f"FLUX.2 {summary['preset']} ({'synthetic weights' if not checkpoint else checkpoint}), "
+        f"FLUX.2 {summary['preset']} ({checkpoint or 'synthetic weights'}), "
         f"{summary['parameters'] / 1e9:.3f} B parameters ({summary['weights_gib']:.2f} GiB {dtype})\n"
         f"  input {width}x{height}: {summary['tokens']} tokens -> output {list(out.shape)}, "
         f"finite={summary['output_finite']}\n"

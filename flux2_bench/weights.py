@@ -69,7 +69,14 @@ def diffusers_pieces(cfg: Flux2Config) -> dict[str, list[Piece]]:
         b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         for stream, qkv, norm_q, norm_k, proj, ff in (
             ("img", ("to_q", "to_k", "to_v"), "norm_q", "norm_k", "to_out.0", "ff"),
-            ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "norm_added_q", "norm_added_k", "to_add_out", "ff_context"),
+            (
+                "txt",
+                ("add_q_proj", "add_k_proj", "add_v_proj"),
+                "norm_added_q",
+                "norm_added_k",
+                "to_add_out",
+                "ff_context",
+            ),
         ):
             plan[f"{b}{stream}_attn.qkv.weight"] = [
                 Piece(f"{d}attn.{name}.weight", (j * h, (j + 1) * h)) for j, name in enumerate(qkv)
@@ -243,7 +250,10 @@ def infer_config(ckpt: Checkpoint) -> Flux2Config:
             "mlp_out": "transformer_blocks.0.ff.linear_out.weight",
             "linear2": "single_transformer_blocks.0.attn.to_out.weight",
         }
-        depth, single = _count_blocks(keys, "transformer_blocks."), _count_blocks(keys, "single_transformer_blocks.")
+        depth, single = (
+            _count_blocks(keys, "transformer_blocks."),
+            _count_blocks(keys, "single_transformer_blocks."),
+        )
         guidance = "time_guidance_embed.guidance_embedder.linear_1.weight" in keys
     present = set(keys)
     if names["img_in"] not in present or names["txt_in"] not in present:
@@ -366,8 +376,7 @@ def load_transformer(
         diff = _architecture_diff(cfg, inferred)
         if diff:
             raise CheckpointError(
-                f"{path}: the checkpoint is not {preset!r} (its shapes say {preset_name(inferred)}): "
-                + "; ".join(diff)
+                f"{path}: the checkpoint is not {preset!r} (its shapes say {preset_name(inferred)}): " + "; ".join(diff)
             )
     else:
         cfg = inferred
@@ -377,11 +386,14 @@ def load_transformer(
 
     model = empty_transformer(cfg, device=device, dtype=dtype)
     params = dict(model.named_parameters())
-    total = sum(ckpt.readers[ckpt.prefix + p.key].tensors[ckpt.prefix + p.key].nbytes for ps in plan.values() for p in ps)
+    total = sum(
+        ckpt.readers[ckpt.prefix + p.key].tensors[ckpt.prefix + p.key].nbytes for ps in plan.values() for p in ps
+    )
     cache: dict[str, torch.Tensor] = {}  # a source tensor split over two pieces is read once
-    with torch.no_grad(), tqdm(
-        total=total, unit="B", unit_scale=True, desc="loading transformer", disable=not progress
-    ) as bar:
+    with (
+        torch.no_grad(),
+        tqdm(total=total, unit="B", unit_scale=True, desc="loading transformer", disable=not progress) as bar,
+    ):
         for name, pieces in plan.items():
             dst = params[name]
             for p in pieces:
@@ -465,7 +477,11 @@ def _param_std(name: str, shape: tuple[int, ...]) -> float:
 
 
 def synthetic_transformer(
-    preset: str | Flux2Config, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0
+    preset: str | Flux2Config,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
 ) -> Flux2:
     """Random weights of the exact shapes, drawn directly on `device` in `dtype` (no fp32 copy, ever).
 
