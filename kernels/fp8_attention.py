@@ -1,0 +1,481 @@
+"""FP8 flash attention (forward, non-causal, no mask) for FLUX.2's joint attention.
+
+Layouts: q, k, v are (B, H, L, D) with the last dim contiguous, after QK-norm and RoPE; the output is
+(B, H, L, D) in the input dtype (bf16 in the model; fp16/fp32 are accepted so the CPU interpreter,
+whose bf16 arithmetic is broken, can run it). D is a power of two in [32, 128]; L is anything (tails
+are masked; FLUX.2 uses 4608 at 1024², 16896 at 2048², about 45 k with ten references).
+
+Quantization (all scales fp32, fp32 accumulation everywhere):
+- K smoothing: K's per-channel mean over the sequence is subtracted first. Softmax is invariant to it
+  (it adds the same q·mean to every logit of a row), so this is exact, and it removes the per-channel
+  offset that would otherwise eat the fp8 range of K.
+- Q·Kᵀ in FP8 e4m3 with one scale per `scale_block` (64 or 128) tokens per head, for Q and K. The
+  softmax scale and log2(e) are folded into Q's scale so the kernel uses exp2.
+- P·V: `pv="fp8"` casts P to e4m3 after shifting it to [0, 256] (exp2(s - m + 8); the 256 cancels in
+  the row sum and keeps small probabilities out of e4m3's subnormals) and V is scaled per channel
+  (amax over the sequence / 448). `pv="bf16"` multiplies P in the input dtype with the original V.
+
+Two kernels: a pre-pass (`_stats_kernel`: K column sums and V column amax in chunks; `_quant_kernel`:
+per-block Q/K scales, fp8 casts, V cast and transpose to (B, H, D, Lp)) and `_attn_fwd`. The fp8
+P·V dot needs V K-major (sequence contiguous), hence the transpose. Quantized copies are padded to a
+multiple of 128 tokens so the main loop loads without masks.
+
+The interpreter's fp32 -> fp8 cast is wrong (no rounding to nearest, no saturation, subnormals
+flushed); under TRITON_INTERPRET=1 the kernels round to the e4m3 grid in fp32 before casting
+(`EMULATE_CAST`), which makes the cast exact there. On a GPU the hardware cast (cvt.rn.satfinite) is used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+P_SHIFT = 8.0  # P is computed as 2**8 * softmax numerator: max 256, smallest normal e4m3 2**-6 -> 2**-14
+LOG2E = 1.4426950408889634
+PAD = 128  # quantized copies are padded to a multiple of this many tokens (>= every block size)
+
+
+@triton.jit
+def _to_fp8(x, SATURATE: tl.constexpr, EMULATE_CAST: tl.constexpr):
+    """fp32 -> float8e4nv with round-to-nearest-even (and clamp to ±448 when SATURATE)."""
+    if SATURATE:
+        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    if EMULATE_CAST:
+        # round to 3 mantissa bits in fp32 (normals), or to the 2**-9 grid (subnormals), so the
+        # interpreter's cast only ever sees representable values
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+        xr = bits.to(tl.float32, bitcast=True)
+        x = tl.where(tl.abs(x) < 0.015625, tl.floor(x * 512.0 + 0.5) * 0.001953125, xr)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _stats_kernel(
+    k_ptr, v_ptr, ksum_ptr, vmax_ptr,
+    L, H, CHUNK,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    D: tl.constexpr, BLOCK_L: tl.constexpr, WITH_V: tl.constexpr,
+):  # fmt: skip
+    """Partial K column sums and V column |max| over one CHUNK of tokens: out[(b*H+h), chunk, D]."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_chunks = tl.num_programs(0)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
+    v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
+    ksum = tl.zeros([D], dtype=tl.float32)
+    vmax = tl.zeros([D], dtype=tl.float32)
+    for start in range(pid_c * CHUNK, tl.minimum(pid_c * CHUNK + CHUNK, L), BLOCK_L):
+        offs_l = start + tl.arange(0, BLOCK_L)
+        mask = (offs_l < L)[:, None]
+        k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=mask, other=0.0)
+        ksum += tl.sum(k.to(tl.float32), axis=0)
+        if WITH_V:
+            v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=mask, other=0.0)
+            vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+    out = (pid_bh * n_chunks + pid_c) * D + offs_d
+    tl.store(ksum_ptr + out, ksum)
+    if WITH_V:
+        tl.store(vmax_ptr + out, vmax)
+
+
+@triton.jit
+def _quant_kernel(
+    q_ptr, k_ptr, v_ptr, kmean_ptr, vmax_ptr,
+    q8_ptr, k8_ptr, vt8_ptr, qs_ptr, ks_ptr,
+    L, Lp, H, n_sblk, q_scale_mult,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    D: tl.constexpr, SCALE_BLOCK: tl.constexpr, WITH_V: tl.constexpr, EMULATE_CAST: tl.constexpr,
+):  # fmt: skip
+    """One SCALE_BLOCK of tokens of one head: Q and smoothed K to fp8 with one scale each; V to fp8
+    with its per-channel scale, stored transposed. Rows past L are written as zeros (padding)."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    offs_l = pid_s * SCALE_BLOCK + tl.arange(0, SCALE_BLOCK)
+    offs_d = tl.arange(0, D)
+    row_ok = (offs_l < L)[:, None]
+    dst = bh * Lp * D + offs_l[:, None] * D + offs_d[None, :]
+
+    q = tl.load(q_ptr + off_b * stride_qb + off_h * stride_qh + offs_l[:, None] * stride_ql + offs_d[None, :],
+                mask=row_ok, other=0.0).to(tl.float32)  # fmt: skip
+    q_amax = tl.maximum(tl.max(tl.abs(q)), 1e-30)
+    tl.store(q8_ptr + dst, _to_fp8(q * (448.0 / q_amax), True, EMULATE_CAST))
+    tl.store(qs_ptr + pid_bh * n_sblk + pid_s, q_amax / 448.0 * q_scale_mult)
+
+    k = tl.load(k_ptr + off_b * stride_kb + off_h * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :],
+                mask=row_ok, other=0.0).to(tl.float32)  # fmt: skip
+    k = tl.where(row_ok, k - tl.load(kmean_ptr + pid_bh * D + offs_d)[None, :], 0.0)
+    k_amax = tl.maximum(tl.max(tl.abs(k)), 1e-30)
+    tl.store(k8_ptr + dst, _to_fp8(k * (448.0 / k_amax), True, EMULATE_CAST))
+    tl.store(ks_ptr + pid_bh * n_sblk + pid_s, k_amax / 448.0)
+
+    if WITH_V:
+        v = tl.load(v_ptr + off_b * stride_vb + off_h * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :],
+                    mask=row_ok, other=0.0).to(tl.float32)  # fmt: skip
+        v_amax = tl.maximum(tl.load(vmax_ptr + pid_bh * D + offs_d), 1e-30)
+        v8 = _to_fp8(v * (448.0 / v_amax)[None, :], True, EMULATE_CAST)
+        tl.store(vt8_ptr + bh * D * Lp + offs_d[None, :] * Lp + offs_l[:, None], v8)
+
+
+@triton.jit
+def _attn_tile(
+    acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_base, start_n, offs_n, L, stride_vn,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr, PV_FP8: tl.constexpr,
+    MASK: tl.constexpr, EMULATE_CAST: tl.constexpr,
+):  # fmt: skip
+    k = tl.load(k_ptrs + start_n * D)  # (D, BLOCK_N) fp8
+    qk = tl.dot(q, k)  # fp8 x fp8 -> fp32
+    if BLOCK_N <= SCALE_BLOCK:  # one K scale for the whole tile: fold it into the row scale
+        s = qk * (qs * tl.load(ks_base + start_n // SCALE_BLOCK))[:, None]
+    else:
+        s = qk * tl.load(ks_base + (start_n + offs_n) // SCALE_BLOCK)[None, :] * qs[:, None]
+    if MASK:
+        s = tl.where((start_n + offs_n)[None, :] < L, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    if PV_FP8:
+        p = tl.math.exp2(s - (m_new - 8.0)[:, None])  # in [0, 256]; the 256 cancels in l_i
+    else:
+        p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if PV_FP8:
+        vt = tl.load(v_ptrs + start_n)  # (D, BLOCK_N) fp8, sequence contiguous
+        acc = tl.dot(_to_fp8(p, False, EMULATE_CAST), tl.trans(vt), acc)
+    else:
+        if MASK:
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=(start_n + offs_n)[:, None] < L, other=0.0)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vn)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd(
+    q8_ptr, k8_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, o_ptr,
+    L, Lp, H, n_sblk,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_ol,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+    PV_FP8: tl.constexpr, EMULATE_CAST: tl.constexpr,
+):  # fmt: skip
+    """One BLOCK_M tile of queries of one head against all keys, online softmax in the exp2 domain."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bh = pid_bh.to(tl.int64)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+
+    q = tl.load(q8_ptr + bh * Lp * D + offs_m[:, None] * D + offs_d[None, :])  # padded: no mask
+    qs = tl.load(qs_ptr + pid_bh * n_sblk + offs_m // SCALE_BLOCK)  # includes sm_scale * log2(e)
+    k_ptrs = k8_ptr + bh * Lp * D + offs_n[None, :] * D + offs_d[:, None]  # (D, BLOCK_N): Kᵀ
+    if PV_FP8:
+        v_ptrs = v_ptr + bh * D * Lp + offs_d[:, None] * Lp + offs_n[None, :]  # (D, BLOCK_N) of Vᵀ
+    else:
+        v_ptrs = v_ptr + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    ks_base = ks_ptr + pid_bh * n_sblk
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    n_full = (L // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _attn_tile(
+            acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_base, start_n, offs_n, L, stride_vn,
+            D, BLOCK_N, SCALE_BLOCK, PV_FP8, False, EMULATE_CAST,
+        )  # fmt: skip
+    if n_full < L:
+        acc, l_i, m_i = _attn_tile(
+            acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_base, n_full, offs_n, L, stride_vn,
+            D, BLOCK_N, SCALE_BLOCK, PV_FP8, True, EMULATE_CAST,
+        )  # fmt: skip
+
+    o = acc * (1.0 / l_i)[:, None]
+    if PV_FP8:
+        o = o * tl.load(vs_ptr + pid_bh * D + offs_d)[None, :]
+    o_ptrs = o_ptr + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=(offs_m < L)[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------
+# launcher
+
+PV_MODES = ("fp8", "bf16")
+SCALE_BLOCKS = (64, 128)
+
+
+def _default_config(head_dim: int, device: torch.device) -> dict[str, int]:
+    """Tile config: on a GPU the H100-measured one (reports/fp8_attention); on CPU (interpreter) 64-wide
+    tiles, which keep interpreter tests fast."""
+    if device.type == "cpu":
+        return {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1}
+    return {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, pv: str, scale_block: int) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be (B, H, L, D), got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"{name} must be bf16, fp16 or fp32, got {t.dtype}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous last dim, got strides {t.stride()}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    d = q.shape[-1]
+    if d not in (32, 64, 128):
+        raise ValueError(f"head dim must be 32, 64 or 128, got {d}")
+    if q.shape[2] < 1:
+        raise ValueError(f"sequence length must be >= 1, got {q.shape[2]}")
+    if pv not in PV_MODES:
+        raise ValueError(f"pv must be one of {PV_MODES}, got {pv!r}")
+    if scale_block not in SCALE_BLOCKS:
+        raise ValueError(f"scale_block must be one of {SCALE_BLOCKS}, got {scale_block}")
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
+        cap = torch.cuda.get_device_capability(q.device)
+        raise ValueError(f"fp8 tensor cores need compute capability >= 8.9, got {cap} ({q.device})")
+
+
+def quantize_qkv(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, pv: str = "fp8", scale_block: int = 64
+) -> dict[str, Tensor]:
+    """The pre-pass: K mean, Q/K fp8 + block scales, V fp8 (transposed) + channel scales.
+
+    Returns q8, k8 (B, H, Lp, D) e4m3 with Lp = L rounded up to 128; qs, ks (B, H, Lp/scale_block) fp32
+    (qs includes scale*log2(e)); for pv="fp8" also vt8 (B, H, D, Lp) e4m3 and vs (B, H, D) fp32.
+    """
+    _check_inputs(q, k, v, pv, scale_block)
+    B, H, L, D = q.shape
+    Lp = triton.cdiv(L, PAD) * PAD
+    n_sblk = Lp // scale_block
+    sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    emulate = q.device.type == "cpu"
+    with_v = pv == "fp8"
+    dev = q.device
+
+    block_l = 64
+    chunk = 512 if L > 4096 else 256
+    n_chunks = triton.cdiv(L, chunk)
+    ksum = torch.empty(B * H, n_chunks, D, device=dev, dtype=torch.float32)
+    vmax = torch.empty_like(ksum) if with_v else ksum
+    _stats_kernel[(n_chunks, B * H)](
+        k, v, ksum, vmax, L, H, chunk,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        D=D, BLOCK_L=block_l, WITH_V=with_v, num_warps=4,
+    )  # fmt: skip
+    kmean = ksum.sum(1).div_(L)  # (B*H, D)
+    vamax = vmax.amax(1) if with_v else kmean  # (B*H, D)
+
+    out = {
+        "q8": torch.empty(B, H, Lp, D, device=dev, dtype=torch.float8_e4m3fn),
+        "k8": torch.empty(B, H, Lp, D, device=dev, dtype=torch.float8_e4m3fn),
+        "qs": torch.empty(B, H, n_sblk, device=dev, dtype=torch.float32),
+        "ks": torch.empty(B, H, n_sblk, device=dev, dtype=torch.float32),
+    }
+    if with_v:
+        out["vt8"] = torch.empty(B, H, D, Lp, device=dev, dtype=torch.float8_e4m3fn)
+        out["vs"] = (vamax.clamp_min(1e-30) / FP8_MAX).view(B, H, D)
+    vt8 = out.get("vt8", out["k8"])
+    _quant_kernel[(n_sblk, B * H)](
+        q, k, v, kmean, vamax,
+        out["q8"], out["k8"], vt8, out["qs"], out["ks"],
+        L, Lp, H, n_sblk, sm_scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        D=D, SCALE_BLOCK=scale_block, WITH_V=with_v, EMULATE_CAST=emulate, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def fp8_attention_quantized(
+    quant: dict[str, Tensor],
+    v: Tensor,
+    *,
+    out: Tensor | None = None,
+    scale_block: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> Tensor:
+    """The attention kernel alone, on the output of `quantize_qkv` (v: the original V, for shape,
+    dtype and the bf16 P·V path). Split out so the pre-pass and the main kernel can be timed apart."""
+    B, H, L, D = v.shape
+    pv_fp8 = "vt8" in quant
+    cfg = _default_config(D, v.device)
+    for key, val in (
+        ("block_m", block_m),
+        ("block_n", block_n),
+        ("num_warps", num_warps),
+        ("num_stages", num_stages),
+    ):
+        if val is not None:
+            cfg[key] = val
+    if cfg["block_m"] not in (16, 32, 64, 128) or cfg["block_n"] not in (16, 32, 64, 128):
+        raise ValueError(f"block_m and block_n must be 16..128 powers of two, got {cfg['block_m']}, {cfg['block_n']}")
+    Lp = quant["q8"].shape[2]
+    n_sblk = quant["qs"].shape[2]
+    if out is None:
+        out = torch.empty(B, H, L, D, device=v.device, dtype=v.dtype)
+    v_arg = quant["vt8"] if pv_fp8 else v
+    vs = quant["vs"] if pv_fp8 else quant["qs"]
+    grid = (triton.cdiv(L, cfg["block_m"]), B * H)
+    _attn_fwd[grid](
+        quant["q8"], quant["k8"], v_arg, quant["qs"], quant["ks"], vs, out,
+        L, Lp, H, n_sblk,
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        D=D, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], SCALE_BLOCK=scale_block,
+        PV_FP8=pv_fp8, EMULATE_CAST=v.device.type == "cpu",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return out
+
+
+def fp8_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    pv: str = "fp8",
+    scale_block: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> Tensor:
+    """softmax(q kᵀ · scale) v with FP8 Q·Kᵀ (per-`scale_block` scales, K smoothed) and FP8 or bf16 P·V.
+
+    q, k, v: (B, H, L, D) bf16 (fp16/fp32 accepted), last dim contiguous, D in {32, 64, 128}.
+    scale defaults to 1/sqrt(D). Returns (B, H, L, D) in the input dtype.
+    """
+    quant = quantize_qkv(q, k, v, scale=scale, pv=pv, scale_block=scale_block)
+    return fp8_attention_quantized(
+        quant,
+        v,
+        scale_block=scale_block,
+        block_m=block_m,
+        block_n=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# references
+
+
+def _quantize_blocks_ref(x: Tensor, scale_block: int) -> tuple[Tensor, Tensor]:
+    """(B, H, Lp, D) fp32 -> e4m3 values as fp32 and per-block scales (B, H, Lp/scale_block)."""
+    B, H, Lp, D = x.shape
+    xb = x.view(B, H, Lp // scale_block, scale_block, D)
+    amax = xb.abs().amax(dim=(-1, -2), keepdim=True).clamp_min(1e-30)
+    x8 = (xb * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return x8.view(B, H, Lp, D), (amax / FP8_MAX).view(B, H, Lp // scale_block)
+
+
+def fp8_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    pv: str = "fp8",
+    scale_block: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> Tensor:
+    """Pure torch, same quantization as `fp8_attention`, including the online softmax over `block_n`
+    key tiles (P is cast to fp8 relative to the running row max, as in the kernel). block_m and the
+    launch knobs do not change the math and are accepted for a matching signature."""
+    _check_inputs(q, k, v, pv, scale_block)
+    B, H, L, D = q.shape
+    bn = block_n or _default_config(D, q.device)["block_n"]
+    Lp = triton.cdiv(L, PAD) * PAD
+    sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+    def pad(x: Tensor) -> Tensor:
+        return torch.nn.functional.pad(x, (0, 0, 0, Lp - L))
+
+    q8, qs = _quantize_blocks_ref(pad(q.float()), scale_block)
+    k8, ks = _quantize_blocks_ref(pad(k.float() - k.float().mean(dim=2, keepdim=True)), scale_block)
+    q8, k8 = q8[:, :, :L], k8[:, :, :L]
+    qs_rows = (qs * (sm_scale * LOG2E)).repeat_interleave(scale_block, dim=-1)[..., :L]
+    ks_rows = ks.repeat_interleave(scale_block, dim=-1)[..., :L]
+    if pv == "fp8":
+        vs = v.float().abs().amax(dim=2, keepdim=True).clamp_min(1e-30) / FP8_MAX  # (B, H, 1, D)
+        vq = (v.float() / vs).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    else:
+        vq = v
+
+    m = torch.full((B, H, L), float("-inf"), device=q.device)
+    l_sum = torch.zeros(B, H, L, device=q.device)
+    acc = torch.zeros(B, H, L, D, device=q.device)
+    for n0 in range(0, L, bn):
+        n1 = min(n0 + bn, L)
+        qk = q8 @ k8[:, :, n0:n1].transpose(-1, -2)
+        if bn <= scale_block:
+            s = qk * (qs_rows * ks_rows[..., n0 : n0 + 1])[..., None]
+        else:
+            s = qk * ks_rows[..., None, n0:n1] * qs_rows[..., None]
+        m_new = torch.maximum(m, s.amax(-1))
+        alpha = torch.exp2(m - m_new)
+        if pv == "fp8":
+            p = torch.exp2(s - (m_new - P_SHIFT)[..., None])
+            pv_tile = p.to(torch.float8_e4m3fn).float() @ vq[:, :, n0:n1]
+        else:
+            p = torch.exp2(s - m_new[..., None])
+            pv_tile = p.to(v.dtype).float() @ vq[:, :, n0:n1].float()
+        l_sum = l_sum * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + pv_tile
+        m = m_new
+    o = acc / l_sum[..., None]
+    if pv == "fp8":
+        o = o * vs
+    return o.to(q.dtype)
+
+
+def attention_fp32_ref(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, **_unused) -> Tensor:
+    """Exact softmax(q kᵀ · scale) v in fp32 (TF32 off), in query chunks so long L fits; returns fp32."""
+    B, H, L, D = q.shape
+    sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    kf, vf = k.float(), v.float()
+    out = torch.empty(B, H, L, D, device=q.device, dtype=torch.float32)
+    chunk = max(1, (1 << 28) // max(1, B * H * L))  # about 1 GiB of fp32 logits per chunk
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for i in range(0, L, chunk):
+            s = (q[:, :, i : i + chunk].float() @ kf.transpose(-1, -2)) * sm_scale
+            out[:, :, i : i + chunk] = torch.softmax(s, dim=-1) @ vf
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return out
