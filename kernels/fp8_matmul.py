@@ -1,0 +1,855 @@
+"""FP8 (e4m3) GEMM with fused activation quantization, and a weight-only FP8 path.
+
+What
+----
+``fp8_gemm(a, b, a_scale, b_scale)`` computes ``out = (a_scale * a) @ (b_scale * b).T`` with
+fp32 accumulation, optionally followed by FLUX.2's gated residual ``out = residual + gate * out``.
+``quantize_fp8`` turns bf16 activations into saturated e4m3 plus fp32 scales in one kernel;
+``fp8_linear`` is quantize + GEMM on a bf16 input (what ``QuantLinear`` calls);
+``fp8_weight_only_linear`` keeps bf16 activations and decodes e4m3 weights in registers for GPUs
+without FP8 tensor cores (sm_80/86).
+
+Layouts and dtypes
+------------------
+- ``a``: (M, K) ``torch.float8_e4m3fn`` activations, K contiguous.
+- ``b``: (N, K) ``torch.float8_e4m3fn`` weights, K contiguous (``nn.Linear.weight`` layout).
+- ``out``: (M, N) bf16 (or fp16 / fp32); ``residual``: (M, N); ``gate``: (N,) or (1, N).
+
+Scale granularity (decided from the scale shapes; all scales fp32, "dequantized = fp8 * scale")
+----------------------------------------------------------------------------------------------
+==========  =======================================  ========================================
+name        a_scale                                  b_scale
+==========  =======================================  ========================================
+tensor      scalar (shape () or (1,))                scalar
+row         (M,) or (M, 1) (or scalar: static)       (N,), (N, 1) or (1, N) (or scalar)
+block       (M, ceil(K/128)): 1x128 per row          (ceil(N/128), ceil(K/128)): 128x128
+==========  =======================================  ========================================
+
+Quantization convention (bit-exact between kernel and ``*_ref`` on GPU):
+``scale = max(amax, 1e-12) / 448``, ``q = e4m3(clamp(x * (1 / scale), -448, 448))`` with
+round-to-nearest-even. Saturating *before* the cast matters: e4m3fn has no infinity, and an
+unclamped 500 becomes NaN.
+
+Notes
+-----
+- Block scaling multiplies each 128-wide K slice's partial product by its scales inside the K
+  loop ("promotion" in DeepGEMM's words), so BLOCK_K must divide 128.
+- Triton's interpreter (CPU CI) mis-rounds fp32 -> fp8 casts; under it the kernels round to e4m3
+  in fp32 arithmetic first (``EXACT_CAST``), which the cast then keeps exactly. On GPU the cast
+  instruction (cvt.rn.satfinite) does the rounding.
+- The weight-only kernel loads weights as uint8 and decodes e4m3 bits arithmetically, so it needs
+  no fp8 support from Triton or the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+AMAX_EPS = 1e-12  # all-zero rows get a tiny positive scale instead of 0/0
+QBLOCK = 128  # block-scaling granularity along K (and N for weights)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2
+_GRANULARITY = {"tensor": SCALE_TENSOR, "row": SCALE_ROW, "block": SCALE_BLOCK}
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """Round fp32 ``x`` (already within +-448) to the nearest e4m3 value, ties to even, in fp32.
+
+    Adding then subtracting c = 1.5 * 2^(e-3+23) rounds |x| to a multiple of 2^(e-3), the e4m3
+    spacing of x's binade (e = exponent of x, at least -6: subnormals share the spacing 2^-9)."""
+    bits = x.to(tl.int32, bitcast=True)
+    exp = tl.maximum((bits >> 23) & 0xFF, 127 - 6)
+    c = (((exp - 3 + 23) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    r = ((tl.abs(x) + c) - c).to(tl.int32, bitcast=True)
+    return (r | (bits & -0x80000000)).to(tl.float32, bitcast=True)  # copy the sign bit, -0 included
+
+
+@triton.jit
+def _to_e4m3(x, inv_scale, EXACT_CAST: tl.constexpr):
+    """fp32 -> saturated e4m3: x * (1/scale), clamp to +-448, round to nearest even."""
+    y = tl.minimum(tl.maximum(x * inv_scale, -448.0), 448.0)
+    if EXACT_CAST:
+        y = _round_to_e4m3(y)
+    return y.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quantize_fp8_kernel(
+    # pointers
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    # sizes
+    M,
+    K,
+    # strides
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    # meta-parameters
+    GRANULARITY: tl.constexpr,  # 0 tensor (s_ptr holds the given scale), 1 row, 2 block (1x128)
+    STORE_Q: tl.constexpr,  # False: only write the row scales (used by the fused GEMM path)
+    EXACT_CAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # == 128 for block granularity
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm
+
+    if GRANULARITY == 0:
+        inv_scale = tl.math.div_rn(1.0, tl.load(s_ptr))
+    if GRANULARITY == 1:
+        # pass 1: row amax (the second pass re-reads the rows from L2)
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = mask_m[:, None] & (offs_k[None, :] < K)
+            x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+        tl.store(s_ptr + offs_m * stride_sm, scale, mask=mask_m)
+        inv_scale = tl.math.div_rn(1.0, scale)[:, None]
+
+    if STORE_Q:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = mask_m[:, None] & (offs_k[None, :] < K)
+            x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            if GRANULARITY == 2:
+                amax = tl.max(tl.abs(x), axis=1)
+                scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+                tl.store(s_ptr + offs_m * stride_sm + k0 // BLOCK_K, scale, mask=mask_m)
+                inv_scale = tl.math.div_rn(1.0, scale)[:, None]
+            tl.store(q_rows + offs_k[None, :], _to_e4m3(x, inv_scale, EXACT_CAST), mask=mask)
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    # pointers
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    a_scale_ptr,
+    b_scale_ptr,
+    res_ptr,
+    gate_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    # strides
+    stride_am,
+    stride_ak,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    stride_cn,
+    stride_rm,
+    stride_rn,
+    stride_gn,
+    stride_asm,  # 0 when a per-tensor scale is broadcast over rows
+    stride_ask,
+    stride_bsn,  # 0 when a per-tensor scale is broadcast over columns
+    stride_bsk,
+    # meta-parameters
+    SCALE_MODE: tl.constexpr,  # 0 tensor, 1 row x channel, 2 block (1x128 act, 128x128 weight)
+    A_BF16: tl.constexpr,  # A is bf16/fp16/fp32: quantized to e4m3 in registers with a_scale
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ("swizzled") launch order: GROUP_M row-tiles share each B column-tile in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Edge rows/columns wrap around instead of being masked: loads stay in bounds and unmasked,
+    # the store below drops them.
+    offs_am = offs_m % M
+    offs_bn = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_am.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_bn.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+
+    if SCALE_MODE != 2:
+        a_s = tl.load(a_scale_ptr + offs_am * stride_asm)
+        b_s = tl.load(b_scale_ptr + offs_bn * stride_bsn)
+    if A_BF16 and SCALE_MODE != 2:
+        inv_a = tl.math.div_rn(1.0, a_s)[:, None]
+
+    # fused block quantization takes each 1x128 activation scale from one loaded tile
+    tl.static_assert(not (A_BF16 and SCALE_MODE == 2) or BLOCK_K == 128)
+    tl.static_assert(SCALE_MODE != 2 or 128 % BLOCK_K == 0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if A_BF16:
+            a = a.to(tl.float32)
+            if SCALE_MODE == 2:
+                # the 1x128 activation scale of this K slice comes from the tile itself: no pre-pass
+                a_amax = tl.max(tl.abs(a), axis=1)
+                a_sb = tl.math.div_rn(tl.maximum(a_amax, 1e-12), 448.0)
+                inv_a = tl.math.div_rn(1.0, a_sb)[:, None]
+            a = _to_e4m3(a, inv_a, EXACT_CAST)
+        if SCALE_MODE == 2:
+            kb = (k * BLOCK_K) // 128
+            if not A_BF16:
+                a_sb = tl.load(a_scale_ptr + offs_am * stride_asm + kb * stride_ask)
+            b_sb = tl.load(b_scale_ptr + (offs_bn // 128) * stride_bsn + kb * stride_bsk)
+            acc += tl.dot(a, b) * (a_sb[:, None] * b_sb[None, :])
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # Epilogue: scales, FLUX.2 gated residual, cast, masked store.
+    if SCALE_MODE != 2:
+        acc = acc * (a_s[:, None] * b_s[None, :])
+    mask_n = offs_n < N
+    if HAS_GATE:
+        g = tl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc * g[None, :]
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp8_weight_only_kernel(
+    # pointers
+    x_ptr,
+    w_ptr,  # uint8 view of the e4m3 weights
+    c_ptr,
+    w_scale_ptr,
+    res_ptr,
+    gate_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_cm,
+    stride_cn,
+    stride_rm,
+    stride_rn,
+    stride_gn,
+    stride_wsn,  # 0 for a per-tensor scale
+    stride_wsk,
+    # meta-parameters
+    SCALE_MODE: tl.constexpr,  # 0 tensor, 1 channel, 2 block (128x128)
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # interpreter only: its bf16 arithmetic is broken
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    # The tile is computed transposed, C^T = W X^T ("swap AB"): the decoded weights are the MMA's
+    # first operand, which Hopper's wgmma can take straight from registers.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_in_group = GROUP_N * num_pid_m
+    group_id = pid // num_pid_in_group
+    first_pid_n = group_id * GROUP_N
+    group_size_n = min(num_pid_n - first_pid_n, GROUP_N)
+    pid_n = first_pid_n + ((pid % num_pid_in_group) % group_size_n)
+    pid_m = (pid % num_pid_in_group) // group_size_n
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_wn = offs_n % N
+    offs_xm = offs_m % M
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + offs_wn.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    x_ptrs = x_ptr + offs_xm.to(tl.int64)[None, :] * stride_xm + offs_k[:, None] * stride_xk
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            wb = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            wb = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            x = tl.load(x_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        # e4m3 bits s.eeee.mmm -> fp16 bits s.0eeee.mmm0000000 = value / 2^8, exact for normals and
+        # subnormals alike (both formats' subnormal spacing scales by the same 2^8).
+        wi = wb.to(tl.int16)
+        w = (((wi & 0x7F) << 7) | ((wi & 0x80) << 8)).to(tl.float16, bitcast=True)
+        if SCALE_MODE == 2:
+            kb = (k * BLOCK_K) // 128
+            s = tl.load(w_scale_ptr + (offs_wn // 128) * stride_wsn + kb * stride_wsk) * 256.0
+            w = w.to(tl.float32) * s[:, None]
+        if DOT_FP32:
+            # round the weights to the MMA dtype as the GPU path does (matters for block scales); the
+            # interpreter's fp32 -> bf16 cast truncates, so bf16 rounding is done on the bits
+            w = w.to(tl.float32)
+            if x_ptr.dtype.element_ty == tl.bfloat16:
+                wb32 = w.to(tl.int32, bitcast=True)
+                wb32 = (wb32 + 0x7FFF + ((wb32 >> 16) & 1)) & -0x10000
+                w = wb32.to(tl.float32, bitcast=True)
+            else:
+                w = w.to(tl.float16).to(tl.float32)
+            acc = tl.dot(w, x.to(tl.float32), acc)
+        else:
+            acc = tl.dot(w.to(x.dtype), x, acc)
+        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K * stride_xk
+
+    if SCALE_MODE != 2:
+        s = tl.load(w_scale_ptr + offs_wn * stride_wsn) * 256.0
+        acc = acc * s[:, None]
+    acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N): coalesced stores along N
+    mask_n = offs_n < N
+    if HAS_GATE:
+        g = tl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc * g[None, :]
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotune configs and shared-memory pruning
+# ----------------------------------------------------------------------------------------------
+
+
+def _cfg(bm, bn, bk, stages, warps, group=8, names=("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")):
+    return triton.Config(
+        {names[0]: bm, names[1]: bn, names[2]: bk, names[3]: group}, num_stages=stages, num_warps=warps
+    )
+
+
+if _INTERPRET:
+    # The interpreter costs a few ms per program x loop iteration and checks no GPU constraint:
+    # one small config keeps CPU tests fast (and skips benchmarking).
+    _GEMM_CONFIGS = [_cfg(32, 32, 128, 1, 4, group=4)]
+    _WO_CONFIGS = [_cfg(32, 32, 64, 1, 4, group=4, names=("BLOCK_N", "BLOCK_M", "BLOCK_K", "GROUP_N"))]
+else:
+    # BLOCK_K = 128 everywhere: 128 bytes of fp8 per row is one full swizzle line, and block scaling
+    # needs BLOCK_K to divide 128. 128x256x128 with 3-4 stages is the H100 baseline; the smaller tiles
+    # are for sm_89/sm_120 (about 99 KB of shared memory) and for small M or N.
+    _GEMM_CONFIGS = [
+        _cfg(128, 256, 128, 3, 8),
+        _cfg(128, 256, 128, 4, 8),
+        _cfg(256, 128, 128, 3, 8),
+        _cfg(128, 128, 128, 4, 8),
+        _cfg(128, 128, 128, 3, 4),
+        _cfg(64, 128, 128, 4, 4),
+        _cfg(128, 64, 128, 3, 4),
+    ]
+    _wo = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "GROUP_N")
+    _WO_CONFIGS = [
+        _cfg(128, 128, 64, 4, 8, names=_wo),
+        _cfg(128, 256, 64, 3, 8, names=_wo),
+        _cfg(256, 128, 64, 3, 8, names=_wo),
+        _cfg(128, 128, 128, 3, 8, names=_wo),
+        _cfg(128, 128, 64, 4, 4, names=_wo),
+        _cfg(64, 128, 64, 4, 4, names=_wo),
+    ]
+
+
+def _smem_limit(device: torch.device) -> int:
+    """Opt-in shared memory per block: ~227 KB on sm_90, ~99 KB on sm_89 / sm_120."""
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """Keep configs whose pipelined A and B tiles fit the device's shared memory."""
+    a = named_args["a_ptr"]
+    if _INTERPRET or a.device.type != "cuda":
+        return configs
+    limit = _smem_limit(a.device)
+    a_bytes = a.element_size()  # 1 for e4m3, 2 when A is bf16 (fused quantization)
+    kept = []
+    for c in configs:
+        kw = c.kwargs
+        smem = c.num_stages * kw["BLOCK_K"] * (kw["BLOCK_M"] * a_bytes + kw["BLOCK_N"])
+        if smem <= limit:
+            kept.append(c)
+    return kept or configs[-1:]
+
+
+def _prune_weight_only(configs, named_args, **kwargs):
+    x = named_args["x_ptr"]
+    if _INTERPRET or x.device.type != "cuda":
+        return configs
+    limit = _smem_limit(x.device)
+    kept = []
+    for c in configs:
+        kw = c.kwargs
+        # raw uint8 weights + x tiles per stage, plus one decoded 16-bit weight tile
+        smem = c.num_stages * kw["BLOCK_K"] * (kw["BLOCK_N"] + 2 * kw["BLOCK_M"]) + 2 * kw["BLOCK_N"] * kw["BLOCK_K"]
+        if smem <= limit:
+            kept.append(c)
+    return kept or configs[-1:]
+
+
+_fp8_gemm = triton.autotune(
+    configs=_GEMM_CONFIGS,
+    key=["M", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune_gemm},
+)(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fp8_gemm_kernel))
+
+_fp8_weight_only = triton.autotune(
+    configs=_WO_CONFIGS,
+    key=["M", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune_weight_only},
+)(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fp8_weight_only_kernel))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_fp8_capable(device: torch.device) -> None:
+    if device.type != "cuda":
+        if not _INTERPRET:
+            raise ValueError(f"FP8 kernels need a CUDA tensor (or TRITON_INTERPRET=1 on CPU); got {device}")
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise RuntimeError(
+            f"FP8 GEMM needs FP8 tensor cores (sm_89 or newer); {torch.cuda.get_device_name(device)} is "
+            f"sm_{major}{minor}. Use fp8_weight_only_linear (e4m3 weights, bf16 compute) on this GPU."
+        )
+
+
+def _check_device(*tensors: torch.Tensor | None) -> None:
+    devs = {t.device for t in tensors if t is not None}
+    if len(devs) > 1:
+        raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devs))}")
+    (dev,) = devs
+    if dev.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU); got {dev}")
+
+
+def _as_fp32_scale(s: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(s).__name__}")
+    if s.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {s.dtype}")
+    return s
+
+
+def _scale_layout(a_scale, b_scale, M, N, K):
+    """Decide the granularity from the scale shapes.
+
+    Returns (mode, stride_asm, stride_ask, stride_bsn, stride_bsk)."""
+    kb, nb = math.ceil(K / QBLOCK), math.ceil(N / QBLOCK)
+    a_shape, b_shape = tuple(a_scale.shape), tuple(b_scale.shape)
+    a_row = a_scale.numel() == 1 or a_shape in ((M,), (M, 1))
+    b_row = b_scale.numel() == 1 or b_shape in ((N,), (N, 1), (1, N))
+    if a_scale.numel() == 1 and b_scale.numel() == 1:
+        return SCALE_TENSOR, 0, 0, 0, 0
+    if a_row and b_row:
+        sa = 0 if a_scale.numel() == 1 else a_scale.stride(0)
+        sb = 0 if b_scale.numel() == 1 else b_scale.reshape(-1).stride(0)
+        return SCALE_ROW, sa, 0, sb, 0
+    if a_shape == (M, kb) and b_shape == (nb, kb):
+        return SCALE_BLOCK, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1)
+    raise ValueError(
+        f"scale shapes a_scale={a_shape}, b_scale={b_shape} match no granularity for M={M}, N={N}, K={K}: "
+        f"tensor: () and (); row: ({M},)/({M}, 1) and ({N},)/({N}, 1)/(1, {N}); "
+        f"block: ({M}, {kb}) and ({nb}, {kb})"
+    )
+
+
+def _check_epilogue(residual, gate, M, N):
+    if residual is not None and tuple(residual.shape) != (M, N):
+        raise ValueError(f"residual must have shape ({M}, {N}), got {tuple(residual.shape)}")
+    if gate is not None and tuple(gate.shape) not in ((N,), (1, N)):
+        raise ValueError(f"gate must have shape ({N},) or (1, {N}), got {tuple(gate.shape)}")
+
+
+def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, a_bf16=False, force_block=False):
+    M, K = a.shape
+    N = b.shape[0]
+    if force_block:  # (M, 1) x (1, 1) block scales also read as row/tensor ones when K, N <= 128
+        mode, s_asm, s_ask, s_bsn, s_bsk = SCALE_BLOCK, 0, 0, b_scale.stride(0), b_scale.stride(1)
+    else:
+        mode, s_asm, s_ask, s_bsn, s_bsk = _scale_layout(a_scale, b_scale, M, N, K)
+    out = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return out
+    res = residual if residual is not None else out
+    g = gate.reshape(-1) if gate is not None else out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _fp8_gemm[grid](
+        a, b, out, a_scale, b_scale, res, g,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        res.stride(0), res.stride(1), g.stride(0),
+        s_asm, s_ask, s_bsn, s_bsk,
+        SCALE_MODE=mode, A_BF16=a_bf16, HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None,
+        EXACT_CAST=_INTERPRET,
+    )  # fmt: skip
+    return out
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` for e4m3 ``a`` (M, K) and ``b`` (N, K).
+
+    The scale granularity (tensor / row / block) is read from the scale shapes (module docstring).
+    Accumulation is fp32; the result is ``out_dtype`` (M, N)."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float8_e4m3fn:
+            raise TypeError(f"{name} must be a torch.float8_e4m3fn tensor, got {getattr(t, 'dtype', type(t))}")
+        if t.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name} must be contiguous along K, got strides {t.stride()}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"K mismatch: a is {tuple(a.shape)}, b is {tuple(b.shape)} (b is (N, K))")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
+    _as_fp32_scale(a_scale, "a_scale")
+    _as_fp32_scale(b_scale, "b_scale")
+    _check_epilogue(residual, gate, a.shape[0], b.shape[0])
+    _check_device(a, b, a_scale, b_scale, residual, gate)
+    _check_fp8_capable(a.device)
+    return _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate)
+
+
+def _quantize_launch(x2, granularity, scale, store_q=True):
+    M, K = x2.shape
+    q = torch.empty((M, K) if store_q else (0, K), device=x2.device, dtype=torch.float8_e4m3fn)
+    if granularity == "tensor":
+        s = scale
+    elif granularity == "row":
+        s = torch.empty((M, 1), device=x2.device, dtype=torch.float32)
+    else:
+        s = torch.empty((M, math.ceil(K / QBLOCK)), device=x2.device, dtype=torch.float32)
+    if M == 0:
+        return q, s
+    if granularity == "block":
+        block_m, block_k, warps = (8, 128, 4) if not _INTERPRET else (16, 128, 4)
+    else:
+        block_m, block_k, warps = (4, 1024, 8) if not _INTERPRET else (16, 64, 4)
+    _quantize_fp8_kernel[(triton.cdiv(M, block_m),)](
+        x2, q, s,
+        M, K,
+        x2.stride(0), q.stride(0) if store_q else 0, s.stride(0) if s.ndim else 0,
+        GRANULARITY=_GRANULARITY[granularity], STORE_Q=store_q, EXACT_CAST=_INTERPRET,
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+    )  # fmt: skip
+    return q, s
+
+
+def _check_activation(x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x must be a bf16/fp16/fp32 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.ndim < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _check_static_scale(scale, name="scale"):
+    if scale is None:
+        raise ValueError(f'granularity "tensor" needs a static {name} (a scalar fp32 tensor)')
+    _as_fp32_scale(scale, name)
+    if scale.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got shape {tuple(scale.shape)}")
+
+
+def quantize_fp8(
+    x: torch.Tensor, granularity: str, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize activations ``x`` (..., K) to saturated e4m3 in one kernel.
+
+    granularity: "row" (one scale per row, amax/448), "block" (one scale per 1x128 slice of a row) or
+    "tensor" (``scale`` given: static activation scale). Returns ``(x_fp8, scale)`` with scale shape
+    (..., 1) for "row", (..., ceil(K/128)) for "block", and the given scale for "tensor"."""
+    if granularity not in _GRANULARITY:
+        raise ValueError(f"granularity must be one of {sorted(_GRANULARITY)}, got {granularity!r}")
+    x2 = _check_activation(x)
+    if granularity == "tensor":
+        _check_static_scale(scale)
+    elif scale is not None:
+        raise ValueError(f'scale is only taken for granularity "tensor", got one for {granularity!r}')
+    _check_device(x2, scale)
+    q, s = _quantize_launch(x2, granularity, scale)
+    lead = tuple(x.shape[:-1])
+    if granularity != "tensor":
+        s = s.reshape(*lead, s.shape[-1])
+    return q.reshape(x.shape), s
+
+
+def _fuse_row_default(M: int, N: int, K: int) -> bool:
+    """Whether the row-wise path quantizes inside the GEMM's A load (see reports/fp8_matmul)."""
+    return False
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    *,
+    granularity: str,
+    out_dtype: torch.dtype = torch.bfloat16,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    fuse_quant: bool | None = None,
+) -> torch.Tensor:
+    """``residual + gate * (x @ dequant(w).T)`` with ``x`` quantized to e4m3 on the fly.
+
+    x: (..., K) bf16/fp16/fp32; w: (N, K) e4m3; out: (..., N).
+    granularity "tensor": w_scale scalar; activation scale static (``x_scale``) or, if None, dynamic
+    per-tensor. "row": per-row activation x per-channel weight (w_scale (N,) / (N, 1)). "block": 1x128
+    activation x 128x128 weight (w_scale (ceil(N/128), ceil(K/128))).
+    fuse_quant: quantize inside the GEMM's A load instead of a separate kernel ("row" computes row
+    scales in a pre-pass; "block" and static "tensor" need none). None picks the measured default."""
+    if granularity not in _GRANULARITY:
+        raise ValueError(f"granularity must be one of {sorted(_GRANULARITY)}, got {granularity!r}")
+    x2 = _check_activation(x)
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.float8_e4m3fn or w.ndim != 2:
+        raise TypeError(f"w must be a 2-D float8_e4m3fn tensor, got {getattr(w, 'dtype', type(w))}")
+    M, K = x2.shape
+    N = w.shape[0]
+    if w.shape[1] != K:
+        raise ValueError(f"K mismatch: x is {tuple(x.shape)}, w is {tuple(w.shape)} (w is (N, K))")
+    _as_fp32_scale(w_scale, "w_scale")
+    expect = {
+        "tensor": [()],
+        "row": [(N,), (N, 1), (1, N)],
+        "block": [(math.ceil(N / QBLOCK), math.ceil(K / QBLOCK))],
+    }[granularity]
+    if tuple(w_scale.shape) not in expect and not (granularity == "tensor" and w_scale.numel() == 1):
+        raise ValueError(f"w_scale for {granularity!r} must have shape in {expect}, got {tuple(w_scale.shape)}")
+    if x_scale is not None and granularity != "tensor":
+        raise ValueError(f'x_scale (static activation scale) is only taken with "tensor", not {granularity!r}')
+    if x_scale is not None:
+        _check_static_scale(x_scale, "x_scale")
+    if residual is not None:
+        residual = residual.reshape(M, N) if residual.numel() == M * N else residual
+    _check_epilogue(residual, gate, M, N)
+    _check_device(x2, w, w_scale, x_scale, residual, gate)
+    _check_fp8_capable(x2.device)
+    if fuse_quant is None:
+        fuse_quant = granularity == "row" and _fuse_row_default(M, N, K)
+
+    if granularity == "tensor" and x_scale is None:
+        # dynamic per-tensor: row amax kernel (no fp8 write), then the max of M scales
+        _, row_s = _quantize_launch(x2, "row", None, store_q=False)
+        x_scale = row_s.amax().reshape(())
+    if fuse_quant:
+        if granularity == "row":
+            _, a_scale = _quantize_launch(x2, "row", None, store_q=False)
+        elif granularity == "tensor":
+            a_scale = x_scale
+        else:
+            a_scale = w_scale  # block: activation scales are computed per tile inside the GEMM; unused
+        block = granularity == "block"
+        out = _launch_gemm(x2, w, a_scale, w_scale, out_dtype, residual, gate, a_bf16=True, force_block=block)
+    else:
+        xq, a_scale = _quantize_launch(x2, granularity, x_scale)
+        out = _launch_gemm(xq, w, a_scale, w_scale, out_dtype, residual, gate)
+    return out.reshape(*x.shape[:-1], N)
+
+
+def fp8_weight_only_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    *,
+    out_dtype: torch.dtype | None = None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + gate * (x @ (w * w_scale).T)`` with e4m3 weights decoded in registers.
+
+    For GPUs without FP8 tensor cores (sm_80/86; runs anywhere Triton does). x: (..., K) bf16 or fp16
+    (the MMA dtype); w: (N, K) e4m3 (or its uint8 view); w_scale: scalar, per-channel (N,)/(N, 1),
+    or 128x128 blocks (ceil(N/128), ceil(K/128)). out_dtype defaults to x's dtype."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be bf16 or fp16, got {getattr(x, 'dtype', type(x))}")
+    x2 = _check_activation(x)
+    if not isinstance(w, torch.Tensor) or w.dtype not in (torch.float8_e4m3fn, torch.uint8) or w.ndim != 2:
+        raise TypeError(f"w must be a 2-D float8_e4m3fn (or uint8) tensor, got {getattr(w, 'dtype', type(w))}")
+    if w.shape[1] > 1 and w.stride(1) != 1:
+        raise ValueError(f"w must be contiguous along K, got strides {w.stride()}")
+    M, K = x2.shape
+    N = w.shape[0]
+    if w.shape[1] != K:
+        raise ValueError(f"K mismatch: x is {tuple(x.shape)}, w is {tuple(w.shape)} (w is (N, K))")
+    _as_fp32_scale(w_scale, "w_scale")
+    kb, nb = math.ceil(K / QBLOCK), math.ceil(N / QBLOCK)
+    if w_scale.numel() == 1:
+        mode, s_n, s_k = SCALE_TENSOR, 0, 0
+    elif tuple(w_scale.shape) in ((N,), (N, 1)):
+        mode, s_n, s_k = SCALE_ROW, w_scale.stride(0), 0
+    elif tuple(w_scale.shape) == (nb, kb):
+        mode, s_n, s_k = SCALE_BLOCK, w_scale.stride(0), w_scale.stride(1)
+    else:
+        raise ValueError(
+            f"w_scale shape {tuple(w_scale.shape)} is none of (), ({N},), ({N}, 1), ({nb}, {kb}) for w {tuple(w.shape)}"
+        )
+    out_dtype = out_dtype or x.dtype
+    if residual is not None:
+        residual = residual.reshape(M, N) if residual.numel() == M * N else residual
+    _check_epilogue(residual, gate, M, N)
+    _check_device(x2, w, w_scale, residual, gate)
+    out = torch.empty((M, N), device=x2.device, dtype=out_dtype)
+    if M > 0 and N > 0:
+        wu = w.view(torch.uint8)
+        res = residual if residual is not None else out
+        g = gate.reshape(-1) if gate is not None else out
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _fp8_weight_only[grid](
+            x2, wu, out, w_scale, res, g,
+            M, N, K,
+            x2.stride(0), x2.stride(1), wu.stride(0), wu.stride(1), out.stride(0), out.stride(1),
+            res.stride(0), res.stride(1), g.stride(0), s_n, s_k,
+            SCALE_MODE=mode, HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None,
+            DOT_FP32=_INTERPRET,
+        )  # fmt: skip
+    return out.reshape(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-torch references (same signatures)
+# ----------------------------------------------------------------------------------------------
+
+
+def _expand_blocks(s: torch.Tensor, rows: int, cols: int, row_block: int) -> torch.Tensor:
+    """Expand a (ceil(rows/row_block), ceil(cols/128)) scale grid to (rows, cols)."""
+    return s.repeat_interleave(row_block, 0)[:rows].repeat_interleave(QBLOCK, 1)[:, :cols]
+
+
+def _dequant_scales(a_scale, b_scale, M, N, K):
+    """Per-element scale grids (M, K) for A and (N, K) for B, for any granularity."""
+    mode, *_ = _scale_layout(a_scale, b_scale, M, N, K)
+    if mode == SCALE_BLOCK:
+        return _expand_blocks(a_scale, M, K, 1), _expand_blocks(b_scale, N, K, QBLOCK)
+    return a_scale.reshape(-1, 1).expand(M, 1), b_scale.reshape(-1, 1).expand(N, 1)
+
+
+def fp8_gemm_ref(a, b, a_scale, b_scale, *, out_dtype=torch.bfloat16, residual=None, gate=None):
+    """fp32 reference of ``fp8_gemm``: dequantize both operands, matmul in fp32, epilogue, cast."""
+    M, K = a.shape
+    N = b.shape[0]
+    sa, sb = _dequant_scales(a_scale, b_scale, M, N, K)
+    out = (a.float() * sa) @ (b.float() * sb).T
+    if gate is not None:
+        out = out * gate.reshape(1, N).float()
+    if residual is not None:
+        out = out + residual.float()
+    return out.to(out_dtype)
+
+
+def quantize_fp8_ref(x, granularity, scale=None):
+    """Reference of ``quantize_fp8``: same scales and bit-identical e4m3 values."""
+    xf = x.float()
+    K = x.shape[-1]
+    if granularity == "tensor":
+        inv = 1.0 / scale.float().reshape(())
+        s = scale
+        inv_full = inv
+    elif granularity == "row":
+        s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_EPS) / FP8_MAX
+        inv_full = 1.0 / s
+    elif granularity == "block":
+        kb = math.ceil(K / QBLOCK)
+        pad = kb * QBLOCK - K
+        xb = torch.nn.functional.pad(xf, (0, pad)).reshape(*x.shape[:-1], kb, QBLOCK)
+        s = xb.abs().amax(dim=-1).clamp(min=AMAX_EPS) / FP8_MAX
+        inv_full = (1.0 / s).repeat_interleave(QBLOCK, -1)[..., :K]
+    else:
+        raise ValueError(f"granularity must be one of {sorted(_GRANULARITY)}, got {granularity!r}")
+    q = (xf * inv_full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, s
+
+
+def fp8_linear_ref(
+    x, w, w_scale, *, granularity, out_dtype=torch.bfloat16, residual=None, gate=None, x_scale=None, fuse_quant=None
+):
+    """Reference of ``fp8_linear``: ``quantize_fp8_ref`` then ``fp8_gemm_ref`` (fuse_quant is ignored)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    N = w.shape[0]
+    if granularity == "tensor" and x_scale is None:
+        x_scale = (x2.float().abs().amax(dim=-1).clamp(min=AMAX_EPS) / FP8_MAX).amax()
+    xq, s = quantize_fp8_ref(x2, granularity, x_scale)
+    res = residual.reshape(x2.shape[0], N) if residual is not None else None
+    out = fp8_gemm_ref(xq, w, s, w_scale, out_dtype=out_dtype, residual=res, gate=gate)
+    return out.reshape(*x.shape[:-1], N)
+
+
+def fp8_weight_only_linear_ref(x, w, w_scale, *, out_dtype=None, residual=None, gate=None):
+    """Reference of ``fp8_weight_only_linear``: x in its own precision, weights dequantized in fp32
+    (block scales: rounded to x's dtype first, as the kernel feeds them to the MMA)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    M, K = x2.shape
+    N = w.shape[0]
+    wf = w.view(torch.float8_e4m3fn).float()
+    if w_scale.numel() == 1 or tuple(w_scale.shape) in ((N,), (N, 1)):
+        out = (x2.float() @ wf.T) * w_scale.reshape(1, -1).float()
+    else:
+        wd = (wf * _expand_blocks(w_scale, N, K, QBLOCK)).to(x.dtype).float()
+        out = x2.float() @ wd.T
+    if gate is not None:
+        out = out * gate.reshape(1, N).float()
+    if residual is not None:
+        out = out + residual.reshape(M, N).float()
+    return out.to(out_dtype or x.dtype).reshape(*x.shape[:-1], N)

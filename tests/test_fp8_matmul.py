@@ -1,0 +1,309 @@
+"""kernels/fp8_matmul.py against its pure-torch references.
+
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1); the GPU tests
+(`pytest -m gpu`) repeat the checks on hardware, where the fp8 cast is the hardware's own.
+"""
+
+import math
+
+import pytest
+import torch
+from flux2_bench.kernels import fp8_matmul as F
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# aligned, odd (K not a multiple of 16), "+17" and multi-block (K and N spanning several 128 blocks)
+SHAPES = [(64, 64, 64), (5, 123, 123), (81, 145, 81), (33, 273, 145)]  # (M, K, N)
+GRANULARITIES = ["tensor", "row", "block"]
+
+
+def assert_close(out, ref, atol, rtol, what=""):
+    """allclose that says how many elements differ, where, and whether there are NaNs."""
+    out, ref = out.float().cpu(), ref.float().cpu()
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    nan = torch.isnan(out) & ~torch.isnan(ref)
+    bad = ((out - ref).abs() > atol + rtol * ref.abs()) | nan
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        vals = [(tuple(i), out[tuple(i)].item(), ref[tuple(i)].item()) for i in idx]
+        pytest.fail(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements differ (atol={atol:.3g}, rtol={rtol:.3g}), "
+            f"{int(nan.sum())} NaN; first (index, out, ref): {vals}"
+        )
+
+
+def assert_bits_equal(q, ref, what=""):
+    qb, rb = q.view(torch.uint8).cpu(), ref.view(torch.uint8).cpu()
+    bad = qb != rb
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        vals = [(tuple(i), q.float().cpu()[tuple(i)].item(), ref.float().cpu()[tuple(i)].item()) for i in idx]
+        pytest.fail(f"{what}: {int(bad.sum())}/{bad.numel()} fp8 values differ; first (index, out, ref): {vals}")
+
+
+def sqnr_db(x, ref):
+    x, ref = x.float(), ref.float()
+    return (10 * torch.log10(ref.pow(2).sum() / (x - ref).pow(2).sum())).item()
+
+
+def make_weight(N, K, granularity, seed=1):
+    """e4m3 weights (N, K) and their fp32 scales in the layout `granularity` asks for."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.05
+    if granularity == "tensor":
+        s = (w.abs().amax() / F.FP8_MAX).reshape(())
+        q = (w / s).clamp(-F.FP8_MAX, F.FP8_MAX).to(torch.float8_e4m3fn)
+    elif granularity == "row":
+        q, s = F.quantize_fp8_ref(w, "row")
+        s = s.reshape(N)
+    else:
+        nb, kb = math.ceil(N / 128), math.ceil(K / 128)
+        wp = torch.nn.functional.pad(w, (0, kb * 128 - K, 0, nb * 128 - N))
+        s = wp.reshape(nb, 128, kb, 128).abs().amax(dim=(1, 3)).clamp(min=F.AMAX_EPS) / F.FP8_MAX
+        q = (w / F._expand_blocks(s, N, K, 128)).clamp(-F.FP8_MAX, F.FP8_MAX).to(torch.float8_e4m3fn)
+    return w.to(DEV), q.to(DEV), s.to(DEV)
+
+
+def act(M, K, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * 2
+    x[:, :7] *= 30  # a few outlier channels, as FLUX.2 activations have
+    return x.to(torch.bfloat16).to(DEV)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_fp8
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_quantize_matches_ref_bit_exact(M, K, N, granularity):
+    x = act(M, K)
+    scale = torch.tensor(0.05, device=DEV) if granularity == "tensor" else None  # saturates the outliers
+    q, s = F.quantize_fp8(x, granularity, scale)
+    q_ref, s_ref = F.quantize_fp8_ref(x, granularity, scale)
+    # scales are computed with the same IEEE operations: exact
+    assert s.shape == s_ref.shape and torch.equal(s.cpu(), s_ref.cpu()), f"scales differ: {s} vs {s_ref}"
+    # values: exact (interpreter: kernel rounds in fp32 first; GPU: cvt.rn.satfinite)
+    assert_bits_equal(q, q_ref, f"quantize_fp8 {granularity} {M}x{K}")
+
+
+def test_quantize_rounding_saturation_subnormals():
+    """Every e4m3 value, every tie between neighbours, values past 448 and in the subnormal range."""
+    vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    vals = vals[~torch.isnan(vals)].unique()
+    mids = (vals[1:] + vals[:-1]) / 2  # exact ties: round to even
+    extra = torch.tensor([448.5, 464.0, 500.0, 1e6, -1e6, 2.0**-10, 3 * 2.0**-11, 1e-30])
+    x = torch.cat([vals, mids, mids.nextafter(torch.tensor(1e9)), extra]).to(DEV)
+    x = x.reshape(1, -1)
+    q, _ = F.quantize_fp8(x, "tensor", torch.tensor(1.0, device=DEV))
+    assert_bits_equal(q, x.clamp(-448, 448).to(torch.float8_e4m3fn), "rounding")
+    assert not torch.isnan(q.float()).any(), "saturation failed: NaN in fp8 output"
+
+
+def test_quantize_zero_rows_and_leading_dims():
+    x = torch.zeros(2, 3, 130, dtype=torch.bfloat16, device=DEV)
+    x[1, 2, 5] = 3.0
+    for g in ("row", "block"):
+        q, s = F.quantize_fp8(x, g)
+        q_ref, s_ref = F.quantize_fp8_ref(x, g)
+        assert s.shape == s_ref.shape == (2, 3, 1 if g == "row" else 2)
+        assert torch.equal(s.cpu(), s_ref.cpu()) and (s > 0).all(), f"{g}: zero rows must get a positive scale"
+        assert_bits_equal(q, q_ref, f"{g} zero rows")
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8_gemm
+
+# fp32 output: products of e4m3 values are exact in fp32, so only the summation order differs
+# (K <= 273 terms of fp32 rounding): 1e-5 relative to the output's magnitude.
+FP32_TOL = 1e-5
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fp8_gemm_matches_ref(M, K, N, granularity):
+    x = act(M, K)
+    xq, xs = (
+        F.quantize_fp8_ref(x, granularity, torch.tensor(0.05, device=DEV))
+        if granularity == "tensor"
+        else (F.quantize_fp8_ref(x, granularity))
+    )
+    _, wq, ws = make_weight(N, K, granularity)
+    out = F.fp8_gemm(xq, wq, xs, ws, out_dtype=torch.float32)
+    ref = F.fp8_gemm_ref(xq, wq, xs, ws, out_dtype=torch.float32)
+    scale = ref.abs().max().item()
+    assert_close(out, ref, FP32_TOL * scale, FP32_TOL, f"fp8_gemm {granularity} {M}x{K}x{N}")
+
+
+@pytest.mark.parametrize("gate_shape", ["N", "1N", None])
+def test_fp8_gemm_gated_residual_epilogue(gate_shape):
+    M, K, N = 5, 123, 145
+    x = act(M, K)
+    xq, xs = F.quantize_fp8_ref(x, "row")
+    _, wq, ws = make_weight(N, K, "row")
+    residual = torch.randn(M, N, device=DEV).to(torch.bfloat16)
+    gate = {"N": torch.randn(N), "1N": torch.randn(1, N), None: None}[gate_shape]
+    gate = gate.to(DEV, torch.bfloat16) if gate is not None else None
+    out = F.fp8_gemm(xq, wq, xs, ws, residual=residual, gate=gate)
+    ref = F.fp8_gemm_ref(xq, wq, xs, ws, residual=residual, gate=gate)
+    assert out.dtype == torch.bfloat16
+    # bf16 output: fp32 values that differ in the last bits can round to neighbouring bf16 values
+    # (one bf16 ulp = 2^-8 relative)
+    assert_close(out, ref, 1e-3, 2.0**-7, f"epilogue gate={gate_shape}")
+    # and the epilogue really is residual + gate * acc (not e.g. the residual dropped)
+    plain = F.fp8_gemm_ref(xq, wq, xs, ws, out_dtype=torch.float32)
+    g = gate.float() if gate is not None else 1.0
+    assert_close(out, residual.float() + g * plain, 1e-3, 2.0**-7, "epilogue formula")
+
+
+def test_fp8_gemm_mixed_static_activation_scale_per_channel_weight():
+    """A scalar activation scale with per-channel weight scales runs the row kernel with stride 0."""
+    M, K, N = 17, 64, 81
+    xq, xs = F.quantize_fp8_ref(act(M, K), "tensor", torch.tensor(0.05, device=DEV))
+    _, wq, ws = make_weight(N, K, "row")
+    out = F.fp8_gemm(xq, wq, xs, ws.reshape(N, 1), out_dtype=torch.float32)
+    ref = F.fp8_gemm_ref(xq, wq, xs, ws, out_dtype=torch.float32)
+    assert_close(out, ref, FP32_TOL * ref.abs().max().item(), FP32_TOL, "mixed scales")
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8_linear
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES[:2] + SHAPES[3:])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("fuse", [False, True])
+def test_fp8_linear_matches_ref(M, K, N, granularity, fuse):
+    x = act(M, K)
+    _, wq, ws = make_weight(N, K, granularity)
+    kw = dict(granularity=granularity, out_dtype=torch.float32, fuse_quant=fuse)
+    out = F.fp8_linear(x, wq, ws, **kw)
+    ref = F.fp8_linear_ref(x, wq, ws, **kw)
+    assert_close(out, ref, FP32_TOL * ref.abs().max().item(), FP32_TOL, f"fp8_linear {granularity} fuse={fuse}")
+
+
+def test_fp8_linear_static_scale_leading_dims_and_epilogue():
+    B, L, K, N = 2, 9, 123, 81
+    x = act(B * L, K).reshape(B, L, K)
+    _, wq, ws = make_weight(N, K, "tensor")
+    residual = torch.randn(B, L, N, device=DEV).to(torch.bfloat16)
+    gate = torch.randn(N, device=DEV).to(torch.bfloat16)
+    xs = torch.tensor(0.03, device=DEV)
+    for fuse in (False, True):
+        kw = dict(granularity="tensor", x_scale=xs, residual=residual, gate=gate, fuse_quant=fuse)
+        out = F.fp8_linear(x, wq, ws, **kw)
+        ref = F.fp8_linear_ref(x, wq, ws, **kw)
+        assert out.shape == (B, L, N)
+        assert_close(out, ref, 1e-3, 2.0**-7, f"static tensor fuse={fuse}")  # bf16 output rounding
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fp8_linear_sqnr_vs_unquantized(granularity):
+    """Quantization error against the bf16-free fp32 product: an SQNR floor, not allclose."""
+    M, K, N = 64, 256, 145
+    x = act(M, K)
+    w, wq, ws = make_weight(N, K, granularity)
+    out = F.fp8_linear(x, wq, ws, granularity=granularity, out_dtype=torch.float32)
+    exact = x.float() @ w.float().T
+    # e4m3 (3 mantissa bits) on both operands measures ~29-30 dB here (tensor ~28.7, row ~29.7,
+    # block ~29.4); the floors leave ~2.5 dB and still catch a wrong scale or a lost rounding mode
+    floor = {"tensor": 26.0, "row": 27.0, "block": 27.0}[granularity]
+    got = sqnr_db(out, exact)
+    assert got > floor, f"{granularity}: SQNR {got:.1f} dB below {floor} dB"
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8_weight_only_linear
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_weight_only_matches_ref(M, K, N, granularity):
+    x = act(M, K)
+    _, wq, ws = make_weight(N, K, granularity)
+    out = F.fp8_weight_only_linear(x, wq, ws, out_dtype=torch.float32)
+    ref = F.fp8_weight_only_linear_ref(x, wq, ws, out_dtype=torch.float32)
+    assert_close(out, ref, FP32_TOL * ref.abs().max().item(), FP32_TOL, f"weight-only {granularity}")
+
+
+def test_weight_only_decodes_every_e4m3_value_and_epilogue():
+    """All 254 finite e4m3 codes (subnormals included) go through the in-register decode."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[~torch.isnan(codes.view(torch.float8_e4m3fn).float())]
+    w = codes.reshape(2, 127).view(torch.float8_e4m3fn).to(DEV)  # N=2, K=127
+    x = torch.eye(127, dtype=torch.bfloat16, device=DEV)  # out[m, n] = w[n, m]
+    out = F.fp8_weight_only_linear(x, w, torch.tensor(1.0, device=DEV), out_dtype=torch.float32)
+    assert_close(out.T, w.float(), 0, 0, "e4m3 decode")
+    residual = torch.randn(127, 2, device=DEV).to(torch.bfloat16)
+    gate = torch.randn(1, 2, device=DEV).to(torch.bfloat16)
+    out = F.fp8_weight_only_linear(x, w, torch.tensor(0.5, device=DEV), residual=residual, gate=gate)
+    ref = F.fp8_weight_only_linear_ref(x, w, torch.tensor(0.5, device=DEV), residual=residual, gate=gate)
+    assert_close(out, ref, 1e-3, 2.0**-7, "weight-only epilogue")  # bf16 output rounding
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_inputs_raise_with_values():
+    M, K, N = 8, 64, 16
+    xq, xs = F.quantize_fp8_ref(act(M, K), "row")
+    _, wq, ws = make_weight(N, K, "row")
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        F.fp8_gemm(xq.float(), wq, xs, ws)
+    with pytest.raises(ValueError, match="K mismatch"):
+        F.fp8_gemm(xq[:, :32], wq, xs, ws)
+    with pytest.raises(ValueError, match=r"a_scale=\(7,\)"):
+        F.fp8_gemm(xq, wq, xs[:7, 0], ws)
+    with pytest.raises(TypeError, match="float32"):
+        F.fp8_gemm(xq, wq, xs.half(), ws)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        F.fp8_gemm(xq, wq, xs, ws, residual=torch.zeros(M, N + 1, device=DEV))
+    with pytest.raises(ValueError, match="gate must have shape"):
+        F.fp8_gemm(xq, wq, xs, ws, gate=torch.zeros(M, N, device=DEV))
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        F.quantize_fp8(act(M, K), "channel")
+    with pytest.raises(ValueError, match="static"):
+        F.quantize_fp8(act(M, K), "tensor")
+    with pytest.raises(ValueError, match="w_scale for 'block'"):
+        F.fp8_linear(act(M, K), wq, ws, granularity="block")
+    with pytest.raises(TypeError, match="bf16 or fp16"):
+        F.fp8_weight_only_linear(act(M, K).float(), wq, ws)
+
+
+def test_unsupported_gpu_names_capability_and_weight_only_path(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    with pytest.raises(RuntimeError, match=r"sm_86.*fp8_weight_only_linear"):
+        F._check_fp8_capable(torch.device("cuda", 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: hardware compile, hardware fp8 cast, shared-memory pruning
+
+
+@pytest.mark.gpu
+def test_gpu_prune_fits_shared_memory():
+    a = torch.empty(1, device="cuda", dtype=torch.float8_e4m3fn)
+    kept = F._prune_gemm(F._GEMM_CONFIGS, {"a_ptr": a})
+    limit = F._smem_limit(a.device)
+    assert kept and all(
+        c.num_stages * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) <= limit for c in kept
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_gpu_medium_shape_all_paths(granularity):
+    M, K, N = 1000, 1111, 777  # several tiles, ragged edges everywhere
+    x = act(M, K)
+    _, wq, ws = make_weight(N, K, granularity)
+    for fuse in (False, True):
+        out = F.fp8_linear(x, wq, ws, granularity=granularity, out_dtype=torch.float32, fuse_quant=fuse)
+        ref = F.fp8_linear_ref(x, wq, ws, granularity=granularity, out_dtype=torch.float32)
+        # fp32 out, K=1111 terms summed in another order: 1e-5 of the output magnitude
+        assert_close(out, ref, 1e-5 * ref.abs().max().item(), 1e-5, f"gpu {granularity} fuse={fuse}")
+    out = F.fp8_weight_only_linear(x, wq, ws, out_dtype=torch.float32)
+    ref = F.fp8_weight_only_linear_ref(x, wq, ws, out_dtype=torch.float32)
+    assert_close(out, ref, 1e-5 * ref.abs().max().item(), 1e-5, f"gpu weight-only {granularity}")
