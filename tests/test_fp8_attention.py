@@ -56,21 +56,23 @@ def describe(out, ref, atol):
     )
 
 
-# (L, D, pv, scale_block, block_n): aligned, short tail, long tail, 128-token scales with 64-wide key
-# tiles (scalar K scale per tile), 64-token scales with 128-wide key tiles (per-column K scale).
+# (L, D, qk, pv, scale_block, block_n): aligned, short tail, long tail, 128-token scales with 64-wide
+# key tiles (scalar K scale per tile), 64-token scales with 128-wide key tiles (per-column K scale).
 CASES = [
-    (128, 64, "fp8", 64, None),
-    (100, 64, "fp8", 64, None),
-    (130, 128, "fp8", 128, None),
-    (130, 64, "bf16", 64, None),
-    (200, 32, "fp8", 64, 128),
+    (128, 64, "fp8", "fp8", 64, None),
+    (100, 64, "fp8", "fp8", 64, None),
+    (130, 128, "fp8", "fp8", 128, None),
+    (130, 64, "fp8", "bf16", 64, None),
+    (200, 32, "fp8", "fp8", 64, 128),
+    (130, 64, "int8", "fp8", 64, None),
+    (100, 64, "int8", "bf16", 128, None),
 ]
 
 
-@pytest.mark.parametrize("L,D,pv,scale_block,block_n", CASES)
-def test_matches_emulating_ref(L, D, pv, scale_block, block_n):
+@pytest.mark.parametrize("L,D,qk,pv,scale_block,block_n", CASES)
+def test_matches_emulating_ref(L, D, qk, pv, scale_block, block_n):
     q, k, v = flux_like(1, 2, L, D, seed=L + D)
-    kw = dict(pv=pv, scale_block=scale_block, block_n=block_n)
+    kw = dict(qk=qk, pv=pv, scale_block=scale_block, block_n=block_n)
     out = fp8_attention(q, k, v, **kw)
     ref = fp8_attention_ref(q, k, v, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -80,13 +82,13 @@ def test_matches_emulating_ref(L, D, pv, scale_block, block_n):
     assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item(), describe(out, ref, 0.05)
 
 
-@pytest.mark.parametrize("pv,bound", [("fp8", 0.08), ("bf16", 0.06)])
-def test_close_to_fp32_attention(pv, bound):
-    # (fp32 ref, rel L2 8 % / 6 %): e4m3 keeps 3 mantissa bits, 2.6 % RMS error per element; on random
-    # inputs with logit std 1 that is ~4 % output error from Q·K and ~3.5 % more from fp8 P·V (measured
-    # 4.1 % and 5.4 %). Unsmoothed K with this offset, or a wrong scale, gives > 20 %.
+@pytest.mark.parametrize("qk,pv,bound", [("fp8", "fp8", 0.08), ("fp8", "bf16", 0.06), ("int8", "bf16", 0.025)])
+def test_close_to_fp32_attention(qk, pv, bound):
+    # (fp32 ref, rel L2 8 % / 6 % / 2.5 %): e4m3 keeps 3 mantissa bits, 2.6 % RMS error per element; on
+    # random inputs with logit std 1 that is ~4 % output error from Q·K and ~3.5 % more from fp8 P·V
+    # (measured 4.1 % and 5.4 %); int8 Q·K with block scales: 1.3 %. Unsmoothed K fails the fp8 cases.
     q, k, v = flux_like(1, 2, 256, 64, gain=1.0)
-    out = fp8_attention(q, k, v, pv=pv)
+    out = fp8_attention(q, k, v, qk=qk, pv=pv)
     ref = attention_fp32_ref(q, k, v)
     assert rel_l2(out, ref) < bound, describe(out, ref, 0.5)
 
@@ -151,6 +153,7 @@ def test_quantize_qkv_layout():
         (dict(D=48), ValueError, "head dim"),
         (dict(pv="fp16"), ValueError, "pv must be"),
         (dict(scale_block=32), ValueError, "scale_block"),
+        (dict(qk="int4"), ValueError, "qk must be"),
         (dict(dtype=torch.int32), TypeError, "bf16, fp16 or fp32"),
         (dict(k_len=65), ValueError, "shapes differ"),
         (dict(strided=True), ValueError, "contiguous last dim"),
@@ -166,7 +169,9 @@ def test_rejects_bad_input(kwargs, err, match):
     if kwargs.get("strided"):
         q = torch.ones(1, 2, D, 64).transpose(-1, -2)
     with pytest.raises(err, match=match):
-        fp8_attention(q, k, v, pv=kwargs.get("pv", "fp8"), scale_block=kwargs.get("scale_block", 64))
+        fp8_attention(
+            q, k, v, pv=kwargs.get("pv", "fp8"), scale_block=kwargs.get("scale_block", 64), qk=kwargs.get("qk", "fp8")
+        )
 
 
 def test_tiny_flux2_with_fp8_backend():
@@ -192,9 +197,9 @@ def test_tiny_flux2_with_fp8_backend():
 def test_gpu_flux_shapes(L):
     """Hardware casts and tiles on FLUX.2 shapes (H=48, D=128): vs the emulating ref and vs fp32."""
     q, k, v = flux_like(1, 48, L, 128, dtype=torch.bfloat16)
-    for pv in ("fp8", "bf16"):
-        out = fp8_attention(q, k, v, pv=pv)
-        ref = fp8_attention_ref(q, k, v, pv=pv)
+    for qk, pv in (("fp8", "fp8"), ("fp8", "bf16"), ("int8", "fp8")):
+        out = fp8_attention(q, k, v, qk=qk, pv=pv)
+        ref = fp8_attention_ref(q, k, v, qk=qk, pv=pv)
         # (bf16 out, rel L2 1e-2): same quantization; exp2 is approximate on the GPU and P or K can
         # round the other way at fp8 boundaries
         assert rel_l2(out, ref) < 1e-2, describe(out, ref, 0.1)
