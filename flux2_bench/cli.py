@@ -63,6 +63,85 @@ def bench_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _add_quantize_commands(sub) -> None:
+    from flux2_bench.quantize.convert import convert
+    from flux2_bench.quantize.recipes import Recipe
+
+    d = convert.__kwdefaults__
+    p = sub.add_parser(
+        "convert",
+        help="stream a bf16 checkpoint into an FP8 / 4-bit one",
+        description="Convert a FLUX.2 transformer (BFL file, diffusers folder, sharded index) or a "
+        "Mistral3/Qwen3 text encoder, one tensor at a time. Block linears are quantized; embedders, "
+        "modulation, final layer and norms stay bf16 (text encoders: *_proj and mlp.* quantized).",
+    )
+    p.add_argument("src", help="source checkpoint: .safetensors file, folder or *.safetensors.index.json")
+    p.add_argument("-o", "--out", required=True, help=".safetensors file (file input) or folder (folder input)")
+    p.add_argument(
+        "--recipe", default=str(d["recipe"]), choices=[r.value for r in Recipe], help="(default: %(default)s)"
+    )
+    p.add_argument("--comfy", action="store_true", help="ComfyUI markers (fp8-tensor, nvfp4): comfy_quant + header")
+    p.add_argument("--double-quant", action="store_true", help="nf4: 8-bit quantized absmax (bnb double quant)")
+    p.add_argument("--keep", action="append", default=list(d["keep"]), metavar="GLOB", help="keep matching layers bf16")
+    p.add_argument("--only", action="append", default=list(d["only"]), metavar="GLOB", help="quantize only these")
+    p.add_argument("--shard-size", default=d["shard_size"], help="e.g. 5GB: write shards + index (default: as input)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("verify", help="per-layer SQNR of a converted checkpoint against its source")
+    p.add_argument("out", help="the converted checkpoint")
+    p.add_argument("--against", required=True, help="the source it was converted from")
+    p.add_argument("--no-hash", action="store_true", help="skip re-hashing the source")
+    p = sub.add_parser("inspect", help="format, recipe, layers and sizes of a checkpoint")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_quantize_command(args) -> int:
+    import json
+
+    from flux2_bench.safetensors_io import CheckpointError
+
+    try:
+        if args.command == "convert":
+            from flux2_bench.quantize.convert import convert, parse_size
+
+            r = convert(
+                args.src,
+                args.out,
+                recipe=args.recipe,
+                comfy=args.comfy,
+                double_quant=args.double_quant,
+                keep=args.keep,
+                only=args.only,
+                shard_size=parse_size(args.shard_size) if args.shard_size else None,
+                force=args.force,
+                progress=not args.no_progress,
+            )
+            print(
+                f"wrote {len(r.files)} file(s) to {r.out}: {r.recipe}, preset {r.preset}, {len(r.quantized)} layers "
+                f"quantized, {len(r.kept)} kept; {r.bytes_in / 1e9:.3f} GB -> {r.bytes_out / 1e9:.3f} GB in "
+                f"{r.seconds:.1f} s ({r.mb_per_s:.0f} MB/s of source, hashing {r.hash_seconds:.1f} s)"
+            )
+            return 0
+        if args.command == "verify":
+            from flux2_bench.quantize.verify import verify
+
+            report = verify(args.out, against=args.against, check_hash=not args.no_hash)
+            print(report.table())
+            return 0 if report.ok else 1
+        from flux2_bench.quantize.verify import format_inspect, inspect_checkpoint
+
+        info = inspect_checkpoint(args.path)
+        print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+        return 0
+    except (CheckpointError, ValueError, FileExistsError, OSError) as e:
+        print(f"flux2-quantize {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"flux2-quantize {args.command}: interrupted; nothing was left behind", file=sys.stderr)
+        return 130
+
+
 def quantize_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="flux2-quantize",
@@ -70,11 +149,12 @@ def quantize_main(argv: list[str] | None = None) -> int:
         "bitsandbytes-compatible where those formats exist), verify and inspect them.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_quantize_commands(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return 0
+    return _run_quantize_command(args)
 
 
 if __name__ == "__main__":
