@@ -195,7 +195,7 @@ class SafetensorsWriter:
             raise ValueError(f"{name}: declared {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}")
         t = tensor.detach().to("cpu").contiguous()
         if nbytes:
-            self._f.write(t.view(-1).view(torch.uint8).numpy().tobytes())
+            self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
