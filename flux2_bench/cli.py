@@ -36,6 +36,34 @@ def _add_forward(sub) -> None:
     p.add_argument("--repeats", type=int, default=d["repeats"], help="timed forwards after one warm-up")
 
 
+def _add_generate(sub) -> None:
+    from flux2_bench.pipeline import generate_to_file
+
+    d = generate_to_file.__kwdefaults__
+    p = sub.add_parser(
+        "generate",
+        help="text-to-image / reference editing with real (--checkpoint) or synthetic weights",
+        description="Generate one image. With --checkpoint DIR (official files or diffusers layout) real "
+        "weights are used; without it the --preset transformer and VAE get synthetic random weights and the "
+        "prompt is replaced by seeded random embeddings (plumbing and timing, not a meaningful image).",
+    )
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--ref", action="append", default=None, help="reference image (PNG/JPEG); repeat up to 10x")
+    p.add_argument("--out", required=True, help="output PNG/JPEG path")
+    p.add_argument("--checkpoint", default=d["checkpoint"], help="folder with weights (official or diffusers)")
+    p.add_argument("--preset", default=d["preset"], choices=list(PRESETS), help="synthetic run (default: %(default)s)")
+    p.add_argument("--width", type=int, default=d["width"], help="pixels (default: 1024, tiny: 128)")
+    p.add_argument("--height", type=int, default=d["height"], help="pixels (default: 1024, tiny: 128)")
+    p.add_argument("--steps", type=int, default=d["steps"], help="(default: the preset's)")
+    p.add_argument("--guidance", type=float, default=d["guidance"], help="(default: the preset's)")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=d["dtype"], choices=list(DTYPES), help="(default: %(default)s)")
+    p.add_argument("--offload", action="store_true", help="keep each component on the device only for its phase")
+    p.add_argument("--tiled-vae", action="store_true", help="tiled VAE encode/decode (large images)")
+    p.add_argument("--cache-dir", default=d["cache_dir"], help="prompt-embedding cache folder")
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="flux2-bench",
@@ -44,6 +72,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_forward(sub)
+    _add_generate(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["forward", *(argv or [])])
@@ -59,6 +88,26 @@ def bench_main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             seed=args.seed,
             repeats=args.repeats,
+        )
+    elif args.command == "generate":
+        from flux2_bench.pipeline import generate_to_file
+
+        generate_to_file(
+            prompt=args.prompt,
+            out=args.out,
+            refs=args.ref,
+            checkpoint=args.checkpoint,
+            preset=args.preset,
+            width=args.width,
+            height=args.height,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            device=args.device or _default_device(),
+            dtype=args.dtype,
+            offload=args.offload,
+            tiled_vae=args.tiled_vae,
+            cache_dir=args.cache_dir,
         )
     return 0
 

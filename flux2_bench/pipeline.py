@@ -322,3 +322,87 @@ class Flux2Pipeline:
         timings["total_s"] = time.perf_counter() - t0
         self.last_timings = timings
         return GenerationOutput(images=images, width=width, height=height, timings=timings, latents=x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One call for the CLI
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def synthetic_prompt_embeds(prompt: str, context_dim: int, length: int = 512, seed: int = 0) -> Tensor:
+    """Stand-in prompt embeddings (1, length, context_dim) for synthetic runs: N(0, 1) seeded by the
+    prompt text, so different prompts give different (meaningless) conditioning."""
+    import hashlib
+
+    h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little") ^ seed
+    g = torch.Generator().manual_seed(h & (2**63 - 1))
+    return torch.randn(1, length, context_dim, generator=g)
+
+
+def generate_to_file(
+    *,
+    prompt: str,
+    out: str,
+    refs: list[str] | None = None,
+    checkpoint: str | None = None,
+    preset: str = "tiny",
+    width: int | None = None,
+    height: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    offload: bool = False,
+    tiled_vae: bool = False,
+    cache_dir: str | None = None,
+) -> GenerationOutput:
+    """Generate one image into `out` (PNG/JPEG by suffix) and print the time split.
+
+    With `checkpoint` (a folder, official or diffusers layout) real weights are loaded. Without it,
+    the `preset` transformer and the matching VAE get synthetic random weights and the prompt is
+    replaced by seeded random embeddings (no text encoder): a plumbing and timing run, not an image.
+    Size defaults: 1024² for checkpoints and full presets, 128² for `tiny`.
+    """
+    from flux2_bench.autoencoder import synthetic_autoencoder
+    from flux2_bench.model import get_preset
+    from flux2_bench.weights import synthetic_transformer
+
+    torch_dtype = _DTYPES[dtype]
+    embeds = None
+    if checkpoint:
+        pipe = Flux2Pipeline.from_pretrained(
+            checkpoint, device=device, dtype=torch_dtype, offload=offload, tiled_vae=tiled_vae,
+            embedding_cache=cache_dir,
+        )  # fmt: skip
+        cfg = pipe.transformer.config
+        default_size = 1024
+    else:
+        cfg = get_preset(preset)
+        ae_name = "tiny" if preset == "tiny" else "flux.2"
+        transformer = synthetic_transformer(preset, device=device, dtype=torch_dtype, seed=seed)
+        vae = synthetic_autoencoder(ae_name, device=device, dtype=torch_dtype, seed=seed)
+        pipe = Flux2Pipeline(transformer, vae, None, device=device, offload=offload, tiled_vae=tiled_vae)
+        embeds = synthetic_prompt_embeds(prompt, cfg.context_in_dim, seed=seed)
+        default_size = 128 if preset == "tiny" else 1024
+    result = pipe.generate(
+        prompt=None if embeds is not None else prompt,
+        prompt_embeds=embeds,
+        width=width or default_size,
+        height=height or default_size,
+        steps=steps or cfg.default_steps,
+        guidance=guidance if guidance is not None else cfg.default_guidance,
+        seed=seed,
+        reference_images=refs or [],
+    )
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    result.images[0].save(out)
+    t = result.timings
+    source = f"checkpoint {checkpoint}" if checkpoint else f"{preset} synthetic"
+    print(
+        f"wrote {out} ({result.width}x{result.height}, {source}"
+        f", {len(refs or [])} refs): encode {t['encode_s']:.2f} s, denoise {t['denoise_s']:.2f} s, "
+        f"decode {t['decode_s']:.2f} s"
+    )
+    return result

@@ -162,3 +162,15 @@ def test_reference_preprocessing_caps_and_crops():
     small = prepare_reference(Image.new("RGB", (100, 70), (255, 0, 0)), 1024 * 1024)
     assert small.shape == (1, 3, 64, 96)  # center-cropped down to multiples of 16
     assert float(small[0, 0].min()) == 1.0 and float(small[0, 1].max()) == -1.0
+
+
+def test_cli_generate_tiny_synthetic(tmp_path, capsys):
+    from flux2_bench.cli import bench_main
+
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (96, 64), (10, 200, 30)).save(ref)
+    out = tmp_path / "out.png"
+    argv = ["generate", "--prompt", "a red cat", "--ref", str(ref), "--out", str(out), "--width", "64"]
+    assert bench_main([*argv, "--height", "64", "--steps", "1", "--device", "cpu"]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert "denoise" in capsys.readouterr().out
