@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ SHAPES = [  # name, K, N; M comes from the resolution (image+text for single blo
     ("double.txt.mlp_out", 18432, 6144),
     ("double.txt.proj", 6144, 6144),
 ]
+TQ_ROW, TQ_TENSOR = "torch_quant_then_scaled_mm_row_fast", "torch_quant_then_scaled_mm_tensor_fast"
 GATED = ("single.linear2", "double.img.mlp_out", "double.img.proj")  # gated residual follows these
 TXT_TOKENS = 512
 
@@ -168,6 +170,10 @@ def check_rows(M):
     return idx
 
 
+def _rows_of(fn, rows, *args, **kwargs):
+    return fn(*args, **kwargs)[rows]
+
+
 def _compare(run_ours, run_ref, exact):
     try:
         out = run_ours()
@@ -198,8 +204,8 @@ def correctness(F, name, M, K, N, x, w_bf16, wq):
             key = f"linear_{g}{'_fused' if fuse else ''}"
             kw = {"x_scale": x_scale_dyn} if g == "tensor" else {}
             res[key] = _compare(
-                lambda: F.fp8_linear(x, w8, ws, granularity=g, fuse_quant=fuse)[rows],
-                lambda: F.fp8_linear_ref(xs_rows, w8, ws, granularity=g, out_dtype=torch.float32, **kw),
+                partial(_rows_of, F.fp8_linear, rows, x, w8, ws, granularity=g, fuse_quant=fuse),
+                partial(F.fp8_linear_ref, xs_rows, w8, ws, granularity=g, out_dtype=torch.float32, **kw),
                 exact,
             )
     w8, ws = wq["row"]
@@ -229,8 +235,8 @@ def timing(F, name, M, K, N, x, w_bf16, wq):
         "ours_gemm_block": lambda: F.fp8_gemm(x8b, w8b, xsb, wsb),
         "torch_quant_row": lambda: torch_quant_row(x),
         "ours_quantize_row": lambda: F.quantize_fp8(x, "row"),
-        "torch_quant_then_scaled_mm_row_fast": lambda: scaled_mm(*_q_row_args(x, w8r, wsr_1n), True),
-        "torch_quant_then_scaled_mm_tensor_fast": lambda: scaled_mm(*_q_tensor_args(x, w8t, wst), True),
+        TQ_ROW: lambda: scaled_mm(*_q_row_args(x, w8r, wsr_1n), True),
+        TQ_TENSOR: lambda: scaled_mm(*_q_tensor_args(x, w8t, wst), True),
         "ours_linear_tensor_dynamic": lambda: F.fp8_linear(x, w8t, wst, granularity="tensor", fuse_quant=False),
         "ours_linear_row": lambda: F.fp8_linear(x, w8r, wsr, granularity="row", fuse_quant=False),
         "ours_linear_row_fused": lambda: F.fp8_linear(x, w8r, wsr, granularity="row", fuse_quant=True),
@@ -288,7 +294,6 @@ def autotune_choices(F):
 
 def run(out_path: Path, budget_s: float, time_2048: bool):
     import triton
-
     from flux2_bench.kernels import fp8_matmul as F
 
     t0 = time.time()
@@ -382,10 +387,10 @@ def render(data: dict) -> str:
     tgt = [
         ("GEMM row-wise: ours / `_scaled_mm` row-wise (fast accum)", "ours_gemm_row", "scaled_mm_row_fast", 1.0),
         ("GEMM row-wise: ours / `_scaled_mm` row-wise (default accum)", "ours_gemm_row", "scaled_mm_row", None),
-        ("GEMM per-tensor: ours / `_scaled_mm` per-tensor (fast accum)", "ours_gemm_tensor", "scaled_mm_tensor_fast", None),
-        ("`fp8_linear` row / torch quantize + `_scaled_mm` row (fast)", "ours_linear_row", "torch_quant_then_scaled_mm_row_fast", 1.15),
-        ("`fp8_linear` row fused / torch quantize + `_scaled_mm` row (fast)", "ours_linear_row_fused", "torch_quant_then_scaled_mm_row_fast", None),
-        ("`fp8_linear` tensor (dynamic) / torch quantize + `_scaled_mm` tensor (fast)", "ours_linear_tensor_dynamic", "torch_quant_then_scaled_mm_tensor_fast", None),
+        ("GEMM per-tensor: ours / `_scaled_mm` tensor (fast)", "ours_gemm_tensor", "scaled_mm_tensor_fast", None),
+        ("`fp8_linear` row / torch quantize + `_scaled_mm` row (fast)", "ours_linear_row", TQ_ROW, 1.15),
+        ("`fp8_linear` row fused / torch quantize + `_scaled_mm` row (fast)", "ours_linear_row_fused", TQ_ROW, None),
+        ("`fp8_linear` tensor dyn / torch quant + `_scaled_mm` tensor", "ours_linear_tensor_dynamic", TQ_TENSOR, None),
         ("GEMM block / GEMM row-wise (ours)", "ours_gemm_block", "ours_gemm_row", 0.9),
         ("`fp8_linear` block fused / block unfused", "ours_linear_block_fused", "ours_linear_block", None),
         ("GEMM block: ours / `_scaled_mm` 1x128x128 blocks", "ours_gemm_block", "scaled_mm_block", None),
@@ -436,12 +441,12 @@ def render(data: dict) -> str:
     lcols = [
         ("torch_quant_row", "torch quant row"),
         ("ours_quantize_row", "ours quantize row"),
-        ("torch_quant_then_scaled_mm_row_fast", "torch quant+_scaled_mm row"),
+        (TQ_ROW, "torch quant+_scaled_mm row"),
         ("ours_linear_row", "ours linear row"),
         ("ours_linear_row_fused", "ours linear row fused"),
         ("ours_linear_block", "ours linear block"),
         ("ours_linear_block_fused", "ours linear block fused"),
-        ("torch_quant_then_scaled_mm_tensor_fast", "torch quant+_scaled_mm tensor"),
+        (TQ_TENSOR, "torch quant+_scaled_mm tensor"),
         ("ours_linear_tensor_dynamic", "ours linear tensor dyn"),
     ]
     L += [
