@@ -72,6 +72,41 @@ FORMATS = ("int4-g128", "nf4")
 _DEFAULT_GROUP = {"int4-g128": 128, "nf4": 64}
 
 
+# LUT_MODE=2 int4 dequantization, 4 packed bytes per instance (Triton's pack=4): $4 holds bytes b0..b3 (b0 in
+# the low byte), $5/$6 the row scale as bf16x2.  prmt spreads bytes to [b, 0, b', 0]; masking a nibble into
+# each 16-bit half and OR-ing 0x4300 gives the bf16 value 128 + v exactly; fma(t, 1, -136) = v - 8 (exact);
+# fma(t, scale, -0) rounds the product once, like the fp32 reference's single cast to bf16.
+# Outputs: $0/$1 = high-nibble elements (of bytes 0,1 / 2,3), $2/$3 = low-nibble elements.  fma.rn.bf16x2 is
+# sm_80+, so the path also runs on sm_89 / sm_120.
+_INT4_BF16X2_ASM = tl.constexpr("""
+{
+.reg .b32 z, m, c, one, n136, nz, d0, d1, t;
+mov.b32 z, 0;
+mov.b32 m, 0x000F000F;
+mov.b32 c, 0x43004300;
+mov.b32 one, 0x3F803F80;
+mov.b32 n136, 0xC308C308;
+mov.b32 nz, 0x80008000;
+prmt.b32 d0, $4, z, 0x4140;
+prmt.b32 d1, $4, z, 0x4342;
+shr.b32 t, d0, 4;
+lop3.b32 t, t, m, c, 0xEA;
+fma.rn.bf16x2 t, t, one, n136;
+fma.rn.bf16x2 $0, t, $5, nz;
+shr.b32 t, d1, 4;
+lop3.b32 t, t, m, c, 0xEA;
+fma.rn.bf16x2 t, t, one, n136;
+fma.rn.bf16x2 $1, t, $6, nz;
+lop3.b32 t, d0, m, c, 0xEA;
+fma.rn.bf16x2 t, t, one, n136;
+fma.rn.bf16x2 $2, t, $5, nz;
+lop3.b32 t, d1, m, c, 0xEA;
+fma.rn.bf16x2 t, t, one, n136;
+fma.rn.bf16x2 $3, t, $6, nz;
+}
+""")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------------------
@@ -141,24 +176,51 @@ def _int4_matmul_kernel(
         x = tl.load(x_ptrs)
         packed = tl.load(w_ptrs)  # uint8 [BLOCK_N, BLOCK_K/2]
         # One scale per row for the whole tile: BLOCK_K divides GROUP_SIZE (checked by the launcher).
-        scale = tl.load(s_ptrs + (k * BLOCK_K) // GROUP_SIZE).to(tl.float32)
-        if LUT_MODE == 1:
-            # Byte -> (code[hi], code[lo]) pair table, 256 x 2 fp32 (2 KB, L1-resident): one 8-byte gather
-            # returns both elements already in K order.
-            idx = packed.to(tl.int32) * 2
-            w = tl.load(lut_ptr + idx[:, :, None] + tl.arange(0, 2)[None, None, :])
+        scale_raw = tl.load(s_ptrs + (k * BLOCK_K) // GROUP_SIZE)
+        # LUT_MODE=2 (PTX) only for int4 with bf16 activations and bf16 scales; anything else takes LUT_MODE=0.
+        if (LUT_MODE == 2) and (not IS_NF4) and (dot_dtype == tl.bfloat16) and (s_ptr.dtype.element_ty == tl.bfloat16):
+            # int4 in packed bf16x2 PTX: 2 instructions per element instead of ~7 (scaled, bf16 out).
+            scale_b = tl.broadcast_to(scale_raw[:, None], (BLOCK_N, BLOCK_K // 2))
+            hi_b, lo_b = tl.inline_asm_elementwise(
+                _INT4_BF16X2_ASM,
+                "=r,=r,=r,=r,r,r,r",
+                [packed, scale_b],
+                dtype=(tl.bfloat16, tl.bfloat16),
+                is_pure=True,
+                pack=4,
+            )
+            w = tl.join(hi_b, lo_b).reshape(BLOCK_N, BLOCK_K)
         else:
-            hi = (packed >> 4).to(tl.int32)
-            lo = (packed & 0xF).to(tl.int32)
-            if IS_NF4:
-                # The 16-entry codebook sits after the 256 x 2 pair table in the same buffer.
-                w = tl.join(tl.load(lut_ptr + 512 + hi), tl.load(lut_ptr + 512 + lo))
+            scale = scale_raw.to(tl.float32)
+            if LUT_MODE == 1:
+                # Byte -> (code[hi], code[lo]) fp32 pair table (2 KB, L1-resident): one 8-byte gather per byte.
+                pair_ptrs = lut_ptr + packed.to(tl.int32) * 2
+                if dot_dtype == tl.bfloat16:
+                    # Through PTX so the software pipeliner does not turn the gather into per-element cp.async
+                    # copies to shared memory (what it does with a tl.load here).
+                    hi_f, lo_f = tl.inline_asm_elementwise(
+                        "ld.global.nc.v2.f32 {$0, $1}, [$2];",
+                        "=r,=r,l",
+                        [pair_ptrs.to(tl.int64, bitcast=True)],
+                        dtype=(tl.float32, tl.float32),
+                        is_pure=True,
+                        pack=1,
+                    )
+                else:
+                    hi_f = tl.load(pair_ptrs)
+                    lo_f = tl.load(pair_ptrs + 1)
             else:
-                # 0x4B000000 is 2^23 as fp32: OR-ing a 4-bit v into its mantissa gives 2^23 + v exactly.
-                hi_f = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-                lo_f = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-                w = tl.join(hi_f, lo_f)
-        w = (w * scale[:, None, None]).reshape(BLOCK_N, BLOCK_K).to(dot_dtype)
+                hi = (packed >> 4).to(tl.int32)
+                lo = (packed & 0xF).to(tl.int32)
+                if IS_NF4:
+                    # The 16-entry codebook sits after the 256 x 2 pair table in the same buffer.
+                    hi_f = tl.load(lut_ptr + 512 + hi)
+                    lo_f = tl.load(lut_ptr + 512 + lo)
+                else:
+                    # 0x4B000000 is 2^23 as fp32: OR-ing a 4-bit v into its mantissa gives 2^23 + v exactly.
+                    hi_f = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+                    lo_f = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            w = tl.join(hi_f * scale[:, None], lo_f * scale[:, None]).reshape(BLOCK_N, BLOCK_K).to(dot_dtype)
         if SWAP_AB:
             acc = tl.dot(w, tl.trans(x), acc)
         else:
@@ -190,12 +252,14 @@ def _cfg(bm, bn, bk, warps, stages, lut, swap, group_m=8):
     )
 
 
-# Hopper-class shared memory (~227 KB): large tiles; BLOCK_M is the reuse factor of each dequantized weight
-# tile, so 256 halves the dequantization work per FLOP relative to 128.
-_TILES_LARGE_SMEM = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)]
+# Hopper-class shared memory (~227 KB): BLOCK_M is the reuse factor of each dequantized weight tile, so 256
+# halves the dequantization work per FLOP relative to 128 (run 1: 256x128 beat 128x256 by 1.4x); the 4-warp
+# 128x128 tile leaves room for two CTAs per SM, whose dequantization can overlap each other's MMA.
+_TILES_LARGE_SMEM = [(256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 3)]
 # Ada / consumer Blackwell (~99 KB): smaller tiles and fewer stages.
 _TILES_SMALL_SMEM = [(128, 128, 64, 8, 2), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4)]
-CONFIGS = [_cfg(*t, lut, swap) for t in _TILES_LARGE_SMEM + _TILES_SMALL_SMEM for lut in (0, 1) for swap in (0, 1)]
+# LUT_MODE 0 for both formats; 1 (pair table) is the nf4 alternative, 2 (PTX bf16x2) the int4 one.
+CONFIGS = [_cfg(*t, lut, swap) for t in _TILES_LARGE_SMEM + _TILES_SMALL_SMEM for lut in (0, 1, 2) for swap in (0, 1)]
 
 
 def _smem_bytes(meta: dict, num_stages: int) -> int:
@@ -212,23 +276,27 @@ def _max_smem(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def _prune(configs: list, group_size: int, smem_limit: int) -> list:
+def _prune(configs: list, group_size: int, smem_limit: int, is_nf4: bool | None = None) -> list:
     """Keep configs whose BLOCK_K divides the quantization group and whose shared memory fits; on large-smem
-    GPUs (sm_90/sm_100, >= 200 KB) only the large tiles are tried, the small ones are the sm_89/sm_120 set."""
+    GPUs (sm_90/sm_100, >= 200 KB) only the large tiles are tried, the small ones are the sm_89/sm_120 set.
+    LUT_MODE 1 is kept for nf4 only and 2 for int4 only (elsewhere they would repeat LUT_MODE 0)."""
     tiles = set(_TILES_LARGE_SMEM if smem_limit >= 200 * 1024 else _TILES_SMALL_SMEM)
     kept = []
     for c in configs:
         m = c.kwargs
         tile = (m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_K"], c.num_warps, c.num_stages)
+        if is_nf4 is not None and m["LUT_MODE"] == (2 if is_nf4 else 1):
+            continue
         if tile in tiles and group_size % m["BLOCK_K"] == 0 and _smem_bytes(m, c.num_stages) <= smem_limit:
             kept.append(c)
     return kept or [_cfg(64, 64, 64, 4, 2, 0, 0)]  # never leave the autotuner empty; fits everywhere
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """``early_config_prune`` hook: reads the group size and the device's shared-memory limit."""
+    """``early_config_prune`` hook: reads the format, the group size and the device's shared-memory limit."""
     group = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
-    return _prune(configs, group, _max_smem(named_args["x_ptr"].device.index or 0))
+    is_nf4 = bool(kwargs.get("IS_NF4", named_args.get("IS_NF4")))
+    return _prune(configs, group, _max_smem(named_args["x_ptr"].device.index or 0), is_nf4)
 
 
 _int4_matmul_autotuned = triton.autotune(
@@ -422,7 +490,8 @@ def pack_nf4(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.
     wb = w.to(torch.float32).reshape(-1, blocksize)
     absmax = wb.abs().amax(dim=-1)
     normed = wb / absmax.clamp_min(1e-12)[:, None]
-    nib = (normed[..., None] - code).abs().argmin(dim=-1).reshape(n, k)
+    # Nearest code by midpoints (as bitsandbytes' kernel does); O(numel) memory, fine for 55296 x 6144 on a GPU.
+    nib = torch.bucketize(normed, (code[1:] + code[:-1]) / 2).reshape(n, k)
     return _pack_nibbles(nib), absmax, code
 
 

@@ -113,7 +113,7 @@ def test_matches_ref_fp32(fmt, mnk):
 
 
 @pytest.mark.parametrize("fmt", ["int4-g128", "nf4"])
-@pytest.mark.parametrize("lut_mode", [0, 1])
+@pytest.mark.parametrize("lut_mode", [0, 1, 2])  # 2 (PTX) falls back to 0 off-GPU / without bf16
 @pytest.mark.parametrize("swap_ab", [0, 1])
 def test_every_dequant_mode(fmt, lut_mode, swap_ab):
     m, n, k = 40, 48, 128
@@ -203,8 +203,10 @@ def test_launcher_rejects_bad_inputs():
 @pytest.mark.parametrize("limit_kb", [99, 227])
 @pytest.mark.parametrize("group", [64, 128])
 def test_prune_fits_shared_memory(limit_kb, group):
-    kept = k4._prune(k4.CONFIGS, group, limit_kb * 1024)
+    is_nf4 = group == 64
+    kept = k4._prune(k4.CONFIGS, group, limit_kb * 1024, is_nf4)
     assert kept, "pruning left no config"
+    assert {c.kwargs["LUT_MODE"] for c in kept} == ({0, 1} if is_nf4 else {0, 2})
     for c in kept:
         assert k4._smem_bytes(c.kwargs, c.num_stages) <= limit_kb * 1024, c
         assert group % c.kwargs["BLOCK_K"] == 0, c

@@ -85,42 +85,38 @@ def rel_err(out, ref):
 
 
 def probe_configs(k4, results):
-    """Compile and check every candidate config on a small shape; drop the ones that fail from the
-    autotuner so one bad config cannot sink the run."""
+    """Compile and check every candidate config (per format, as the pruner keeps them) on a small shape; drop
+    the ones that fail from the autotuner so one bad config cannot sink the run."""
     at = k4._int4_matmul_autotuned
     limit = k4._max_smem(0)
-    good = []
-    for cfg in at.configs:
-        if cfg not in k4._prune([cfg], 128, limit) and cfg not in k4._prune([cfg], 64, limit):
-            continue
-        meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        row = {"config": config_name(cfg)}
-        try:
-            for fmt in FORMATS:
-                group = 128 if fmt == "int4-g128" else 64
-                if group % cfg.kwargs["BLOCK_K"]:
-                    continue
-                m, k, n = 300, 512, 272
-                q, s = random_weights(fmt, n, k)
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-                gate = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    failed = set()
+    for fmt in FORMATS:
+        group = 128 if fmt == "int4-g128" else 64
+        for i, cfg in enumerate(k4._prune(at.configs, group, limit, fmt == "nf4")):
+            meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            row = {"config": config_name(cfg), "fmt": fmt}
+            m, k, n = 300, 512, 272
+            q, s = random_weights(fmt, n, k)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+            gate = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            try:
                 # The fused epilogue is a separate compile: check it on the first config only (compile time).
-                for kw in ({}, {"residual": res, "gate": gate}) if not good else ({},):
+                for kw in ({}, {"residual": res, "gate": gate}) if i == 0 else ({},):
                     out = k4.int4_matmul(x, q, s, fmt=fmt, config=meta, **kw)
                     ref = k4.int4_matmul_ref(x, q, s, fmt=fmt, out_dtype=torch.float32, **kw)
                     e = rel_err(out, ref)
-                    row[f"{fmt}{'+epilogue' if kw else ''}"] = e
+                    row["epilogue" if kw else "plain"] = e
                     if not (e["rel_l2"] < 1e-2 and e["nan"] == 0):
-                        raise AssertionError(f"{fmt} {kw.keys()}: {e}")
-            good.append(cfg)
-            row["ok"] = True
-        except Exception as exc:  # record and drop
-            row["ok"] = False
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        results["probe"].append(row)
-        print("probe", row, flush=True)
-    at.configs = good
+                        raise AssertionError(f"{fmt} {list(kw)}: {e}")
+                row["ok"] = True
+            except Exception as exc:  # record and drop
+                row["ok"] = False
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                failed.add(id(cfg))
+            results["probe"].append(row)
+            print("probe", row, flush=True)
+    at.configs = [c for c in at.configs if id(c) not in failed]
 
 
 def run(out_path: Path, time_budget_s: float):
