@@ -62,8 +62,10 @@ def _to_fp8(x, SATURATE: tl.constexpr, EMULATE_CAST: tl.constexpr):
 def _to_qk(x, QK_INT8: tl.constexpr, EMULATE_CAST: tl.constexpr):
     """x already scaled to the format's range (±127 or ±448) -> int8 (round half up) or e4m3."""
     if QK_INT8:
-        return tl.floor(x + 0.5).to(tl.int8)
-    return _to_fp8(x, True, EMULATE_CAST)
+        y = tl.floor(x + 0.5).to(tl.int8)
+    else:
+        y = _to_fp8(x, True, EMULATE_CAST)
+    return y
 
 
 @triton.jit
