@@ -227,6 +227,18 @@ def _count_blocks(keys: list[str], prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
+def logical_shape(ckpt: Checkpoint, key: str) -> tuple[int, ...]:
+    """The (out, in) shape of a linear weight, also when it is stored packed at 4 bits."""
+    layer = key.removesuffix(".weight")
+    state = f"{layer}.weight.quant_state.bitsandbytes__nf4"
+    if state in ckpt.keys():
+        return tuple(json.loads(bytes(ckpt.read(state).tolist()).decode())["shape"])
+    shape = tuple(ckpt.shape(key))
+    if ckpt.dtype(key) == torch.uint8 and f"{layer}.weight_scale" in ckpt.keys():
+        return (shape[0], 2 * shape[1])  # two 4-bit codes per byte
+    return shape
+
+
 def infer_config(ckpt: Checkpoint) -> Flux2Config:
     """A config from tensor shapes; a preset when the shapes match one, else a custom config."""
     keys = ckpt.keys()
@@ -265,9 +277,9 @@ def infer_config(ckpt: Checkpoint) -> Flux2Config:
         raise CheckpointError(f"cannot infer the head dim: {names['norm']} missing")
     head_dim = ckpt.shape(norm_key)[0]
     if names["mlp_out"] in present:
-        mlp_hidden = ckpt.shape(names["mlp_out"])[1]
+        mlp_hidden = logical_shape(ckpt, names["mlp_out"])[1]
     elif names["linear2"] in present:
-        mlp_hidden = ckpt.shape(names["linear2"])[1] - hidden
+        mlp_hidden = logical_shape(ckpt, names["linear2"])[1] - hidden
     else:
         raise CheckpointError("cannot infer the MLP width: no double-block MLP or single-block linear2")
     dc = ckpt.diffusers_cfg or {}
@@ -310,8 +322,16 @@ def _architecture_diff(a: Flux2Config, b: Flux2Config) -> list[str]:
 # Loading
 
 
-def _plan(ckpt: Checkpoint, cfg: Flux2Config, model_shapes: dict[str, tuple[int, ...]]) -> dict[str, list[Piece]]:
-    """Map every model parameter to its source pieces, or raise listing every problem at once."""
+def _plan(
+    ckpt: Checkpoint,
+    cfg: Flux2Config,
+    model_shapes: dict[str, tuple[int, ...]],
+    quantized: dict[str, QuantSource] | None = None,
+) -> dict[str, list[Piece]]:
+    """Map every plain model parameter to its source pieces, or raise listing every problem at once.
+
+    `quantized` layers (loaded into QuantLinear from their stored tensors) claim their keys."""
+    quantized = quantized or {}
     if ckpt.convention == "bfl":
         plan = {name: [Piece(name)] for name in model_shapes}
     else:
@@ -319,7 +339,12 @@ def _plan(ckpt: Checkpoint, cfg: Flux2Config, model_shapes: dict[str, tuple[int,
     problems: list[str] = []
     present = set(ckpt.keys())
     used: set[str] = set()
+    for q in quantized.values():
+        used.update(q.keys)
+        problems += q.problems
     for name, shape in model_shapes.items():
+        if name.removesuffix(".weight") in quantized:
+            continue
         pieces = plan.get(name)
         if pieces is None:
             problems.append(f"no mapping for model parameter {name}")
@@ -346,7 +371,121 @@ def _plan(ckpt: Checkpoint, cfg: Flux2Config, model_shapes: dict[str, tuple[int,
     if problems:
         head = f"cannot load {len(ckpt.files)} file(s) {[str(f) for f in ckpt.files][:3]} as {preset_name(cfg)}"
         raise CheckpointError(head + f": {len(problems)} problem(s)\n  " + "\n  ".join(problems))
-    return plan
+    return {n: plan[n] for n in model_shapes if n.removesuffix(".weight") not in quantized}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantized checkpoints: this project's flux2-quantize files, ComfyUI fp8 / nvfp4 files and diffusers
+# bitsandbytes-NF4 folders. Each quantized layer goes into a QuantLinear straight from its stored
+# tensors; no bf16 copy of it is ever made.
+
+# stored next to a quantized weight, not needed by the runtime: ComfyUI's per-layer format marker and
+# its static activation scale (the FP8 kernels scale activations dynamically, per row or per tensor)
+_IGNORED_SUFFIXES = ("comfy_quant", "input_scale", "scale_input")
+
+
+@dataclass
+class QuantSource:
+    """Where one BFL layer's quantized tensors are: one source layer, or q/k/v rows of a fused one."""
+
+    recipe: object  # quantize.recipes.Recipe
+    sources: list[tuple[str, tuple[int, int] | None]]  # (source layer name, rows of the BFL weight)
+    keys: list[str]
+    problems: list[str]
+
+
+def _stored(ckpt: Checkpoint, layer: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    prefix = layer + "."
+    return {k[len(prefix) :]: (ckpt.dtype(k), tuple(ckpt.shape(k))) for k in ckpt.keys() if k.startswith(prefix)}
+
+
+def quantized_layers(ckpt: Checkpoint, cfg: Flux2Config) -> dict[str, QuantSource]:
+    """BFL layer name -> where its quantized tensors are, for every linear stored quantized."""
+    from flux2_bench.quantize.linear import detect_recipe
+    from flux2_bench.quantize.recipes import Recipe
+
+    with torch.device("meta"):
+        linears = {n: m.weight.shape for n, m in Flux2(cfg).named_modules() if isinstance(m, nn.Linear)}
+    pieces = diffusers_pieces(cfg) if ckpt.convention == "diffusers" else {}
+    present = set(ckpt.keys())
+    out: dict[str, QuantSource] = {}
+    for layer in linears:
+        if ckpt.convention == "bfl":
+            sources = [(layer, None)]
+        else:
+            sources = [(p.key.removesuffix(".weight"), p.dst) for p in pieces[f"{layer}.weight"]]
+            if any(p.src for p in pieces[f"{layer}.weight"]):
+                sources = sources[:1]  # row-swapped (final layer): quantized only if whole
+        recipes, keys, problems = set(), [], []
+        for src, _ in sources:
+            if f"{src}.weight" not in present:
+                continue
+            stored = _stored(ckpt, src)
+            try:
+                r = detect_recipe(stored)
+            except ValueError as e:
+                problems.append(f"{src}: {e}")
+                continue
+            if r is not None:
+                recipes.add(r)
+                keys += [f"{src}.{sfx}" for sfx in stored]
+        if not recipes:
+            continue
+        recipe = recipes.pop()
+        if recipes:
+            problems.append(f"{layer}: its pieces are stored in different recipes {sorted([recipe, *recipes])}")
+        if len(sources) > 1 and recipe is Recipe.FP8_TENSOR:
+            recipe = Recipe.FP8_ROW  # q, k and v carry one scalar scale each: fused, they are per-row
+        if any(p.src for p in pieces.get(f"{layer}.weight", [])):
+            problems.append(f"{layer}: a quantized final-layer modulation cannot be un-swapped; keep it bf16")
+        out[layer] = QuantSource(recipe, sources, keys, problems)
+    return out
+
+
+def _check_recipe_metadata(ckpt: Checkpoint, quantized: dict[str, QuantSource], path) -> None:
+    """A file that names its recipe must hold exactly that recipe: refuse a mismatch naming both."""
+    from flux2_bench.quantize.recipes import Recipe
+
+    declared = ckpt.metadata.get("flux2_bench.recipe")
+    if declared is None:
+        return
+    found = {str(q.recipe) for q in quantized.values()}
+    allowed = {declared} | ({str(Recipe.FP8_ROW)} if declared == Recipe.FP8_TENSOR else set())
+    if not quantized or not found <= allowed:
+        raise CheckpointError(
+            f"{path}: its metadata says recipe {declared!r}, but its tensors are "
+            + (f"{sorted(found)}" if found else "not quantized")
+        )
+
+
+def _read_quantized(ckpt: Checkpoint, layer: str, q: QuantSource, n: int, k: int, device) -> dict[str, torch.Tensor]:
+    """The runtime tensors of one quantized layer, fused from its sources where diffusers split it."""
+    from flux2_bench.quantize.linear import to_runtime
+    from flux2_bench.quantize.recipes import Recipe
+
+    parts = []
+    for src, rows in q.sources:
+        stored = {k_[len(src) + 1 :]: ckpt.read(k_).to(device) for k_ in q.keys if k_.startswith(src + ".")}
+        stored = {s: t for s, t in stored.items() if s not in _IGNORED_SUFFIXES}
+        n_src = rows[1] - rows[0] if rows else n
+        src_recipe = (
+            Recipe.FP8_TENSOR if (q.recipe is Recipe.FP8_ROW and stored["weight_scale"].numel() == 1) else q.recipe
+        )
+        rt = to_runtime(src_recipe, stored, n_src, k)
+        if src_recipe is not q.recipe:  # scalar -> per-row scale for a fused fp8-tensor layer
+            rt["weight_scale"] = rt["weight_scale"].reshape(1, 1).expand(n_src, 1)
+        parts.append(rt)
+    if len(parts) == 1:
+        return parts[0]
+    fused = {}
+    for name in parts[0]:
+        if name in ("code", "weight_scale_2"):
+            if not all(torch.equal(p[name], parts[0][name]) for p in parts):
+                raise CheckpointError(f"{layer}: its q/k/v pieces disagree on {name}; cannot fuse them")
+            fused[name] = parts[0][name]
+        else:
+            fused[name] = torch.cat([p[name] for p in parts], dim=0)
+    return fused
 
 
 def empty_transformer(cfg: Flux2Config, *, device, dtype) -> Flux2:
@@ -362,13 +501,22 @@ def load_transformer(
     preset: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.bfloat16,
+    recipe: str | None = None,
     progress: bool = True,
 ) -> Flux2:
     """Load a FLUX.2 transformer from a BFL single file, a diffusers folder/file or sharded safetensors.
 
     Strict: every missing or unexpected key and every shape or dtype mismatch is listed in one
     `CheckpointError` before anything is read. Streams tensor by tensor onto `device`.
+
+    Quantized files (flux2-quantize output, ComfyUI fp8 / nvfp4, diffusers bitsandbytes-NF4) load
+    their quantized linears into `QuantLinear`s straight from the stored tensors. `recipe=` quantizes
+    the block linears of a bf16 checkpoint while loading, layer by layer, so the whole model never
+    exists in bf16 on the device (the 64 GB FLUX.2-dev fits a 40 GB-class GPU as fp8).
     """
+    from flux2_bench.quantize.linear import QuantLinear, is_block_linear
+    from flux2_bench.quantize.recipes import Recipe, get_recipe, quantize_layer
+
     ckpt = open_checkpoint(path)
     inferred = infer_config(ckpt)
     if preset is not None:
@@ -380,35 +528,71 @@ def load_transformer(
             )
     else:
         cfg = inferred
+    quantized = quantized_layers(ckpt, cfg)
+    _check_recipe_metadata(ckpt, quantized, path)
+    if recipe is not None and quantized:
+        some = next(iter(quantized.values())).recipe
+        raise CheckpointError(
+            f"{path}: already quantized ({some}); recipe={recipe!r} quantizes bf16 checkpoints on load"
+        )
     with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in Flux2(cfg).named_parameters()}
-    plan = _plan(ckpt, cfg, shapes)
+        model = Flux2(cfg).to(dtype)
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    plan = _plan(ckpt, cfg, shapes, quantized)
 
-    model = empty_transformer(cfg, device=device, dtype=dtype)
+    on_load = {}
+    if recipe is not None:
+        on_load = {
+            name: get_recipe(recipe) for name in (n.removesuffix(".weight") for n in plan) if is_block_linear(name)
+        }
+    with torch.device("meta"):
+        for layer in [*quantized, *on_load]:
+            n, k = shapes[f"{layer}.weight"]
+            r = quantized[layer].recipe if layer in quantized else Recipe(recipe)
+            parent, _, child = layer.rpartition(".")
+            setattr(model.get_submodule(parent), child, QuantLinear(k, n, r))
+    model = model.to_empty(device=device).eval()
     params = dict(model.named_parameters())
+
     total = sum(
         ckpt.readers[ckpt.prefix + p.key].tensors[ckpt.prefix + p.key].nbytes for ps in plan.values() for p in ps
     )
-    cache: dict[str, torch.Tensor] = {}  # a source tensor split over two pieces is read once
+    total += sum(
+        ckpt.readers[ckpt.prefix + k].tensors[ckpt.prefix + k].nbytes for q in quantized.values() for k in q.keys
+    )
     with (
         torch.no_grad(),
         tqdm(total=total, unit="B", unit_scale=True, desc="loading transformer", disable=not progress) as bar,
     ):
+        for layer, q in quantized.items():
+            module = model.get_submodule(layer)
+            module.load_runtime(_read_quantized(ckpt, layer, q, module.out_features, module.in_features, device))
+            bar.update(sum(ckpt.readers[ckpt.prefix + k].tensors[ckpt.prefix + k].nbytes for k in q.keys))
         for name, pieces in plan.items():
-            dst = params[name]
-            for p in pieces:
-                src = cache.pop(p.key, None)
-                if src is None:
-                    src = ckpt.read(p.key)
-                    bar.update(src.numel() * src.element_size())
-                    if sum(q.key == p.key for q in pieces) > 1:
-                        cache[p.key] = src
-                part = src[p.src[0] : p.src[1]] if p.src else src
-                target = dst[p.dst[0] : p.dst[1]] if p.dst else dst
-                target.copy_(part)
-                del src, part
-            cache.clear()
+            layer = name.removesuffix(".weight")
+            if layer in on_load:
+                dst = torch.empty(shapes[name], dtype=dtype, device=device)
+            else:
+                dst = params[name]
+            _copy_pieces(ckpt, pieces, dst, bar)
+            if layer in on_load:
+                model.get_submodule(layer).load_stored(quantize_layer(on_load[layer], dst))
+                del dst
     return model
+
+
+def _copy_pieces(ckpt: Checkpoint, pieces: list[Piece], dst: torch.Tensor, bar) -> None:
+    cache: dict[str, torch.Tensor] = {}  # a source tensor split over two pieces is read once
+    for p in pieces:
+        src = cache.pop(p.key, None)
+        if src is None:
+            src = ckpt.read(p.key)
+            bar.update(src.numel() * src.element_size())
+            if sum(q.key == p.key for q in pieces) > 1:
+                cache[p.key] = src
+        part = src[p.src[0] : p.src[1]] if p.src else src
+        target = dst[p.dst[0] : p.dst[1]] if p.dst else dst
+        target.copy_(part)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,234 @@
+"""QuantLinear: a bias-free linear layer whose weight is stored in one of flux2-quantize's recipes.
+
+    QuantLinear.from_float(linear, "fp8-row")      quantize an nn.Linear
+    swap_linears(model, "nf4")                     swap the FLUX.2 block linears in place
+    print(model)                                   extra_repr names the recipe and the kernel
+
+Kernel per recipe and device (chosen at call time from the input's device):
+  fp8-tensor / fp8-row / fp8-block: Triton FP8 GEMM with fused activation quantization on sm_89+
+      (RTX 40/50, H100); weight-only FP8 (e4m3 decoded in registers, bf16 MMA) on sm_80/86 (RTX 30)
+  nf4 / int4-g128: Triton W4A16 GEMM, dequantized in registers, on any CUDA GPU
+  nvfp4: dequantize, then F.linear (FP4 MMA needs sm_100+; this project has no kernel for it)
+  CPU, every recipe: dequantize, then F.linear
+
+Runtime tensors (buffers) per recipe, converted from the file's form by `load_stored`:
+  fp8-*:     weight e4m3 (N, K); weight_scale fp32 () | (N, 1) | (ceil N/128, ceil K/128)
+  int4-g128: weight uint8 (N, K/2); weight_scale bf16 (N, K/128)
+  nf4:       weight uint8 (N, K/2); weight_scale fp32 (N, K/64) = absmax (double quantization undone
+             on load); code fp32 (16,) = bitsandbytes' NF4 table
+  nvfp4:     weight uint8 (N, K/2); weight_scale e4m3 (swizzled blocks); weight_scale_2 fp32 ()
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from flux2_bench.quantize import formats as QF
+from flux2_bench.quantize.recipes import Recipe, dequantize_layer, get_recipe, parse_json_bytes, quantize_layer
+from torch import Tensor, nn
+
+FP8_GRANULARITY = {Recipe.FP8_TENSOR: "tensor", Recipe.FP8_ROW: "row", Recipe.FP8_BLOCK: "block"}
+# The FLUX.2 block linears (BFL names): what flux2-quantize converts by default.
+BLOCK_LINEARS = (
+    "double_blocks.*.img_attn.qkv",
+    "double_blocks.*.txt_attn.qkv",
+    "double_blocks.*.img_attn.proj",
+    "double_blocks.*.txt_attn.proj",
+    "double_blocks.*.img_mlp.0",
+    "double_blocks.*.img_mlp.2",
+    "double_blocks.*.txt_mlp.0",
+    "double_blocks.*.txt_mlp.2",
+    "single_blocks.*.linear1",
+    "single_blocks.*.linear2",
+)
+
+
+def is_block_linear(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in BLOCK_LINEARS)
+
+
+def runtime_layout(recipe: Recipe, n: int, k: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The buffers a QuantLinear of this recipe holds (see the module docstring)."""
+    fp8, u8 = QF.FP8_DTYPE, torch.uint8
+    if recipe is Recipe.FP8_TENSOR:
+        return {"weight": (fp8, (n, k)), "weight_scale": (torch.float32, ())}
+    if recipe is Recipe.FP8_ROW:
+        return {"weight": (fp8, (n, k)), "weight_scale": (torch.float32, (n, 1))}
+    if recipe is Recipe.FP8_BLOCK:
+        b = QF.FP8_BLOCK
+        return {"weight": (fp8, (n, k)), "weight_scale": (torch.float32, (-(-n // b), -(-k // b)))}
+    if recipe is Recipe.INT4_G128:
+        return {"weight": (u8, (n, k // 2)), "weight_scale": (torch.bfloat16, (n, k // QF.INT4_GROUP))}
+    if recipe is Recipe.NF4:
+        return {
+            "weight": (u8, (n, k // 2)),
+            "weight_scale": (torch.float32, (n, k // QF.NF4_BLOCK)),
+            "code": (torch.float32, (16,)),
+        }
+    rows, cols = -(-n // 128) * 128, -(-(k // QF.NVFP4_BLOCK) // 4) * 4
+    return {
+        "weight": (u8, (n, k // 2)),
+        "weight_scale": (fp8, (rows, cols)),
+        "weight_scale_2": (torch.float32, ()),
+    }
+
+
+def detect_recipe(stored: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> Recipe | None:
+    """A layer's recipe from its stored tensors (suffix -> (dtype, shape)); None for a plain weight.
+
+    Reads this project's files, ComfyUI fp8 / nvfp4 (`weight_scale`, `weight_scale_2`, legacy
+    `scale_weight`) and bitsandbytes nf4 as diffusers saves it.
+    """
+    if "weight.quant_state.bitsandbytes__nf4" in stored:
+        return Recipe.NF4
+    if any(s.startswith("weight.quant_state.") for s in stored):
+        raise ValueError(f"unsupported bitsandbytes quant state: {sorted(stored)}")
+    if "weight_scale_2" in stored:
+        return Recipe.NVFP4
+    scale = stored.get("weight_scale") or stored.get("scale_weight")
+    wdt, wshape = stored["weight"]
+    if scale is None:
+        return None
+    if wdt == QF.FP8_DTYPE:
+        sdt, sshape = scale
+        numel = 1
+        for d in sshape:
+            numel *= d
+        if numel == 1:
+            return Recipe.FP8_TENSOR
+        if sshape in ((wshape[0], 1), (wshape[0],)):
+            return Recipe.FP8_ROW
+        return Recipe.FP8_BLOCK
+    if wdt == torch.uint8 and scale[0] == torch.bfloat16:
+        return Recipe.INT4_G128
+    raise ValueError(f"unrecognized quantized layer: weight {wdt}{list(wshape)}, scale {scale}")
+
+
+def to_runtime(recipe: Recipe, stored: dict[str, Tensor], n: int, k: int) -> dict[str, Tensor]:
+    """File form (suffix -> tensor, as flux2-quantize / ComfyUI / bitsandbytes write it) -> buffers."""
+    if "scale_weight" in stored and "weight_scale" not in stored:  # legacy ComfyUI spelling
+        stored = {**stored, "weight_scale": stored["scale_weight"]}
+    if recipe is Recipe.NF4:
+        state = parse_json_bytes(stored["weight.quant_state.bitsandbytes__nf4"])
+        if state.get("blocksize") != QF.NF4_BLOCK or state.get("quant_type") != "nf4":
+            raise ValueError(f"nf4 layers must use blocksize {QF.NF4_BLOCK}, got quant state {state}")
+        absmax = stored["weight.absmax"]
+        if "nested_offset" in state:
+            absmax = QF.dequantize_absmax_nested(
+                absmax,
+                stored["weight.nested_absmax"],
+                stored["weight.nested_quant_map"],
+                state["nested_offset"],
+                state["nested_blocksize"],
+            )
+        return {
+            "weight": stored["weight"].reshape(n, k // 2),
+            "weight_scale": absmax.float().reshape(n, k // QF.NF4_BLOCK),
+            "code": stored["weight.quant_map"].float(),
+        }
+    out = {"weight": stored["weight"], "weight_scale": stored["weight_scale"]}
+    if recipe is Recipe.FP8_TENSOR:
+        out["weight_scale"] = out["weight_scale"].float().reshape(())
+    elif recipe is Recipe.FP8_ROW:
+        out["weight_scale"] = out["weight_scale"].float().reshape(n, 1)
+    elif recipe is Recipe.NVFP4:
+        out["weight_scale_2"] = stored["weight_scale_2"].float().reshape(())
+    return out
+
+
+class QuantLinear(nn.Module):
+    """y = x · dequant(W)ᵀ, no bias (FLUX.2 has none), W stored in `recipe`."""
+
+    def __init__(self, in_features: int, out_features: int, recipe: Recipe | str, *, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.recipe = Recipe(recipe)
+        get_recipe(self.recipe).check_shape("QuantLinear", (out_features, in_features))
+        for name, (dtype, shape) in runtime_layout(self.recipe, out_features, in_features).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, recipe: Recipe | str) -> QuantLinear:
+        """Quantize an nn.Linear's weight on its own device (the bf16 weight is not kept)."""
+        if linear.bias is not None:
+            raise ValueError("QuantLinear has no bias; FLUX.2's linears have none")
+        n, k = linear.weight.shape
+        q = cls(k, n, recipe, device=linear.weight.device)
+        stored = quantize_layer(get_recipe(q.recipe), linear.weight.detach())
+        q.load_stored(stored)
+        return q
+
+    def load_stored(self, stored: dict[str, Tensor]) -> None:
+        """Fill the buffers from a layer's stored tensors (file form: suffix -> tensor), any device."""
+        self.load_runtime(to_runtime(self.recipe, stored, self.out_features, self.in_features))
+
+    @torch.no_grad()
+    def load_runtime(self, runtime: dict[str, Tensor]) -> None:
+        """Fill the buffers from runtime-form tensors (buffer name -> tensor), checking each."""
+        for name, buf in self.named_buffers(recurse=False):
+            src = runtime[name]
+            if tuple(src.shape) != tuple(buf.shape) or src.dtype != buf.dtype:
+                raise ValueError(
+                    f"{self.recipe} {name}: stored {src.dtype}{list(src.shape)}, expected {buf.dtype}{list(buf.shape)}"
+                )
+            buf.copy_(src)
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        r, t = self.recipe, dict(self.named_buffers(recurse=False))
+        if r is Recipe.NF4:
+            n, k = self.out_features, self.in_features
+            codes = QF.unpack_nibbles(t["weight"]).long()
+            vals = t["code"][codes].view(n, k // QF.NF4_BLOCK, QF.NF4_BLOCK) * t["weight_scale"][..., None]
+            return vals.view(n, k).to(dtype)
+        return dequantize_layer(r, t, dtype)
+
+    def kernel(self, device: torch.device) -> str:
+        """The kernel a call on `device` uses (shown by extra_repr)."""
+        if device.type != "cuda":
+            return "torch (dequantize + F.linear)"
+        if self.recipe in FP8_GRANULARITY:
+            fp8_mma = torch.cuda.get_device_capability(device) >= (8, 9)
+            return f"triton fp8_linear ({FP8_GRANULARITY[self.recipe]})" if fp8_mma else "triton fp8 weight-only"
+        if self.recipe in (Recipe.NF4, Recipe.INT4_G128):
+            return f"triton int4_matmul ({self.recipe})"
+        return "torch (dequantize + F.linear)"
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel = self.kernel(x.device)
+        if kernel.startswith("torch"):
+            return F.linear(x, self.dequantize(x.dtype))
+        if self.recipe in FP8_GRANULARITY:
+            from flux2_bench.kernels.fp8_matmul import fp8_linear, fp8_weight_only_linear
+
+            if kernel == "triton fp8 weight-only":
+                return fp8_weight_only_linear(x, self.weight, self.weight_scale)
+            return fp8_linear(x, self.weight, self.weight_scale, granularity=FP8_GRANULARITY[self.recipe])
+        from flux2_bench.kernels.int4_matmul import int4_matmul
+
+        code = self.code if self.recipe is Recipe.NF4 else None
+        return int4_matmul(x, self.weight, self.weight_scale, fmt=str(self.recipe), code=code)
+
+    def extra_repr(self) -> str:
+        dev = self.weight.device
+        kernel = self.kernel(dev) if dev.type != "meta" else "n/a on meta"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe}, kernel={kernel}"
+        )
+
+
+def swap_linears(model: nn.Module, recipe: Recipe | str, filter: Callable[[str], bool] | None = None) -> list[str]:
+    """Replace every nn.Linear whose qualified name passes `filter` (default: the FLUX.2 block linears)
+    by a QuantLinear, one layer at a time (each bf16 weight is freed once its layer is swapped).
+    Returns the swapped names."""
+    filter = filter or is_block_linear
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and filter(name):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, QuantLinear.from_float(module, recipe))
+            swapped.append(name)
+    return swapped
