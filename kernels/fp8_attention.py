@@ -154,17 +154,21 @@ def _attn_tile(
     k = tl.load(k_ptrs + start_n * D)  # (D, BLOCK_N) fp8
     qk = tl.dot(q, k).to(tl.float32)  # fp8 x fp8 -> fp32, or int8 x int8 -> int32 (exact)
     if BLOCK_N <= SCALE_BLOCK:  # one K scale for the whole tile: fold it into the row scale
-        s = qk * (qs * tl.load(ks_base + start_n // SCALE_BLOCK))[:, None]
+        c = qs * tl.load(ks_base + start_n // SCALE_BLOCK)
     else:
-        s = qk * tl.load(ks_base + (start_n + offs_n) // SCALE_BLOCK)[None, :] * qs[:, None]
+        qk = qk * tl.load(ks_base + (start_n + offs_n) // SCALE_BLOCK)[None, :]
+        c = qs
     if MASK:
-        s = tl.where((start_n + offs_n)[None, :] < L, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        qk = tl.where((start_n + offs_n)[None, :] < L, qk, float("-inf"))
+    # c > 0, so max(qk * c) = max(qk) * c: the scale then rides in the exp2 argument's FMA
+    # (one FP op per logit instead of a multiply and a subtract; softmax is exp2-bound in FP8)
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * c)
     alpha = tl.math.exp2(m_i - m_new)
     if PV_FP8:
-        p = tl.math.exp2(s - (m_new - 8.0)[:, None])  # in [0, 256]; the 256 cancels in l_i
+        shift = m_new - 8.0  # p in [0, 256]; the 256 cancels in l_i
     else:
-        p = tl.math.exp2(s - m_new[:, None])
+        shift = m_new
+    p = tl.math.exp2(qk * c[:, None] - shift[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
     if PV_FP8:
@@ -476,16 +480,17 @@ def fp8_attention_ref(
         n1 = min(n0 + bn, L)
         qk = q8 @ k8[:, :, n0:n1].transpose(-1, -2)
         if bn <= scale_block:
-            s = qk * (qs_rows * ks_rows[..., n0 : n0 + 1])[..., None]
+            c = qs_rows * ks_rows[..., n0 : n0 + 1]
         else:
-            s = qk * ks_rows[..., None, n0:n1] * qs_rows[..., None]
-        m_new = torch.maximum(m, s.amax(-1))
+            qk = qk * ks_rows[..., None, n0:n1]
+            c = qs_rows
+        m_new = torch.maximum(m, qk.amax(-1) * c)
         alpha = torch.exp2(m - m_new)
         if pv == "fp8":
-            p = torch.exp2(s - (m_new - P_SHIFT)[..., None])
+            p = torch.exp2(qk * c[..., None] - (m_new - P_SHIFT)[..., None])
             pv_tile = p.to(torch.float8_e4m3fn).float() @ vq[:, :, n0:n1]
         else:
-            p = torch.exp2(s - m_new[..., None])
+            p = torch.exp2(qk * c[..., None] - m_new[..., None])
             pv_tile = p.to(v.dtype).float() @ vq[:, :, n0:n1].float()
         l_sum = l_sum * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + pv_tile
