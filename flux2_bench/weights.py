@@ -666,26 +666,50 @@ def synthetic_transformer(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
+    recipe: str | None = None,
 ) -> Flux2:
     """Random weights of the exact shapes, drawn directly on `device` in `dtype` (no fp32 copy, ever).
 
     Deterministic per (seed, parameter name, device type): each parameter has its own generator
     seeded from the seed and its index, so the result does not depend on allocation order.
+    With `recipe`, the block linears are QuantLinears: each random bf16 weight is drawn, quantized
+    and freed in turn, so the bf16 model never exists (equal to `swap_linears` on the bf16 model).
     """
+    from flux2_bench.quantize.linear import QuantLinear, is_block_linear
+    from flux2_bench.quantize.recipes import get_recipe, quantize_layer
+
     cfg = get_preset(preset) if isinstance(preset, str) else preset
-    model = empty_transformer(cfg, device=device, dtype=dtype)
+    with torch.device("meta"):
+        model = Flux2(cfg).to(dtype)
+        params = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+        quantized = set()
+        if recipe is not None:
+            for name, shape in params:
+                layer = name.removesuffix(".weight")
+                if is_block_linear(layer):
+                    parent, _, child = layer.rpartition(".")
+                    setattr(model.get_submodule(parent), child, QuantLinear(shape[1], shape[0], recipe))
+                    quantized.add(layer)
+    model = model.to_empty(device=device).eval()
     dev = torch.device(device)
+    live = dict(model.named_parameters())
     with torch.no_grad():
-        for i, (name, p) in enumerate(model.named_parameters()):
+        for i, (name, shape) in enumerate(params):
+            layer = name.removesuffix(".weight")
+            p = torch.empty(shape, dtype=dtype, device=dev) if layer in quantized else live[name]
             g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + i)
-            torch.randn(p.shape, generator=g, device=dev, dtype=dtype, out=p.data)
-            std = _param_std(name, tuple(p.shape))
+            torch.randn(shape, generator=g, device=dev, dtype=dtype, out=p.data)
+            std = _param_std(name, shape)
             if std == 0.0:
                 p.mul_(0.05).add_(1.0)
             else:
                 p.mul_(std)
+            if layer in quantized:
+                model.get_submodule(layer).load_stored(quantize_layer(get_recipe(recipe), p))
+                del p
     return model
 
 
 def model_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights, quantized buffers included."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))

@@ -26,9 +26,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from flux2_bench.quantize import formats as QF
 from flux2_bench.quantize.recipes import Recipe, dequantize_layer, get_recipe, parse_json_bytes, quantize_layer
-from torch import Tensor, nn
 
 FP8_GRANULARITY = {Recipe.FP8_TENSOR: "tensor", Recipe.FP8_ROW: "row", Recipe.FP8_BLOCK: "block"}
 # The FLUX.2 block linears (BFL names): what flux2-quantize converts by default.

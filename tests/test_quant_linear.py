@@ -1,0 +1,194 @@
+"""QuantLinear, swap_linears and loading quantized FLUX.2 checkpoints (issue: quantized runtime)."""
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from flux2_bench.model import PRESETS
+from flux2_bench.quantize.convert import convert
+from flux2_bench.quantize.formats import sqnr
+from flux2_bench.quantize.linear import QuantLinear, swap_linears
+from flux2_bench.quantize.recipes import Recipe, get_recipe
+from flux2_bench.safetensors_io import CheckpointError, SafetensorsReader, save_streaming
+from flux2_bench.sampling import image_ids, text_ids
+from flux2_bench.weights import load_transformer, save_transformer, synthetic_transformer
+
+RECIPES = [r.value for r in Recipe]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_quant_linear_matches_its_dequantized_weight_and_the_float_layer(recipe):
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 384, bias=False)
+    x = torch.randn(7, 256)
+    q = QuantLinear.from_float(lin, recipe)
+    assert f"recipe={recipe}" in repr(q)
+    # CPU path is dequantize + F.linear: equal to that by construction, within fp32 rounding
+    torch.testing.assert_close(q(x), x @ q.dequantize(torch.float32).T, rtol=1e-5, atol=1e-5)
+    # and within the recipe's SQNR floor of the float layer (floors: quantize/recipes.py)
+    floor = get_recipe(recipe).sqnr_floor_db
+    got = sqnr(q(x), lin(x).detach())
+    assert got >= floor, f"{recipe}: output SQNR {got:.1f} dB below its floor {floor} dB"
+
+
+def _sensitive_tiny():
+    """A tiny model whose block outputs matter: synthetic gates are ~0.1 by design (finite over 56
+    blocks), which would let the residual stream hide a broken linear. Scaled up here."""
+    cfg = replace(PRESETS["tiny"], hidden_size=256, num_heads=4, axes_dim=(16, 16, 16, 16))
+    model = synthetic_transformer(cfg, dtype=torch.float32, seed=1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modulation" in name:
+                p.mul_(10)
+    g = torch.Generator().manual_seed(0)
+    args = (
+        torch.randn(1, 64, 32, generator=g),
+        image_ids(8, 8),
+        torch.randn(1, 16, 96, generator=g),
+        text_ids(16),
+        torch.tensor([0.5]),
+        torch.tensor([4.0]),
+    )
+    return model, args
+
+
+# Model-level floors (dB), 3 dB under what the tiny sensitive model measures (fp8 33.2-33.7, nf4 23.2,
+# int4-g128 20.6, nvfp4 22.5): errors of 20 quantized linears compound through 4 blocks. The model
+# with its blocks removed scores 7.3 dB (test_floor_is_sensitive), so a broken layer cannot pass.
+MODEL_FLOORS = {"fp8-tensor": 30, "fp8-row": 30, "fp8-block": 30, "nf4": 20, "int4-g128": 17, "nvfp4": 19}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_swapped_model_stays_above_floor(recipe):
+    model, args = _sensitive_tiny()
+    with torch.no_grad():
+        ref = model(*args)
+        q = copy.deepcopy(model)
+        names = swap_linears(q, recipe)
+        got = sqnr(q(*args), ref)
+    assert len(names) == 2 * 8 + 2 * 2  # 8 linears per double block, 2 per single block
+    assert got >= MODEL_FLOORS[recipe], f"{recipe}: model SQNR {got:.1f} dB < {MODEL_FLOORS[recipe]}"
+
+
+def test_floor_is_sensitive():
+    model, args = _sensitive_tiny()
+    with torch.no_grad():
+        ref = model(*args)
+        model.single_blocks = nn.ModuleList()
+        model.double_blocks = nn.ModuleList()
+        got = sqnr(model(*args), ref)
+    assert got < 10, f"without its blocks the model still scores {got:.1f} dB: the floors cannot fail"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("q")
+    cfg = replace(PRESETS["tiny"], hidden_size=256, num_heads=4, axes_dim=(16, 16, 16, 16))
+    model = synthetic_transformer(cfg, dtype=torch.bfloat16, seed=2)
+    save_transformer(model, d / "bfl.safetensors")
+    save_transformer(model, d / "diffusers", layout="diffusers")
+    g = torch.Generator().manual_seed(0)
+    args = (
+        torch.randn(1, 64, 32, generator=g).bfloat16(),
+        image_ids(8, 8),
+        torch.randn(1, 16, 96, generator=g).bfloat16(),
+        text_ids(16),
+        torch.tensor([0.5]).bfloat16(),
+        torch.tensor([4.0]).bfloat16(),
+    )
+    return d, model, args
+
+
+def _out(model, args):
+    with torch.no_grad():
+        return model(*args).float()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_converted_bfl_file_loads_into_quant_linears(saved, recipe):
+    d, model, args = saved
+    out = d / f"{recipe}.safetensors"
+    convert(d / "bfl.safetensors", out, recipe=recipe, progress=False, force=True)
+    loaded = load_transformer(out, progress=False)
+    assert isinstance(loaded.single_blocks[0].linear1, QuantLinear)
+    assert loaded.single_blocks[0].linear1.recipe == recipe
+    assert isinstance(loaded.final_layer.linear, nn.Linear)  # kept bf16 by the layer policy
+    swapped = copy.deepcopy(model)
+    swap_linears(swapped, recipe)
+    assert torch.equal(_out(loaded, args), _out(swapped, args))  # same stored bytes, same kernels
+    on_load = load_transformer(d / "bfl.safetensors", recipe=recipe, progress=False)
+    assert torch.equal(_out(on_load, args), _out(swapped, args))
+
+
+@pytest.mark.parametrize("recipe", ["fp8-tensor", "fp8-row", "nf4", "int4-g128"])
+def test_converted_diffusers_folder_fuses_qkv(saved, recipe):
+    """diffusers stores q, k and v apart: they are fused back row-wise (three per-tensor fp8 scales
+    become one per-row scale), so the output equals the BFL conversion's up to those scales."""
+    d, model, args = saved
+    out = d / f"diffusers-{recipe}"
+    convert(d / "diffusers", out, recipe=recipe, progress=False, force=True, double_quant=recipe == "nf4")
+    loaded = load_transformer(out, progress=False)
+    qkv = loaded.double_blocks[0].img_attn.qkv
+    assert isinstance(qkv, QuantLinear)
+    assert qkv.recipe == ("fp8-row" if recipe == "fp8-tensor" else recipe)
+    swapped = copy.deepcopy(model)
+    swap_linears(swapped, recipe)
+    got = sqnr(_out(loaded, args), _out(swapped, args))
+    assert got > 40, f"diffusers-layout {recipe} differs from the BFL-layout model: {got:.1f} dB"
+
+
+def test_comfy_fp8_file_loads_and_input_scale_is_ignored(saved, tmp_path):
+    d, model, args = saved
+    out = tmp_path / "comfy.safetensors"
+    convert(d / "bfl.safetensors", out, recipe="fp8-tensor", comfy=True, progress=False)
+    r = SafetensorsReader(out)
+    state = {k: r.read(k) for k in r.keys()}
+    state["single_blocks.0.linear1.input_scale"] = torch.tensor(0.05)  # static activation scale
+    meta = {k: v for k, v in r.metadata.items() if not k.startswith("flux2_bench.")}  # a ComfyUI file
+    save_streaming(tmp_path / "comfy2.safetensors", state, meta)
+    loaded = load_transformer(tmp_path / "comfy2.safetensors", progress=False)
+    assert loaded.single_blocks[0].linear1.recipe == "fp8-tensor"
+
+
+def test_metadata_recipe_mismatch_is_refused(saved, tmp_path):
+    d, _, _ = saved
+    out = tmp_path / "row.safetensors"
+    convert(d / "bfl.safetensors", out, recipe="fp8-row", progress=False)
+    r = SafetensorsReader(out)
+    meta = dict(r.metadata, **{"flux2_bench.recipe": "nf4"})
+    save_streaming(tmp_path / "lying.safetensors", {k: r.read(k) for k in r.keys()}, meta)
+    with pytest.raises(CheckpointError, match="metadata says recipe 'nf4', but its tensors are \\['fp8-row'\\]"):
+        load_transformer(tmp_path / "lying.safetensors", progress=False)
+    with pytest.raises(CheckpointError, match="already quantized"):
+        load_transformer(out, recipe="nf4", progress=False)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_synthetic_quantized_equals_swapped_synthetic(recipe):
+    a = synthetic_transformer("tiny", recipe=recipe, seed=5)
+    b = synthetic_transformer("tiny", seed=5)
+    swap_linears(b, recipe)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        x, y = sa[k], sb[k]
+        if x.dtype == torch.float8_e4m3fn:
+            x, y = x.view(torch.uint8), y.view(torch.uint8)
+        assert torch.equal(x, y), k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_quant_linear_kernels_on_gpu_match_the_torch_path(recipe):
+    torch.manual_seed(0)
+    lin = nn.Linear(6144, 2048, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(300, 6144, device="cuda", dtype=torch.bfloat16)
+    q = QuantLinear.from_float(lin, recipe)
+    want = x.float() @ q.dequantize(torch.float32).T
+    got = q(x).float()
+    # fp8 recipes also quantize the activations (e4m3, ~31 dB); 4-bit kernels only round to bf16
+    floor = 28 if recipe.startswith("fp8") else 40
+    assert sqnr(got, want) >= floor, f"{recipe} on {q.kernel(x.device)}: {sqnr(got, want):.1f} dB"
