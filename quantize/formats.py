@@ -210,6 +210,7 @@ def dequantize_int4_g128(
 
 def _nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest entry of a sorted codebook (ties to the lower entry, as bitsandbytes)."""
+    code = code.to(x.device)
     bounds = (code[:-1] + code[1:]) / 2
     return torch.bucketize(x, bounds).to(torch.uint8)
 
@@ -238,7 +239,7 @@ def dequantize_nf4(
     block: int = NF4_BLOCK,
 ) -> torch.Tensor:
     codes = unpack_nibbles(packed.reshape(-1)).long()
-    vals = NF4_CODE[codes].view(-1, block) * absmax.float()[:, None]
+    vals = NF4_CODE.to(codes.device)[codes].view(-1, block) * absmax.float()[:, None]
     return vals.view(shape).to(dtype)
 
 
@@ -333,6 +334,6 @@ def dequantize_nvfp4(
 ) -> torch.Tensor:
     codes = unpack_nibbles(packed).long()
     n, k = codes.shape
-    vals = E2M1_VALUES[codes & 7] * (1.0 - 2.0 * (codes >> 3).float())
+    vals = E2M1_VALUES.to(codes.device)[codes & 7] * (1.0 - 2.0 * (codes >> 3).float())
     bs = from_blocked(block_scale, n, k // NVFP4_BLOCK).float() * scale_2.float()
     return (vals.view(n, k // NVFP4_BLOCK, NVFP4_BLOCK) * bs[..., None]).view(n, k).to(dtype)
