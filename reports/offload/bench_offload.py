@@ -128,7 +128,8 @@ def kind_efficiencies(h100) -> dict:
     b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     ref = (a[:64].float() @ b[:64].float().T).bfloat16()
     got = (a @ b.T)[:64, :64]
-    assert (got.float() - ref.float()).abs().max() < 0.5, "GEMM sanity check failed"
+    rel = float((got.float() - ref.float()).norm() / ref.float().norm())
+    assert rel < 1e-2, f"GEMM sanity check: rel L2 {rel:.2e} vs fp32 (bf16 output rounding is ~2e-3)"
     t_gemm = cuda_timing(lambda: a @ b.T, warmup=2, repeats=10)
     gemm_tflops = 2 * m * n * k / (t_gemm.median * 1e-3) / 1e12
     q, kk, v = (torch.randn(1, 48, 4608, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
