@@ -26,8 +26,10 @@ block       (M, ceil(K/128)): 1x128 per row          (ceil(N/128), ceil(K/128)):
 ==========  =======================================  ========================================
 
 Quantization convention (bit-exact between kernel and ``*_ref`` on GPU):
-``scale = max(amax, 1e-12) / 448``, ``q = e4m3(clamp(x * (1 / scale), -448, 448))`` with
-round-to-nearest-even. Saturating *before* the cast matters: e4m3fn has no infinity, and an
+``scale = max(amax, 1e-12) * fp32(1/448)``, ``q = e4m3(clamp(x * (1 / scale), -448, 448))`` with
+round-to-nearest-even. A multiply, not ``amax / 448``: on the H100 torch's ``t / 448.0`` differed from
+IEEE division in the last bit for some rows, while a multiply by an fp32 constant is the same
+everywhere (CPU, CUDA, Triton). Saturating *before* the cast matters: e4m3fn has no infinity, and an
 unclamped 500 becomes NaN.
 
 Notes
@@ -54,6 +56,7 @@ FP8_MAX = 448.0
 AMAX_EPS = 1e-12  # all-zero rows get a tiny positive scale instead of 0/0
 QBLOCK = 128  # block-scaling granularity along K (and N for weights)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_ROW_SINGLE_PASS_MAX_K = 32768  # rows up to this (padded) length are quantized from registers in one pass
 
 SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2
 _GRANULARITY = {"tensor": SCALE_TENSOR, "row": SCALE_ROW, "block": SCALE_BLOCK}
@@ -101,42 +104,59 @@ def _quantize_fp8_kernel(
     stride_sm,
     # meta-parameters
     GRANULARITY: tl.constexpr,  # 0 tensor (s_ptr holds the given scale), 1 row, 2 block (1x128)
-    STORE_Q: tl.constexpr,  # False: only write the row scales (used by the fused GEMM path)
+    STORE_Q: tl.constexpr,  # False: only write the row scales (dynamic per-tensor, fused GEMM path)
+    SINGLE_PASS: tl.constexpr,  # row: BLOCK_K >= K, the whole row stays in registers
     EXACT_CAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,  # == 128 for block granularity
 ):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Row granularity: program = BLOCK_M rows. Tensor / block: program = one BLOCK_M x BLOCK_K tile
+    of a 2-D grid (no reduction along K, so every tile is independent: more loads in flight)."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm
 
-    if GRANULARITY == 0:
-        inv_scale = tl.math.div_rn(1.0, tl.load(s_ptr))
     if GRANULARITY == 1:
-        # pass 1: row amax (the second pass re-reads the rows from L2)
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        if SINGLE_PASS:
+            offs_k = tl.arange(0, BLOCK_K)
             mask = mask_m[:, None] & (offs_k[None, :] < K)
             x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
-        tl.store(s_ptr + offs_m * stride_sm, scale, mask=mask_m)
-        inv_scale = tl.math.div_rn(1.0, scale)[:, None]
-
-    if STORE_Q:
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask = mask_m[:, None] & (offs_k[None, :] < K)
-            x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            if GRANULARITY == 2:
-                amax = tl.max(tl.abs(x), axis=1)
-                scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
-                tl.store(s_ptr + offs_m * stride_sm + k0 // BLOCK_K, scale, mask=mask_m)
+            scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) * (1.0 / 448.0)
+            tl.store(s_ptr + offs_m * stride_sm, scale, mask=mask_m)
+            if STORE_Q:
                 inv_scale = tl.math.div_rn(1.0, scale)[:, None]
-            tl.store(q_rows + offs_k[None, :], _to_e4m3(x, inv_scale, EXACT_CAST), mask=mask)
+                tl.store(q_rows + offs_k[None, :], _to_e4m3(x, inv_scale, EXACT_CAST), mask=mask)
+        else:
+            # pass 1: row amax; pass 2 re-reads the rows (from L2) to quantize them
+            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask = mask_m[:, None] & (offs_k[None, :] < K)
+                x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)
+            tl.store(s_ptr + offs_m * stride_sm, scale, mask=mask_m)
+            if STORE_Q:
+                inv_scale = tl.math.div_rn(1.0, scale)[:, None]
+                for k0 in range(0, K, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    mask = mask_m[:, None] & (offs_k[None, :] < K)
+                    x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+                    tl.store(q_rows + offs_k[None, :], _to_e4m3(x, inv_scale, EXACT_CAST), mask=mask)
+    else:
+        pid_k = tl.program_id(1)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = mask_m[:, None] & (offs_k[None, :] < K)
+        x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        if GRANULARITY == 2:
+            scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) * (1.0 / 448.0)
+            tl.store(s_ptr + offs_m * stride_sm + pid_k, scale, mask=mask_m)
+            inv_scale = tl.math.div_rn(1.0, scale)[:, None]
+        else:
+            inv_scale = tl.math.div_rn(1.0, tl.load(s_ptr))
+        tl.store(q_rows + offs_k[None, :], _to_e4m3(x, inv_scale, EXACT_CAST), mask=mask)
 
 
 @triton.jit
@@ -170,6 +190,7 @@ def _fp8_gemm_kernel(
     # meta-parameters
     SCALE_MODE: tl.constexpr,  # 0 tensor, 1 row x channel, 2 block (1x128 act, 128x128 weight)
     A_BF16: tl.constexpr,  # A is bf16/fp16/fp32: quantized to e4m3 in registers with a_scale
+    PROMOTE: tl.constexpr,  # tensor/row: add each BLOCK_K partial product to acc in fp32 (precise)
     HAS_RESIDUAL: tl.constexpr,
     HAS_GATE: tl.constexpr,
     EXACT_CAST: tl.constexpr,
@@ -225,7 +246,7 @@ def _fp8_gemm_kernel(
             if SCALE_MODE == 2:
                 # the 1x128 activation scale of this K slice comes from the tile itself: no pre-pass
                 a_amax = tl.max(tl.abs(a), axis=1)
-                a_sb = tl.math.div_rn(tl.maximum(a_amax, 1e-12), 448.0)
+                a_sb = tl.maximum(a_amax, 1e-12) * (1.0 / 448.0)
                 inv_a = tl.math.div_rn(1.0, a_sb)[:, None]
             a = _to_e4m3(a, inv_a, EXACT_CAST)
         if SCALE_MODE == 2:
@@ -234,6 +255,10 @@ def _fp8_gemm_kernel(
                 a_sb = tl.load(a_scale_ptr + offs_am * stride_asm + kb * stride_ask)
             b_sb = tl.load(b_scale_ptr + (offs_bn // 128) * stride_bsn + kb * stride_bsk)
             acc += tl.dot(a, b) * (a_sb[:, None] * b_sb[None, :])
+        elif PROMOTE:
+            # Hopper's FP8 MMA accumulates with reduced precision (Triton's default on sm_90, like
+            # `_scaled_mm(use_fast_accum=True)`); a fresh MMA per K step added in fp32 avoids it.
+            acc += tl.dot(a, b)
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_ak
@@ -384,6 +409,7 @@ else:
         _cfg(128, 256, 128, 4, 8),
         _cfg(256, 128, 128, 3, 8),
         _cfg(128, 128, 128, 4, 8),
+        _cfg(128, 128, 128, 3, 8),
         _cfg(128, 128, 128, 3, 4),
         _cfg(64, 128, 128, 4, 4),
         _cfg(128, 64, 128, 3, 4),
@@ -392,6 +418,8 @@ else:
     _WO_CONFIGS = [
         _cfg(128, 128, 64, 4, 8, names=_wo),
         _cfg(128, 256, 64, 3, 8, names=_wo),
+        _cfg(128, 256, 64, 4, 8, names=_wo),
+        _cfg(128, 256, 128, 3, 8, names=_wo),
         _cfg(256, 128, 64, 3, 8, names=_wo),
         _cfg(128, 128, 128, 3, 8, names=_wo),
         _cfg(128, 128, 64, 4, 4, names=_wo),
@@ -405,17 +433,22 @@ def _smem_limit(device: torch.device) -> int:
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    """Keep configs whose pipelined A and B tiles fit the device's shared memory."""
+    """Keep configs whose pipelined A and B tiles fit the device's shared memory and, for kernels
+    that hold two accumulators (block scaling, PROMOTE), whose accumulators fit the registers."""
     a = named_args["a_ptr"]
     if _INTERPRET or a.device.type != "cuda":
         return configs
     limit = _smem_limit(a.device)
     a_bytes = a.element_size()  # 1 for e4m3, 2 when A is bf16 (fused quantization)
+    two_acc = kwargs.get("SCALE_MODE") == SCALE_BLOCK or bool(kwargs.get("PROMOTE"))
     kept = []
     for c in configs:
         kw = c.kwargs
         smem = c.num_stages * kw["BLOCK_K"] * (kw["BLOCK_M"] * a_bytes + kw["BLOCK_N"])
-        if smem <= limit:
+        # fp32 accumulator registers per thread; two sets of 128 spill (measured: 128x256 block
+        # scaling ran at ~330 TFLOP/s against ~1200 for one accumulator)
+        acc_regs = kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * c.num_warps)
+        if smem <= limit and (not two_acc or acc_regs <= 64):
             kept.append(c)
     return kept or configs[-1:]
 
@@ -437,7 +470,7 @@ def _prune_weight_only(configs, named_args, **kwargs):
 
 _fp8_gemm = triton.autotune(
     configs=_GEMM_CONFIGS,
-    key=["M", "N", "K"],
+    key=["M", "N", "K", "SCALE_MODE", "A_BF16", "PROMOTE"],
     prune_configs_by={"early_config_prune": _prune_gemm},
 )(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fp8_gemm_kernel))
 
@@ -513,7 +546,7 @@ def _check_epilogue(residual, gate, M, N):
         raise ValueError(f"gate must have shape ({N},) or (1, {N}), got {tuple(gate.shape)}")
 
 
-def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, a_bf16=False, force_block=False):
+def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, a_bf16=False, force_block=False):
     M, K = a.shape
     N = b.shape[0]
     if force_block:  # (M, 1) x (1, 1) block scales also read as row/tensor ones when K, N <= 128
@@ -532,8 +565,8 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, a_bf16=False
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         res.stride(0), res.stride(1), g.stride(0),
         s_asm, s_ask, s_bsn, s_bsk,
-        SCALE_MODE=mode, A_BF16=a_bf16, HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None,
-        EXACT_CAST=_INTERPRET,
+        SCALE_MODE=mode, A_BF16=a_bf16, PROMOTE=not fast_accum, HAS_RESIDUAL=residual is not None,
+        HAS_GATE=gate is not None, EXACT_CAST=_INTERPRET,
     )  # fmt: skip
     return out
 
@@ -547,11 +580,15 @@ def fp8_gemm(
     out_dtype: torch.dtype = torch.bfloat16,
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
+    fast_accum: bool = True,
 ) -> torch.Tensor:
     """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` for e4m3 ``a`` (M, K) and ``b`` (N, K).
 
     The scale granularity (tensor / row / block) is read from the scale shapes (module docstring).
-    Accumulation is fp32; the result is ``out_dtype`` (M, N)."""
+    The result is ``out_dtype`` (M, N). Accumulation is in fp32 registers; ``fast_accum=True`` (the
+    FP8-inference default of torchao, and `_scaled_mm(use_fast_accum=True)`) lets Hopper's MMA keep
+    its reduced-precision internal accumulation across K, ``False`` adds every 128-wide K step to the
+    accumulator in full fp32 (block scaling always does)."""
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float8_e4m3fn:
             raise TypeError(f"{name} must be a torch.float8_e4m3fn tensor, got {getattr(t, 'dtype', type(t))}")
@@ -568,7 +605,7 @@ def fp8_gemm(
     _check_epilogue(residual, gate, a.shape[0], b.shape[0])
     _check_device(a, b, a_scale, b_scale, residual, gate)
     _check_fp8_capable(a.device)
-    return _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate)
+    return _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum)
 
 
 def _quantize_launch(x2, granularity, scale, store_q=True):
@@ -582,15 +619,23 @@ def _quantize_launch(x2, granularity, scale, store_q=True):
         s = torch.empty((M, math.ceil(K / QBLOCK)), device=x2.device, dtype=torch.float32)
     if M == 0:
         return q, s
-    if granularity == "block":
-        block_m, block_k, warps = (8, 128, 4) if not _INTERPRET else (16, 128, 4)
+    if granularity == "row":
+        block_k = triton.next_power_of_2(K)
+        single = block_k <= _ROW_SINGLE_PASS_MAX_K
+        if not single:
+            block_k = 64 if _INTERPRET else 1024
+        # one row per program: M programs keep enough loads in flight even for the 512 text tokens
+        warps = 4 if block_k <= 4096 else (8 if block_k <= 16384 else 16)
+        grid = (M,)
+        block_m = 1
     else:
-        block_m, block_k, warps = (4, 1024, 8) if not _INTERPRET else (16, 64, 4)
-    _quantize_fp8_kernel[(triton.cdiv(M, block_m),)](
+        block_m, block_k, warps, single = (16 if _INTERPRET else 32), QBLOCK, 4, False
+        grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
+    _quantize_fp8_kernel[grid](
         x2, q, s,
         M, K,
         x2.stride(0), q.stride(0) if store_q else 0, s.stride(0) if s.ndim else 0,
-        GRANULARITY=_GRANULARITY[granularity], STORE_Q=store_q, EXACT_CAST=_INTERPRET,
+        GRANULARITY=_GRANULARITY[granularity], STORE_Q=store_q, SINGLE_PASS=single, EXACT_CAST=_INTERPRET,
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
     return q, s
@@ -654,6 +699,7 @@ def fp8_linear(
     gate: torch.Tensor | None = None,
     x_scale: torch.Tensor | None = None,
     fuse_quant: bool | None = None,
+    fast_accum: bool = True,
 ) -> torch.Tensor:
     """``residual + gate * (x @ dequant(w).T)`` with ``x`` quantized to e4m3 on the fly.
 
@@ -662,7 +708,8 @@ def fp8_linear(
     per-tensor. "row": per-row activation x per-channel weight (w_scale (N,) / (N, 1)). "block": 1x128
     activation x 128x128 weight (w_scale (ceil(N/128), ceil(K/128))).
     fuse_quant: quantize inside the GEMM's A load instead of a separate kernel ("row" computes row
-    scales in a pre-pass; "block" and static "tensor" need none). None picks the measured default."""
+    scales in a pre-pass; "block" and static "tensor" need none). None picks the measured default.
+    fast_accum: as in ``fp8_gemm``."""
     if granularity not in _GRANULARITY:
         raise ValueError(f"granularity must be one of {sorted(_GRANULARITY)}, got {granularity!r}")
     x2 = _check_activation(x)
@@ -704,10 +751,12 @@ def fp8_linear(
         else:
             a_scale = w_scale  # block: activation scales are computed per tile inside the GEMM; unused
         block = granularity == "block"
-        out = _launch_gemm(x2, w, a_scale, w_scale, out_dtype, residual, gate, a_bf16=True, force_block=block)
+        out = _launch_gemm(
+            x2, w, a_scale, w_scale, out_dtype, residual, gate, fast_accum, a_bf16=True, force_block=block
+        )
     else:
         xq, a_scale = _quantize_launch(x2, granularity, x_scale)
-        out = _launch_gemm(xq, w, a_scale, w_scale, out_dtype, residual, gate)
+        out = _launch_gemm(xq, w, a_scale, w_scale, out_dtype, residual, gate, fast_accum)
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -788,8 +837,9 @@ def _dequant_scales(a_scale, b_scale, M, N, K):
     return a_scale.reshape(-1, 1).expand(M, 1), b_scale.reshape(-1, 1).expand(N, 1)
 
 
-def fp8_gemm_ref(a, b, a_scale, b_scale, *, out_dtype=torch.bfloat16, residual=None, gate=None):
-    """fp32 reference of ``fp8_gemm``: dequantize both operands, matmul in fp32, epilogue, cast."""
+def fp8_gemm_ref(a, b, a_scale, b_scale, *, out_dtype=torch.bfloat16, residual=None, gate=None, fast_accum=True):
+    """fp32 reference of ``fp8_gemm``: dequantize both operands, matmul in fp32, epilogue, cast
+    (``fast_accum`` is accepted for the signature; the reference is always full fp32)."""
     M, K = a.shape
     N = b.shape[0]
     sa, sb = _dequant_scales(a_scale, b_scale, M, N, K)
@@ -810,13 +860,13 @@ def quantize_fp8_ref(x, granularity, scale=None):
         s = scale
         inv_full = inv
     elif granularity == "row":
-        s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_EPS) / FP8_MAX
+        s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_EPS) * (1.0 / FP8_MAX)
         inv_full = 1.0 / s
     elif granularity == "block":
         kb = math.ceil(K / QBLOCK)
         pad = kb * QBLOCK - K
         xb = torch.nn.functional.pad(xf, (0, pad)).reshape(*x.shape[:-1], kb, QBLOCK)
-        s = xb.abs().amax(dim=-1).clamp(min=AMAX_EPS) / FP8_MAX
+        s = xb.abs().amax(dim=-1).clamp(min=AMAX_EPS) * (1.0 / FP8_MAX)
         inv_full = (1.0 / s).repeat_interleave(QBLOCK, -1)[..., :K]
     else:
         raise ValueError(f"granularity must be one of {sorted(_GRANULARITY)}, got {granularity!r}")
@@ -825,13 +875,24 @@ def quantize_fp8_ref(x, granularity, scale=None):
 
 
 def fp8_linear_ref(
-    x, w, w_scale, *, granularity, out_dtype=torch.bfloat16, residual=None, gate=None, x_scale=None, fuse_quant=None
+    x,
+    w,
+    w_scale,
+    *,
+    granularity,
+    out_dtype=torch.bfloat16,
+    residual=None,
+    gate=None,
+    x_scale=None,
+    fuse_quant=None,
+    fast_accum=True,
 ):
-    """Reference of ``fp8_linear``: ``quantize_fp8_ref`` then ``fp8_gemm_ref`` (fuse_quant is ignored)."""
+    """Reference of ``fp8_linear``: ``quantize_fp8_ref`` then ``fp8_gemm_ref`` (fuse_quant and
+    fast_accum are accepted for the signature)."""
     x2 = x.reshape(-1, x.shape[-1])
     N = w.shape[0]
     if granularity == "tensor" and x_scale is None:
-        x_scale = (x2.float().abs().amax(dim=-1).clamp(min=AMAX_EPS) / FP8_MAX).amax()
+        x_scale = x2.float().abs().amax().clamp(min=AMAX_EPS) * (1.0 / FP8_MAX)
     xq, s = quantize_fp8_ref(x2, granularity, x_scale)
     res = residual.reshape(x2.shape[0], N) if residual is not None else None
     out = fp8_gemm_ref(xq, w, s, w_scale, out_dtype=out_dtype, residual=res, gate=gate)
