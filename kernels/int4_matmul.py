@@ -17,13 +17,16 @@ Formats (layouts fixed, shared with ``quantize/``):
     (``NF4_CODE``); ``w[n, k] = code[nibble] * absmax[n, k // 64]``.  A double-quantized absmax
     (uint8 + nested absmax/offset) must be dequantized to fp32 by the caller before the GEMM.
 
-Dequantization, two constexpr modes (autotuned, see ``reports/int4_matmul``):
+Dequantization, constexpr modes (autotuned; measurements in ``reports/int4_matmul``):
 
 * ``LUT_MODE=0``: per nibble.  int4 uses the float magic-number trick (``bits(0x4B000000 | v) - (2^23 + 8)``
-  is ``v - 8`` exactly, two ALU ops, no slow int->float convert); nf4 gathers ``code[nibble]`` from a
-  64-byte L1-resident table.  High and low halves are interleaved back to K order with ``tl.join``.
-* ``LUT_MODE=1``: per byte.  A 256-entry table of (high, low) fp32 pairs built from ``code`` by the
-  launcher; one 8-byte gather yields both elements already in K order (no interleave).
+  is ``v - 8`` exactly, no slow int->float convert); nf4 gathers ``code[nibble]`` with ``tl.load`` (slow on
+  sm_90: the pipeliner turns those gathers into per-element cp.async copies).  High and low halves are
+  interleaved back to K order with ``tl.join``.
+* ``LUT_MODE=1`` (nf4): a 256-entry table of (code[hi], code[lo]) fp32 pairs; one 8-byte ``ld.global.nc``
+  gather per byte, issued as inline PTX with bf16 activations so the pipeliner leaves it alone.
+* ``LUT_MODE=2`` (int4, bf16 activations and scales): PTX bf16x2 (prmt/lop3/fma.rn.bf16x2), ~2
+  instructions per element, results bit-identical to the fp32 path.
 
 ``SWAP_AB`` computes ``out^T = W x^T`` so the dequantized weight is the register (A) operand of the MMA
 and x the shared-memory operand; otherwise x is A and the dequantized weight goes through shared memory.
@@ -34,6 +37,9 @@ alone.  The ``*_ref`` beside the kernel has the same signature and semantics.
 Interpreter note (TRITON_INTERPRET=1): bf16 arithmetic is broken there, so every load is converted to
 fp32 right away and tests feed fp16/fp32 activations; the dot then runs in the activation dtype.  On a GPU
 with fp32 activations ``tl.dot`` uses TF32.
+
+``dequantize_4bit`` writes the bf16 weight into a (reusable) buffer for "dequantize, then cuBLAS" on
+large-M GEMMs, where the fused kernel does not hide its dequantization (see the report).
 
 The pack/unpack helpers at the end are small torch references with exact inverses used by the tests;
 ``quantize/formats.py`` owns the canonical converters.
@@ -436,6 +442,102 @@ def int4_matmul(
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _int4_matmul_autotuned[grid](*args, **flags)
     return out.reshape(out_shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stand-alone dequantization (for "dequantize into a reused bf16 scratch, then cuBLAS" on large-M GEMMs)
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dequantize_4bit_kernel(
+    w_ptr,
+    s_ptr,
+    lut_ptr,
+    out_ptr,
+    N,
+    stride_wn,
+    stride_sn,
+    stride_on,
+    IS_NF4: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Memory-bound: reads 0.5 byte and writes 2 bytes per element; one (BLOCK_N, BLOCK_K) tile per program.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_n64 = offs_n.to(tl.int64)
+    offs_kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    packed = tl.load(w_ptr + offs_n64[:, None] * stride_wn + offs_kb[None, :], mask=mask_n[:, None], other=0)
+    scale = tl.load(s_ptr + offs_n64 * stride_sn + (pid_k * BLOCK_K) // GROUP_SIZE, mask=mask_n, other=0.0)
+    scale = scale.to(tl.float32)
+    hi = (packed >> 4).to(tl.int32)
+    lo = (packed & 0xF).to(tl.int32)
+    if IS_NF4:
+        hi_f = tl.load(lut_ptr + 512 + hi)
+        lo_f = tl.load(lut_ptr + 512 + lo)
+    else:
+        hi_f = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        lo_f = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    w = tl.join(hi_f * scale[:, None], lo_f * scale[:, None]).reshape(BLOCK_N, BLOCK_K)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    o_ptrs = out_ptr + offs_n64[:, None] * stride_on + offs_k[None, :]
+    tl.store(o_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None])
+
+
+def _check_weight(qweight, scales, fmt, code, group_size):
+    """Validation shared by dequantize_4bit / dequantize_4bit_ref: reuses the GEMM checks with a 1-row x."""
+    x = torch.empty(1, 2 * qweight.shape[-1] if qweight.dim() == 2 else 0, device=qweight.device)
+    return _check_inputs(x, qweight, scales, fmt, code, group_size, None, None, torch.bfloat16)
+
+
+def dequantize_4bit(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    fmt: str = "int4-g128",
+    code: torch.Tensor | None = None,
+    group_size: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Packed 4-bit weight -> ``[N, K]`` bf16 (or ``out``'s dtype), same formats as ``int4_matmul``.  Pass
+    ``out`` (a reused scratch buffer) to avoid an allocation per call; then ``F.linear(x, out)``."""
+    scales, code, group_size = _check_weight(qweight, scales, fmt, code, group_size)
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    if out is None:
+        out = torch.empty(n, k, device=qweight.device, dtype=torch.bfloat16)
+    elif tuple(out.shape) != (n, k) or not out.is_contiguous() or out.device != qweight.device:
+        raise ValueError(f"out must be a contiguous ({n}, {k}) tensor on {qweight.device}, got {tuple(out.shape)}")
+    if fmt == "nf4":
+        lut = _lut(NF4_CODE, str(qweight.device)) if code is None else _lut(tuple(code.tolist()), str(qweight.device))
+    else:
+        lut = out  # unused by the int4 path
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" or qweight.device.type != "cuda"
+    block_n, block_k = (32, 64) if interpret else (64, 64)
+    grid = (triton.cdiv(n, block_n), k // block_k)
+    _dequantize_4bit_kernel[grid](
+        qweight, scales, lut, out, n, qweight.stride(0), scales.stride(0), out.stride(0),
+        IS_NF4=fmt == "nf4", GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    return out
+
+
+def dequantize_4bit_ref(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    fmt: str = "int4-g128",
+    code: torch.Tensor | None = None,
+    group_size: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure-torch ``dequantize_4bit``: fp32 dequantization, one cast."""
+    scales, code, group_size = _check_weight(qweight, scales, fmt, code, group_size)
+    w = unpack_nf4(qweight, scales, code) if fmt == "nf4" else unpack_int4_g128(qweight, scales, group_size)
+    if out is None:
+        return w.to(torch.bfloat16)
+    return out.copy_(w)
 
 
 # ----------------------------------------------------------------------------------------------------------

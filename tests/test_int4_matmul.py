@@ -5,9 +5,12 @@ so activations are fp32/fp16 on CPU; the GPU tests use bf16 and the FLUX.2-dev s
 
 import pytest
 import torch
+
 from flux2_bench.kernels import int4_matmul as k4
 from flux2_bench.kernels.int4_matmul import (
     NF4_CODE,
+    dequantize_4bit,
+    dequantize_4bit_ref,
     int4_matmul,
     int4_matmul_ref,
     pack_int4_g128,
@@ -168,6 +171,24 @@ def test_custom_codebook_is_used():
         out = int4_matmul(x, q, absmax, fmt="nf4", code=code, out_dtype=dtype, config=cfg)
         ref = int4_matmul_ref(x, q, absmax, fmt="nf4", code=code, out_dtype=dtype)
         assert_close(out, ref, atol, rtol, f"custom code LUT_MODE={lut_mode}")
+
+
+@pytest.mark.parametrize("fmt", ["int4-g128", "nf4"])
+def test_dequantize_4bit_matches_ref(fmt):
+    n, k = 45, 256  # N not a multiple of the block
+    _, q, s, code = make_weights(fmt, n, k)
+    out = dequantize_4bit(q, s, fmt=fmt, code=code)
+    ref = dequantize_4bit_ref(q, s, fmt=fmt, code=code)
+    assert out.dtype == torch.bfloat16
+    if DEVICE == "cuda":  # same fp32 products cast once (round to nearest even) to bf16: bit-exact
+        assert torch.equal(out, ref), f"{fmt}: {int((out != ref).sum())} elements differ"
+    else:  # the interpreter's fp32 -> bf16 cast truncates: within one bf16 ulp (2^-7 relative)
+        assert_close(out, ref, 0.0, 2**-7, f"{fmt} dequantize (interpreter)")
+    scratch = torch.empty(n, k, device=DEVICE, dtype=torch.float32)
+    assert dequantize_4bit(q, s, fmt=fmt, code=code, out=scratch) is scratch
+    assert_close(scratch, ref.float(), 0.0, 2**-8, f"{fmt} fp32 scratch vs bf16 ref")
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize_4bit(q, s, fmt=fmt, code=code, out=scratch[:, :128])
 
 
 # --------------------------------------------------------------------------------------------------------

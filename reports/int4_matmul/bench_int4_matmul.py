@@ -9,6 +9,8 @@ Per shape and format: relative L2 / max error of the kernel against the fp32 ref
   cublas      torch.nn.functional.linear on the dequantized bf16 weight (the bf16 anchor),
   deq+cublas  torch dequantization of the packed weight to bf16, then F.linear (what GGUF-style
               loaders do),
+  deq_triton+cublas  dequantize_4bit (Triton) into a reused bf16 scratch, then F.linear (added after
+              run 2; absent from older JSON),
 and the bf16 ceiling: torch.mm 8192^3 in the same process.  FLOPs = 2*M*N*K.
 Weights are random packed bytes with random positive scales (never zeros).  The JSON is written after
 every shape, so a run cut short still leaves data.
@@ -39,6 +41,14 @@ SHAPES = [  # name, M, K, N (FLUX.2-dev, 1024^2: 4608 = 4096 image + 512 text to
     ("double.txt.proj", 512, 6144, 6144),
 ]
 FORMATS = ("int4-g128", "nf4")
+MODE_NAMES = {  # LUT_MODE_SWAP_AB -> column title
+    "0_0": "LUT0 arith/gather, W via smem",
+    "0_1": "LUT0, W in registers (swap)",
+    "1_0": "LUT1 pair table, W via smem",
+    "1_1": "LUT1 pair table, swap",
+    "2_0": "LUT2 PTX bf16x2, W via smem",
+    "2_1": "LUT2 PTX bf16x2, swap",
+}
 
 
 def bench(fn, rep=100):
@@ -121,6 +131,7 @@ def probe_configs(k4, results):
 
 def run(out_path: Path, time_budget_s: float):
     import triton
+
     from flux2_bench.kernels import int4_matmul as k4
 
     t_start = time.time()
@@ -172,12 +183,19 @@ def run(out_path: Path, time_budget_s: float):
             row["deq_cublas"] = bench(
                 lambda: torch.nn.functional.linear(x, torch_dequant_bf16(fmt, q, s, code))  # noqa: B023
             )
+            # Triton dequantization into a reused bf16 scratch, then cuBLAS (added after run 2).
+            scratch = torch.empty_like(w_deq)
+            row["deq_triton_exact"] = bool(torch.equal(k4.dequantize_4bit(q, s, fmt=fmt, out=scratch), w_deq))
+            row["deq_triton_cublas"] = bench(
+                lambda: torch.nn.functional.linear(x, k4.dequantize_4bit(q, s, fmt=fmt, out=scratch))  # noqa: B023
+            )
+            scratch = None
             if w_bf16 is None:  # the anchor does not depend on the format: time it once per shape
                 w_bf16 = w_deq
                 cublas = bench(lambda: torch.nn.functional.linear(x, w_bf16))  # noqa: B023
             row["cublas"] = cublas
             del w_deq
-            for key in ("ours", "cublas", "deq_cublas"):
+            for key in ("ours", "cublas", "deq_cublas", "deq_triton_cublas"):
                 row[key]["tflops"] = flop / row[key]["ms"] / 1e9
                 row[key]["pct_ceiling"] = 100 * row[key]["tflops"] / results["ceiling"]["tflops"]
             row["ours_vs_cublas"] = row["cublas"]["ms"] / row["ours"]["ms"]  # > 1: ours faster
@@ -221,6 +239,15 @@ def render(json_path: Path) -> str:
             f"| {row['cublas']['ms']:.3f} | {row['deq_cublas']['ms']:.3f} | {row['ours_vs_cublas']:.2f} "
             f"| {row['ours_vs_deq_cublas']:.2f} | `{row['config']}` |"
         )
+    tri = [x for x in r["rows"] if "deq_triton_cublas" in x]
+    if tri:
+        lines += ["", "| shape | fmt | deq_triton+cuBLAS ms | vs cuBLAS | bit-exact dequant |", "|---|---|---|---|---|"]
+        for x in tri:
+            ratio = x["cublas"]["ms"] / x["deq_triton_cublas"]["ms"]
+            lines.append(
+                f"| {x['name']} | {x['fmt']} | {x['deq_triton_cublas']['ms']:.3f} | {ratio:.2f} "
+                f"| {x['deq_triton_exact']} |"
+            )
     for fmt in FORMATS:
         rows = [x for x in r["rows"] if x["fmt"] == fmt]
         if rows:
@@ -231,10 +258,35 @@ def render(json_path: Path) -> str:
                 f"{fmt}: sum over the {len(rows)} shapes above: ours {ours:.2f} ms, cuBLAS bf16 {cub:.2f} ms "
                 f"(ratio {cub / ours:.2f})."
             )
+    lines += ["", "## Dequantization modes (autotuner timings of the best tile per mode, ms)", ""]
+    lines += ["| shape | fmt | " + " | ".join(MODE_NAMES.values()) + " |", "|---|---|" + "---|" * len(MODE_NAMES)]
+    for row in r["rows"]:
+        best = {}
+        for cfg, ms in row.get("tried", {}).items():
+            mode = cfg.split("_lut")[1][0] + "_" + cfg.split("_swap")[1][0]
+            best[mode] = min(ms, best.get(mode, float("inf")))
+        cells = [f"{best[m]:.3f}" if m in best else "–" for m in MODE_NAMES]
+        lines.append(f"| {row['name']} | {row['fmt']} | " + " | ".join(cells) + " |")
+    before = json_path.parent / "int4_matmul_run1.json"
+    if before.exists() and before != json_path:
+        old = {(x["name"], x["fmt"]): x for x in json.loads(before.read_text())["rows"]}
+        lines += ["", f"## Before / after the tuning iteration (`{before.name}` → `{json_path.name}`)", ""]
+        lines += ["| shape | fmt | before ms (vs cuBLAS) | after ms (vs cuBLAS) | speed-up |", "|---|---|---|---|---|"]
+        for row in r["rows"]:
+            o = old.get((row["name"], row["fmt"]))
+            if o:
+                lines.append(
+                    f"| {row['name']} | {row['fmt']} | {o['ours']['ms']:.3f} ({o['ours_vs_cublas']:.2f}) "
+                    f"| {row['ours']['ms']:.3f} ({row['ours_vs_cublas']:.2f}) "
+                    f"| {o['ours']['ms'] / row['ours']['ms']:.2f} |"
+                )
     bad = [p for p in r.get("probe", []) if not p.get("ok")]
     lines += ["", f"Config probe: {len(r.get('probe', [])) - len(bad)} configs compiled and matched the reference"]
     for p in bad:
         lines.append(f"- failed `{p['config']}`: {p.get('error', '')[:200]}")
+    notes = json_path.parent / "NOTES.md"
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 
