@@ -64,6 +64,16 @@ def _add_generate(sub) -> None:
     p.add_argument("--cache-dir", default=d["cache_dir"], help="prompt-embedding cache folder")
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="report.md, report.html and PNG plots from a run directory's results.json",
+        description="Regenerate results.csv and write report.md, report.html (self-contained) and the PNG "
+        "plots into DIR, from DIR/results.json (plus kernels.json and images/ when present).",
+    )
+    p.add_argument("dir", metavar="DIR", help="run directory holding results.json")
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="flux2-bench",
@@ -73,6 +83,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_forward(sub)
     _add_generate(sub)
+    _add_report(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["forward", *(argv or [])])
@@ -109,6 +120,15 @@ def bench_main(argv: list[str] | None = None) -> int:
             tiled_vae=args.tiled_vae,
             cache_dir=args.cache_dir,
         )
+    elif args.command == "report":
+        from flux2_bench.report import write_report
+
+        try:
+            written = write_report(args.dir)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"flux2-bench report: error: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote {len(written)} files to {args.dir}: {', '.join(written)}")
     return 0
 
 
