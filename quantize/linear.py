@@ -7,7 +7,11 @@
 Kernel per recipe and device (chosen at call time from the input's device):
   fp8-tensor / fp8-row / fp8-block: Triton FP8 GEMM with fused activation quantization on sm_89+
       (RTX 40/50, H100); weight-only FP8 (e4m3 decoded in registers, bf16 MMA) on sm_80/86 (RTX 30)
-  nf4 / int4-g128: Triton W4A16 GEMM, dequantized in registers, on any CUDA GPU
+  nf4 / int4-g128: on any CUDA GPU, for M >= DEQUANT_MIN_M rows a Triton kernel dequantizes the
+      weight to a bf16 temporary, then cuBLAS multiplies (the fused W4A16 kernel reaches 0.61-0.69x
+      cuBLAS time on FLUX.2's M=4096 shapes because Triton serializes dequant and MMA:
+      reports/int4_matmul); below that, the fused W4A16 kernel (dequant in registers), which wins
+      where the weight read dominates
   nvfp4: dequantize, then F.linear (FP4 MMA needs sm_100+; this project has no kernel for it)
   CPU, every recipe: dequantize, then F.linear
 
@@ -31,6 +35,7 @@ from torch import Tensor, nn
 from flux2_bench.quantize import formats as QF
 from flux2_bench.quantize.recipes import Recipe, dequantize_layer, get_recipe, parse_json_bytes, quantize_layer
 
+DEQUANT_MIN_M = 2048  # 4-bit: rows of x from which dequantize + cuBLAS beats the fused kernel
 FP8_GRANULARITY = {Recipe.FP8_TENSOR: "tensor", Recipe.FP8_ROW: "row", Recipe.FP8_BLOCK: "block"}
 # The FLUX.2 block linears (BFL names): what flux2-quantize converts by default.
 BLOCK_LINEARS = (
@@ -194,7 +199,9 @@ class QuantLinear(nn.Module):
             fp8_mma = torch.cuda.get_device_capability(device) >= (8, 9)
             return f"triton fp8_linear ({FP8_GRANULARITY[self.recipe]})" if fp8_mma else "triton fp8 weight-only"
         if self.recipe in (Recipe.NF4, Recipe.INT4_G128):
-            return f"triton int4_matmul ({self.recipe})"
+            if DEQUANT_MIN_M >= 1 << 40:
+                return f"triton int4_matmul ({self.recipe})"
+            return f"triton dequantize_4bit + cuBLAS for M>={DEQUANT_MIN_M}, else int4_matmul ({self.recipe})"
         return "torch (dequantize + F.linear)"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -207,9 +214,12 @@ class QuantLinear(nn.Module):
             if kernel == "triton fp8 weight-only":
                 return fp8_weight_only_linear(x, self.weight, self.weight_scale)
             return fp8_linear(x, self.weight, self.weight_scale, granularity=FP8_GRANULARITY[self.recipe])
-        from flux2_bench.kernels.int4_matmul import int4_matmul
+        from flux2_bench.kernels.int4_matmul import dequantize_4bit, int4_matmul
 
         code = self.code if self.recipe is Recipe.NF4 else None
+        if x.numel() // x.shape[-1] >= DEQUANT_MIN_M:
+            w = dequantize_4bit(self.weight, self.weight_scale, fmt=str(self.recipe), code=code)
+            return F.linear(x, w.to(x.dtype))
         return int4_matmul(x, self.weight, self.weight_scale, fmt=str(self.recipe), code=code)
 
     def extra_repr(self) -> str:

@@ -32,7 +32,17 @@ from flux2_bench.weights import diffusers_config, model_bytes, synthetic_transfo
 
 GIB = 2**30
 PRESET = "flux.2-dev"
-RECIPES = ["fp8-row", "fp8-block", "fp8-tensor", "int4-g128", "nf4"]
+# (recipe, 4-bit dispatch threshold): the 4-bit recipes run twice, with dequantize + cuBLAS for
+# large M (the default) and with the fused W4A16 kernel everywhere
+RECIPES = [
+    ("fp8-row", None),
+    ("fp8-block", None),
+    ("fp8-tensor", None),
+    ("int4-g128", None),
+    ("int4-g128", 1 << 62),
+    ("nf4", None),
+    ("nf4", 1 << 62),
+]
 
 
 def inputs(cfg, size: int, dev="cuda", dt=torch.bfloat16):
@@ -160,7 +170,12 @@ def run(size: int) -> dict:
         traceback.print_exc()
     free()
 
-    for recipe in RECIPES:
+    from flux2_bench.quantize import linear as qlinear
+
+    default_min_m = qlinear.DEQUANT_MIN_M
+    for recipe, min_m in RECIPES:
+        qlinear.DEQUANT_MIN_M = default_min_m if min_m is None else min_m
+        label = f"ours {recipe}" + (" fused-w4a16" if min_m else "")
         try:
             t0 = time.perf_counter()
             model = synthetic_transformer(PRESET, device="cuda", seed=0, recipe=recipe)
@@ -171,13 +186,14 @@ def run(size: int) -> dict:
                 out = model(*args)  # first call: Triton autotuning and compilation
                 first_s = time.perf_counter() - t0
                 kernel = model.single_blocks[0].linear1.kernel(torch.device("cuda"))
-                rows.append(row(f"ours {recipe}", lambda m=model: m(*args), model_bytes(model) / GIB, out, ref,
+                rows.append(row(label, lambda m=model: m(*args), model_bytes(model) / GIB, out, ref,
                                 kernel=kernel, build_s=build_s, first_call_s=first_s))  # fmt: skip
         except Exception as e:
-            rows.append({"name": f"ours {recipe}", "error": f"{type(e).__name__}: {e}"[:500]})
+            rows.append({"name": label, "error": f"{type(e).__name__}: {e}"[:500]})
             traceback.print_exc()
         model = None
         free()
+    qlinear.DEQUANT_MIN_M = default_min_m
     return result
 
 
