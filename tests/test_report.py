@@ -341,3 +341,29 @@ def test_cli_report_without_results(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no results.json" in err and str(tmp_path) in err
     assert not (tmp_path / "report.md").exists()
+
+
+def test_html_tables_equal_markdown_tables(real_run):
+    import html as html_lib
+
+    d, _, _ = real_run
+    md_rows = [
+        _md_cells(line)
+        for line in (d / "report.md").read_text().splitlines()
+        if line.startswith("| ") and not line.startswith("|---")
+    ]
+    page = (d / "report.html").read_text()
+    html_rows = [
+        [html_lib.unescape(c) for c in re.findall(r"<t[hd]>(.*?)</t[hd]>", tr)]
+        for tr in re.findall(r"<tr>(.*?)</tr>", page.replace("\n", ""))
+    ]
+    assert len(md_rows) > 20 and md_rows == html_rows
+
+
+def test_cells_named_by_what_varies(tmp_path):
+    rows = [_row("bf16", "synthetic", ms_per_step=5.0), _row("bf16", "synthetic", width=512, ms_per_step=2.5)]
+    write_results(tmp_path, ENV, rows)
+    report.write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert _table_row(md, "bf16 · 1024x1024", "at-hand")
+    assert _table_row(md, "bf16 · 512x1024", "at-hand")
