@@ -37,12 +37,12 @@ from importlib import resources
 
 GIB = 2**30
 
-# CUDA context + cuBLAS/cuDNN workspaces + the caching allocator's slack, on top of what the allocator
-# holds. Measured on the H100 (reports/offload/offload_h100.json, `context_overhead`): ~0.5 GiB
-# device-level use before the first tensor, plus the workspaces of the first GEMM and SDPA call. A
-# desktop RTX card also drives a display (0.3-1 GiB on Windows), so the default sits above the
-# measured H100 figure; pass 0.5 for a headless Linux box.
-DEFAULT_CONTEXT_OVERHEAD_GIB = 1.0
+# Device-level use the caching allocator does not hold: what NVML counts before CUDA starts, the CUDA
+# context, cuBLAS/cuDNN workspaces. Measured on the H100 (reports/offload/offload_h100.json): 0.47 GiB
+# in use before CUDA init, 1.15 GiB after init + the first GEMM and SDPA, 1.36 GiB once FLUX.2 had run
+# (`emulated_cap.context_overhead_bytes`). A desktop RTX card also drives a display (0.3-1 GiB on
+# Windows); pass a measured figure where there is one.
+DEFAULT_CONTEXT_OVERHEAD_GIB = 1.5
 
 # FLOP kinds of one step. Efficiency of a kind = achieved FLOP/s / the measuring GPU's CSV rate for
 # that kind (`Tier.rate_tflops`), so tier rate x efficiency is the projected achieved rate.
