@@ -21,14 +21,19 @@ import time
 import traceback
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "transformer"))
 from bench_transformer import env_block, time_forward  # noqa: E402
 
+from flux2_bench.anchors import (  # noqa: E402
+    diffusers_forward,
+    diffusers_view,
+    quantize_bnb_nf4,
+    quantize_torchao_fp8_row,
+)
 from flux2_bench.quantize.formats import sqnr  # noqa: E402
 from flux2_bench.sampling import image_ids, text_ids  # noqa: E402
-from flux2_bench.weights import diffusers_config, model_bytes, synthetic_transformer, transformer_state  # noqa: E402
+from flux2_bench.weights import model_bytes, synthetic_transformer  # noqa: E402
 
 GIB = 2**30
 PRESET = "flux.2-dev"
@@ -61,47 +66,9 @@ def free() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def diffusers_view(model):
-    """diffusers' transformer sharing `model`'s weight storage (q/k/v are views of the fused qkv)."""
-    from diffusers import Flux2Transformer2DModel
-
-    dcfg = {k: v for k, v in diffusers_config(model.config).items() if not k.startswith("_")}
-    with torch.device("meta"):
-        dmodel = Flux2Transformer2DModel(**dcfg)
-    dmodel.load_state_dict(transformer_state(model, "diffusers"), assign=True, strict=True)
-    return dmodel.eval()
-
-
 def diffusers_call(dmodel, args):
-    img, iid, txt, tid, t, gd = args
-    return lambda: dmodel(
-        hidden_states=img, encoder_hidden_states=txt, timestep=t, img_ids=iid[0], txt_ids=tid[0], guidance=gd,
-        return_dict=False,
-    )[0]  # fmt: skip
-
-
-def diffusers_block_linear(module: nn.Module, fqn: str) -> bool:
-    return isinstance(module, nn.Linear) and fqn.startswith(("transformer_blocks.", "single_transformer_blocks."))
-
-
-def to_bnb_nf4(dmodel) -> None:
-    """Every block linear -> bitsandbytes Linear4bit (nf4, blocksize 64, bf16 compute), quantized on the GPU."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bf
-
-    for fqn, m in list(dmodel.named_modules()):
-        if not diffusers_block_linear(m, fqn):
-            continue
-        w = m.weight.data
-        packed, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
-        new = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                quant_type="nf4", device="meta")  # fmt: skip
-        new.weight = bnb.nn.Params4bit(
-            packed, requires_grad=False, quant_state=state, blocksize=64, quant_type="nf4", bnb_quantized=True
-        )
-        parent, _, child = fqn.rpartition(".")
-        setattr(dmodel.get_submodule(parent), child, new)
-        del w, m
+    forward = diffusers_forward(dmodel)
+    return lambda: forward(*args)
 
 
 def row(name: str, fn, weights_gib: float, out=None, ref=None, **extra) -> dict:
@@ -134,12 +101,8 @@ def run(size: int) -> dict:
         call = diffusers_call(dmodel, args)
         rows.append(row("diffusers bf16", call, model_bytes(dmodel) / GIB, call(), ref))
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
         t0 = time.perf_counter()
-        quantize_(
-            dmodel, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=diffusers_block_linear
-        )
+        quantize_torchao_fp8_row(dmodel)
         quant_s = time.perf_counter() - t0
         free()
         with torch.inference_mode():
@@ -156,7 +119,7 @@ def run(size: int) -> dict:
     try:
         dmodel = diffusers_view(synthetic_transformer(PRESET, device="cuda", seed=0))
         t0 = time.perf_counter()
-        to_bnb_nf4(dmodel)
+        quantize_bnb_nf4(dmodel)
         quant_s = time.perf_counter() - t0
         free()
         with torch.inference_mode():
