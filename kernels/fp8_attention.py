@@ -103,8 +103,8 @@ def _stats_kernel(
 
 @triton.jit
 def _quant_kernel(
-    q_ptr, k_ptr, v_ptr, kmean_ptr, vmax_ptr,
-    q8_ptr, k8_ptr, vt8_ptr, qs_ptr, ks_ptr,
+    q_ptr, k_ptr, v_ptr, ksum_ptr, vmax_ptr,
+    q8_ptr, k8_ptr, vt8_ptr, qs_ptr, ks_ptr, vs_ptr,
     L, Lp, H, n_sblk, q_scale_mult,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
@@ -113,7 +113,8 @@ def _quant_kernel(
     QK_MAX: tl.constexpr, EMULATE_CAST: tl.constexpr,
 ):  # fmt: skip
     """One SCALE_BLOCK of tokens of one head: Q and smoothed K to fp8 with one scale each; V to fp8
-    with its per-channel scale, stored transposed. Rows past L are written as zeros (padding)."""
+    with its per-channel scale, stored transposed (block 0 also stores the V scales). Rows past L are
+    written as zeros (padding). ksum/vmax: (B*H, D) column sums of K and column |max| of V."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -132,7 +133,7 @@ def _quant_kernel(
 
     k = tl.load(k_ptr + off_b * stride_kb + off_h * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :],
                 mask=row_ok, other=0.0).to(tl.float32)  # fmt: skip
-    k = tl.where(row_ok, k - tl.load(kmean_ptr + pid_bh * D + offs_d)[None, :], 0.0)
+    k = tl.where(row_ok, k - (tl.load(ksum_ptr + pid_bh * D + offs_d) / L)[None, :], 0.0)
     k_amax = tl.maximum(tl.max(tl.abs(k)), 1e-30)
     tl.store(k8_ptr + dst, _to_qk(k * (QK_MAX / k_amax), QK_INT8, EMULATE_CAST))
     tl.store(ks_ptr + pid_bh * n_sblk + pid_s, k_amax / QK_MAX)
@@ -142,6 +143,8 @@ def _quant_kernel(
                     mask=row_ok, other=0.0).to(tl.float32)  # fmt: skip
         v_amax = tl.maximum(tl.load(vmax_ptr + pid_bh * D + offs_d), 1e-30)
         v8 = _to_fp8(v * (448.0 / v_amax)[None, :], True, EMULATE_CAST)
+        if pid_s == 0:
+            tl.store(vs_ptr + pid_bh * D + offs_d, v_amax / 448.0)
         tl.store(vt8_ptr + bh * D * Lp + offs_d[None, :] * Lp + offs_l[:, None], v8)
 
 
@@ -247,7 +250,9 @@ def _default_config(head_dim: int, device: torch.device) -> dict[str, int]:
     tiles, which keep interpreter tests fast."""
     if device.type == "cpu":
         return {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1}
-    return {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}
+    # H100 run 1 sweep (reports/fp8_attention): 128x64 tiles with one warpgroup beat 128x128 with two
+    # by 1.2x at L=4608 and 16896 (qk fp8, pv fp8)
+    return {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, pv: str, scale_block: int, qk: str = "fp8") -> None:
@@ -308,7 +313,9 @@ def quantize_qkv(
     dev = q.device
 
     block_l = 64
-    chunk = 512 if L > 4096 else 256
+    # 256-token chunks: >= 864 programs at FLUX.2's shortest L, so the reduction is bandwidth-bound
+    # (run 1 used 512: 432 programs at L=4608, pre-pass at ~2/3 of copy bandwidth)
+    chunk = 256
     n_chunks = triton.cdiv(L, chunk)
     ksum = torch.empty(B * H, n_chunks, D, device=dev, dtype=torch.float32)
     vmax = torch.empty_like(ksum) if with_v else ksum
@@ -317,8 +324,8 @@ def quantize_qkv(
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         D=D, BLOCK_L=block_l, WITH_V=with_v, num_warps=4,
     )  # fmt: skip
-    kmean = ksum.sum(1).div_(L)  # (B*H, D)
-    vamax = vmax.amax(1) if with_v else kmean  # (B*H, D)
+    ksum = ksum.sum(1)  # (B*H, D); the quant kernel divides by L
+    vamax = vmax.amax(1) if with_v else ksum  # (B*H, D)
 
     out = {
         "q8": torch.empty(B, H, Lp, D, device=dev, dtype=qk_dtype),
@@ -328,11 +335,12 @@ def quantize_qkv(
     }
     if with_v:
         out["vt8"] = torch.empty(B, H, D, Lp, device=dev, dtype=torch.float8_e4m3fn)
-        out["vs"] = (vamax.clamp_min(1e-30) / FP8_MAX).view(B, H, D)
+        out["vs"] = torch.empty(B, H, D, device=dev, dtype=torch.float32)
     vt8 = out.get("vt8", out["k8"])
+    vs = out.get("vs", out["qs"])
     _quant_kernel[(n_sblk, B * H)](
-        q, k, v, kmean, vamax,
-        out["q8"], out["k8"], vt8, out["qs"], out["ks"],
+        q, k, v, ksum, vamax,
+        out["q8"], out["k8"], vt8, out["qs"], out["ks"], vs,
         L, Lp, H, n_sblk, sm_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

@@ -5,14 +5,14 @@ the hardware cast is checked bit-for-bit by the GPU tests."""
 
 import pytest
 import torch
+
+from flux2_bench.attention import use_backend
 from flux2_bench.kernels.fp8_attention import (
     attention_fp32_ref,
     fp8_attention,
     fp8_attention_ref,
     quantize_qkv,
 )
-
-from flux2_bench.attention import use_backend
 from flux2_bench.sampling import image_ids, text_ids
 from flux2_bench.weights import synthetic_transformer
 
