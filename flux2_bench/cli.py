@@ -74,19 +74,83 @@ def _add_report(sub) -> None:
     p.add_argument("dir", metavar="DIR", help="run directory holding results.json")
 
 
+def _csv(kind):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}, got {text!r}"
+            ) from None
+
+    return parse
+
+
+def _add_run(sub) -> None:
+    from flux2_bench.bench import RunConfig
+
+    d = RunConfig()
+    p = sub.add_parser(
+        "run",
+        help="the benchmark matrix: recipes x resolutions x references, tiers emulated and projected",
+        description="Measure FLUX.2 per precision recipe: transformer ms/step (median, p10, p90), the "
+        "encode/denoise/decode split, weights and peak memory (allocator and NVML), fidelity against bf16 "
+        "and typography (OCR) with real weights; for each tier, the fastest placement that fits its VRAM "
+        "(emulated on the GPU at hand) and a projected step time. Writes results.json/csv and a report. "
+        "Defaults: on CPU the tiny preset (synthetic weights, 256², a few minutes); on a GPU FLUX.2-dev "
+        "with synthetic weights at 1024².",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="DIR", help="pipeline folder: official files or diffusers layout")
+    src.add_argument("--synthetic", action="store_true", help="random weights of the preset's exact shapes (default)")
+    p.add_argument("--preset", default=d.preset, help="synthetic runs: tiny, flux.2-dev, flux.2-klein-4b, ...")
+    p.add_argument("--recipes", type=_csv(str), default=d.recipes, help="default: %(default)s (bf16 always runs)")
+    p.add_argument("--resolutions", type=_csv(int), default=d.resolutions, help="square sides, e.g. 512,1024,2048")
+    p.add_argument("--refs", type=_csv(int), default=d.refs, help="reference images per cell, e.g. 0,1,4")
+    p.add_argument("--steps", type=int, default=d.steps, help="sampling steps (default: 4 synthetic, preset's real)")
+    p.add_argument("--tiers", type=_csv(str), default=d.tiers, help="tier slugs from gpu-tiers.csv, e.g. rtx4090")
+    p.add_argument("--prompts", default=d.prompts, help="text file of prompts (real weights)")
+    p.add_argument("--typography-prompts", type=int, default=d.typography_prompts, help="suite prompts per recipe")
+    p.add_argument("--anchors", action="store_true", help="also time diffusers / torchao / bitsandbytes (GPU)")
+    p.add_argument("--out", default=d.out, help="run directory (default: runs/<UTC time>)")
+    p.add_argument("--resume", metavar="DIR", default=d.resume, help="continue the run in DIR")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="cuda or cpu (default: cuda when available)")
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="flux2-bench",
         description="FLUX.2 at lower precision: fit, speed and fidelity. With no command, runs the "
-        "embedded default: one forward of the `tiny` preset with synthetic weights.",
+        "embedded default `flux2-bench run` (tiny preset on CPU, FLUX.2-dev on a GPU, synthetic weights).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run(sub)
     _add_forward(sub)
     _add_generate(sub)
     _add_report(sub)
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["forward", *(argv or [])])
+        args = parser.parse_args(["run", *(argv or [])])
+    if args.command == "run":
+        from flux2_bench.bench import run_main
+
+        return run_main(
+            checkpoint=args.checkpoint,
+            preset=args.preset,
+            recipes=args.recipes,
+            resolutions=args.resolutions,
+            refs=args.refs,
+            steps=args.steps,
+            tiers=args.tiers,
+            prompts=args.prompts,
+            typography_prompts=args.typography_prompts,
+            out=args.out,
+            resume=args.resume,
+            anchors=args.anchors,
+            seed=args.seed,
+            device=args.device,
+        )
     if args.command == "forward":
         from flux2_bench.smoke import forward_once
 

@@ -155,16 +155,20 @@ class Flux2Pipeline:
         vae_dtype: torch.dtype | None = None,
         text_encoder_device: str | torch.device | None = None,
         load_text_encoder: bool = True,
+        recipe: str | None = None,
         **kwargs,
     ) -> Flux2Pipeline:
-        """Official file set (flux2-*.safetensors, ae.safetensors, a text-encoder folder) or diffusers layout."""
+        """Official file set (flux2-*.safetensors, ae.safetensors, a text-encoder folder) or diffusers layout.
+
+        `recipe` quantizes a bf16 transformer's block linears while loading (see `load_transformer`);
+        a quantized transformer file loads as what it is."""
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: not a folder")
         load_dev = "cpu" if kwargs.get("offload") else device
         te_dir = tok_dir = None
         if (folder / "transformer").is_dir():
-            transformer = load_transformer(folder / "transformer", device=load_dev, dtype=dtype)
+            transformer = load_transformer(folder / "transformer", device=load_dev, dtype=dtype, recipe=recipe)
             vae = load_autoencoder(folder / "vae", device=load_dev, dtype=vae_dtype or dtype)
             te_dir = folder / "text_encoder"
             tok_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None
@@ -176,7 +180,7 @@ class Flux2Pipeline:
                     f"(flux2-*.safetensors + ae.safetensors); found {[p.name for p in folder.iterdir()]}"
                 )
             main = next((p for p in files if p.name.startswith("flux2")), files[0])
-            transformer = load_transformer(main, device=load_dev, dtype=dtype)
+            transformer = load_transformer(main, device=load_dev, dtype=dtype, recipe=recipe)
             vae = load_autoencoder(folder / "ae.safetensors", device=load_dev, dtype=vae_dtype or dtype)
             te_dir = next((d for d in sorted(folder.iterdir()) if (d / "config.json").is_file()), None)
         text_encoder = None

@@ -82,6 +82,9 @@ def fmt_ms(value) -> str:
 
 
 def fmt_gib(value) -> str:
+    # tiny CPU models weigh a few MiB: keep three significant digits below 0.1 GiB
+    if isinstance(value, int | float) and 0 < abs(value) < 0.1:
+        return f"{value:.3g}"
     return fmt(value, 2)
 
 

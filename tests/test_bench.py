@@ -1,0 +1,114 @@
+"""flux2-bench run end to end on the tiny preset (CPU), its robustness, and the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from flux2_bench import bench
+from flux2_bench.bench import RunConfig, run
+from flux2_bench.cli import bench_main
+from flux2_bench.results import read_results
+
+SMALL = dict(preset="tiny", recipes=("fp8-row", "int4-g128"), resolutions=(128,), steps=2, tiers=("rtx3060",))
+
+
+def test_default_run_writes_a_complete_report_that_agrees_with_results(tmp_path):
+    out = run(RunConfig(**SMALL, out=str(tmp_path / "run"), device="cpu"), progress=False)
+    env, rows, rest = read_results(out)
+    measured = [r for r in rows if r.label == "measured"]
+    assert [r.recipe for r in measured] == ["bf16", "fp8-row", "int4-g128"]  # bf16 first: the baseline
+    for r in measured:
+        assert r.status == "ok", r
+        assert r.ms_per_step > 0 and r.ms_per_step_p10 <= r.ms_per_step <= r.ms_per_step_p90
+        assert r.denoise_s > 0 and r.decode_s > 0 and r.images_per_min > 0
+        assert r.weights_gib > 0
+        assert r.fidelity["psnr_db"].startswith("skipped: synthetic")
+        assert r.typography["status"].startswith("skipped: synthetic")
+    assert measured[1].weights_gib < measured[0].weights_gib  # fp8 block linears are half of bf16
+    tiers = [r for r in rows if r.tier == "rtx3060"]
+    assert len(tiers) == 3 and all(r.label == "projected" and r.placement == "resident" for r in tiers)
+    for name in ("report.md", "report.html", "results.csv", "fits_matrix.png"):
+        assert (out / name).is_file(), name
+    md = (out / "report.md").read_text()
+    for r in measured:  # every measured figure in the report is the one in results.json
+        assert f"| {r.recipe} | at-hand | resident | measured | {r.ms_per_step:,.2f} |" in md
+    assert env.command and rest["config"]["preset"] == "tiny"
+
+
+def test_interrupted_run_keeps_rows_and_resume_finishes_it(tmp_path, monkeypatch):
+    real = bench._measure_cell
+    calls = []
+
+    def stop_on_second(cfg, cell, state, progress):
+        calls.append(cell.recipe)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, cell, state, progress)
+
+    monkeypatch.setattr(bench, "_measure_cell", stop_on_second)
+    d = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run(RunConfig(**SMALL, out=str(d), device="cpu"), progress=False)
+    _, rows, _ = read_results(d)
+    assert [r.recipe for r in rows if r.label == "measured"] == ["bf16"]
+    assert (d / "report.md").is_file()  # the report of what was measured is written on Ctrl-C
+
+    monkeypatch.setattr(bench, "_measure_cell", real)
+    run(RunConfig(**SMALL, resume=str(d), device="cpu"), progress=False)
+    _, rows, _ = read_results(d)
+    assert [r.recipe for r in rows if r.label == "measured"] == ["bf16", "fp8-row", "int4-g128"]
+
+
+def test_oom_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    real = bench._pipeline
+
+    def oom_for_fp8(cfg, recipe):
+        if recipe == "fp8-row":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(cfg, recipe)
+
+    monkeypatch.setattr(bench, "_pipeline", oom_for_fp8)
+    out = run(RunConfig(**SMALL, out=str(tmp_path / "run"), device="cpu"), progress=False)
+    _, rows, _ = read_results(out)
+    status = {r.recipe: (r.status, r.placement) for r in rows if r.label == "measured"}
+    assert status == {"bf16": ("ok", "resident"), "fp8-row": ("oom", "does-not-fit"), "int4-g128": ("ok", "resident")}
+    assert "oom" in (out / "report.md").read_text()
+
+
+def test_non_finite_output_is_flagged(tmp_path, monkeypatch):
+    real = bench._pipeline
+
+    def nan_for_int4(cfg, recipe):
+        pipe = real(cfg, recipe)
+        if recipe == "int4-g128":
+            pipe.transformer.final_layer.register_forward_hook(lambda m, i, o: o * float("nan"))
+        return pipe
+
+    monkeypatch.setattr(bench, "_pipeline", nan_for_int4)
+    out = run(RunConfig(**SMALL, out=str(tmp_path / "run"), device="cpu"), progress=False)
+    _, rows, _ = read_results(out)
+    flagged = {r.recipe: r.status for r in rows if r.label == "measured"}
+    assert flagged["int4-g128"] == "non-finite" and flagged["bf16"] == "ok"
+
+
+def test_bad_configs_fail_with_the_valid_choices():
+    with pytest.raises(ValueError, match="unknown recipe"):
+        RunConfig(recipes=("fp7",), device="cpu").resolve()
+    with pytest.raises(ValueError, match="valid presets"):
+        RunConfig(preset="flux3", device="cpu").resolve()
+    with pytest.raises(ValueError, match="multiple of 16"):
+        RunConfig(resolutions=(1000,), device="cpu").resolve()
+    with pytest.raises(ValueError, match="rtx4090"):
+        RunConfig(tiers=("rtx9090",), device="cpu").resolve()
+
+
+def test_cli_run_and_report(tmp_path, capsys):
+    d = tmp_path / "cli"
+    code = bench_main(["run", "--preset", "tiny", "--recipes", "nf4", "--resolutions", "128", "--steps", "1",
+                       "--tiers", "rtx4090", "--out", str(d), "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    doc = json.loads((d / "results.json").read_text())
+    assert {r["recipe"] for r in doc["rows"]} == {"bf16", "nf4"}
+    assert bench_main(["report", str(d)]) == 0
+    assert bench_main(["report", str(tmp_path / "empty")]) == 1
