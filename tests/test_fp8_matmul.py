@@ -314,11 +314,16 @@ def test_gpu_medium_shape_all_paths(granularity):
     for fuse, fast in ((False, True), (True, True), (False, False)):
         kw = dict(granularity=granularity, out_dtype=torch.float32, fuse_quant=fuse, fast_accum=fast)
         out = F.fp8_linear(x, wq, ws, **kw)
-        ref = F.fp8_linear_ref(x, wq, ws, granularity=granularity, out_dtype=torch.float32)
-        # fp32 out; fast accumulation keeps ~13 mantissa bits inside the MMA (measured rel L2 ~3e-3
-        # at K=6144 incl. bf16 rounding), promoted accumulation only reorders fp32 sums
-        tol = 2e-3 if fast and granularity != "block" else 1e-5
-        assert_close(out, ref, tol * ref.abs().max().item(), tol, f"gpu {granularity} fuse={fuse} fast={fast}")
+        ref = F.fp8_linear_ref(x, wq, ws, **kw)
+        # Judged by relative L2, not elementwise: Hopper's FP8 MMA accumulates with ~13 mantissa bits.
+        # Measured on the H100 (reports/fp8_matmul, K=6144..24576, beyond bf16 output rounding):
+        # fast accumulation 2e-3..4e-3; per-128-K promotion (block scaling, fast_accum=False) below
+        # the bf16 floor. Bounds: fast 6e-3, promoted 1e-3 (K=1111 here, errors grow with K).
+        bound = 6e-3 if fast and granularity != "block" else 1e-3
+        err = (out - ref).norm().item() / ref.norm().item()
+        assert not torch.isnan(out).any(), f"NaN in gpu {granularity} fuse={fuse} fast={fast}"
+        assert err < bound, f"gpu {granularity} fuse={fuse} fast={fast}: rel L2 {err:.2e} >= {bound:.0e}"
     out = F.fp8_weight_only_linear(x, wq, ws, out_dtype=torch.float32)
     ref = F.fp8_weight_only_linear_ref(x, wq, ws, out_dtype=torch.float32)
+    # bf16 MMA of exact bf16 inputs accumulates in fp32: only the summation order differs
     assert_close(out, ref, 1e-5 * ref.abs().max().item(), 1e-5, f"gpu weight-only {granularity}")
