@@ -86,9 +86,23 @@ def row(name: str, fn, weights_gib: float, out=None, ref=None, **extra) -> dict:
     return r
 
 
-def run(size: int) -> dict:
-    result = {"env": env_block(), "preset": PRESET, "size": size, "weights": "synthetic (random)", "rows": []}
-    rows = result["rows"]
+class _Rows(list):
+    """A list that rewrites the JSON after every append, so a run cut short keeps its rows."""
+
+    def __init__(self, result: dict, path: str | None):
+        super().__init__()
+        self.result, self.path = result, path
+
+    def append(self, item) -> None:
+        super().append(item)
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self.result, f, indent=2)
+
+
+def run(size: int, out: str | None = None) -> dict:
+    result = {"env": env_block(), "preset": PRESET, "size": size, "weights": "synthetic (random)"}
+    rows = result["rows"] = _Rows(result, out)
     free()
     model = synthetic_transformer(PRESET, device="cuda", seed=0)
     args = inputs(model.config, size)
@@ -195,7 +209,7 @@ def main() -> None:
         with open(args.markdown[0]) as f, open(args.markdown[1], "w") as g:
             g.write(markdown(json.load(f)))
         return
-    result = run(args.size)
+    result = run(args.size, args.out)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(markdown(result))
