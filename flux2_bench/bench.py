@@ -167,8 +167,9 @@ def _free() -> None:
 # -- building a pipeline ---------------------------------------------------------------------------------
 
 
-def _pipeline(cfg: RunConfig, recipe: str):
-    """(pipeline, prompt embeds fn) for one recipe: synthetic components, or real ones from the folder."""
+def _pipeline(cfg: RunConfig, recipe: str, tiled_vae: bool = False):
+    """The pipeline of one recipe: synthetic components, or real ones from the checkpoint folder.
+    `tiled_vae` above 1 MP: an untiled 2048² decode takes +37 GiB (reports/pipeline)."""
     from flux2_bench.pipeline import Flux2Pipeline
 
     dtype = torch.bfloat16
@@ -180,10 +181,10 @@ def _pipeline(cfg: RunConfig, recipe: str):
         transformer = synthetic_transformer(cfg.preset, device=cfg.device, dtype=dtype, seed=cfg.seed, recipe=quant)
         ae = "tiny" if transformer.config.in_channels == 32 else "flux.2"
         vae = synthetic_autoencoder(ae, device=cfg.device, dtype=dtype, seed=cfg.seed)
-        return Flux2Pipeline(transformer, vae, None, device=cfg.device, tiled_vae=False)
+        return Flux2Pipeline(transformer, vae, None, device=cfg.device, tiled_vae=tiled_vae)
     return Flux2Pipeline.from_pretrained(
         cfg.checkpoint, device=cfg.device, dtype=dtype, recipe=quant, load_text_encoder=False,
-        embedding_cache=Path(cfg.out) / "embeddings",
+        embedding_cache=Path(cfg.out) / "embeddings", tiled_vae=tiled_vae,
     )  # fmt: skip
 
 
@@ -232,7 +233,7 @@ def _measure_cell(cfg: RunConfig, cell: Cell, state: _State, progress: bool) -> 
     _free()
     pipe = None
     try:
-        pipe = _pipeline(cfg, cell.recipe)
+        pipe = _pipeline(cfg, cell.recipe, tiled_vae=cell.size * cell.size > 1024 * 1024)
         prompt = 'A storefront sign that reads "OPEN 24 HOURS"'
         embeds = _prompt_embeds(cfg, pipe, [prompt])
         refs = _reference_images(cell, cfg.seed)

@@ -63,10 +63,10 @@ def test_interrupted_run_keeps_rows_and_resume_finishes_it(tmp_path, monkeypatch
 def test_oom_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     real = bench._pipeline
 
-    def oom_for_fp8(cfg, recipe):
+    def oom_for_fp8(cfg, recipe, **kw):
         if recipe == "fp8-row":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(cfg, recipe)
+        return real(cfg, recipe, **kw)
 
     monkeypatch.setattr(bench, "_pipeline", oom_for_fp8)
     out = run(RunConfig(**SMALL, out=str(tmp_path / "run"), device="cpu"), progress=False)
@@ -79,8 +79,8 @@ def test_oom_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
 def test_non_finite_output_is_flagged(tmp_path, monkeypatch):
     real = bench._pipeline
 
-    def nan_for_int4(cfg, recipe):
-        pipe = real(cfg, recipe)
+    def nan_for_int4(cfg, recipe, **kw):
+        pipe = real(cfg, recipe, **kw)
         if recipe == "int4-g128":
             pipe.transformer.final_layer.register_forward_hook(lambda m, i, o: o * float("nan"))
         return pipe
