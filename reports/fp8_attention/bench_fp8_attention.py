@@ -1,7 +1,8 @@
 """Benchmark and GPU check of flux2_bench.kernels.fp8_attention on FLUX.2's joint-attention shapes.
 
     GIT_SHA=<sha> python reports/fp8_attention/bench_fp8_attention.py --out $OUT/fp8_attention.json  # GPU
-    python reports/fp8_attention/bench_fp8_attention.py --render reports/fp8_attention/fp8_attention.json
+    python reports/fp8_attention/bench_fp8_attention.py --render reports/fp8_attention/fp8_attention_run2.json \
+        --previous reports/fp8_attention/fp8_attention_run1.json   # README.md (+ NOTES.md appended)
 
 In one process, on one GPU:
 1. ceiling: torch._scaled_mm fp8 e4m3 per-tensor 8192^3 (FLOPs 2*M*N*K).
@@ -374,11 +375,12 @@ def render(json_path: Path, previous: Path | None = None) -> str:
         "## Speed (B=1, H=48, D=128; FLOPs = 4·B·H·L²·D; do_bench median)",
         "",
         "`total` = pre-pass + kernel as the model calls it; `kernel` = main loop alone on pre-quantized",
-        "inputs; `pre-pass` = K mean, Q/K block scales and casts, V channel scales, cast and transpose.",
+        "inputs; `pre-pass` = K mean, Q/K block scales and casts, V channel scales, cast and transpose; its",
+        "GB/s counts the bytes it must move (compare with the copy bandwidth in reference/environment.md).",
         "",
         "| L | kernel | total ms | total TFLOP/s | % FP8 ceiling | × cuDNN | kernel-only TFLOP/s | "
-        "kernel × cuDNN | pre-pass ms (share of total) | rel L2 vs cuDNN |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "kernel × cuDNN | pre-pass ms (share of total) | pre-pass GB/s | rel L2 vs cuDNN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["speed"]:
         for name, e in row["results"].items():
@@ -388,6 +390,11 @@ def render(json_path: Path, previous: Path | None = None) -> str:
             cells.append(f"{k['tflops']:.0f}" if k else "")
             cells.append(f"{k.get('speedup_vs_cudnn', float('nan')):.2f}" if k else "")
             cells.append(f"{pp['ms']:.3f} ({100 * pp['ms'] / t['ms']:.0f} %)" if pp else "")
+            # bytes per element of one (B,H,L,D) tensor: pv=fp8 reads K, V twice and Q once in bf16 and
+            # writes three fp8 copies (13); pv=bf16 reads K twice and Q once, writes two copies (8)
+            n = r["shape"]["B"] * r["shape"]["H"] * row["L"] * r["shape"]["D"]
+            per_elem = 13 if "pv=fp8" in name else 8
+            cells.append(f"{per_elem * n / pp['ms'] / 1e6:.0f}" if pp else "")
             cells.append(f"{e['vs_cudnn']['rel_l2']:.3f}" if "vs_cudnn" in e else "")
             lines.append("| " + " | ".join(cells) + " |")
     if previous:
