@@ -63,9 +63,10 @@ def quantize_bnb_nf4(dmodel: nn.Module) -> nn.Module:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bf
 
-    for fqn, m in list(dmodel.named_modules()):
-        if not is_block_linear(m, fqn):
-            continue
+    # names first: holding every old module (list(named_modules())) would keep all bf16 weights alive
+    names = [fqn for fqn, m in dmodel.named_modules() if is_block_linear(m, fqn)]
+    for fqn in names:
+        m = dmodel.get_submodule(fqn)
         packed, state = bf.quantize_4bit(m.weight.data, blocksize=64, quant_type="nf4", compress_statistics=False)
         new = bnb.nn.Linear4bit(
             m.in_features, m.out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta"
@@ -75,4 +76,5 @@ def quantize_bnb_nf4(dmodel: nn.Module) -> nn.Module:
         )
         parent, _, child = fqn.rpartition(".")
         setattr(dmodel.get_submodule(parent), child, new)
+        del m
     return dmodel

@@ -130,6 +130,7 @@ def run(size: int, out: str | None = None) -> dict:
     del dmodel
     free()
 
+    dmodel = None
     try:
         dmodel = diffusers_view(synthetic_transformer(PRESET, device="cuda", seed=0))
         t0 = time.perf_counter()
@@ -141,10 +142,10 @@ def run(size: int, out: str | None = None) -> dict:
             rows.append(
                 row("diffusers + bitsandbytes nf4", call, model_bytes(dmodel) / GIB, call(), ref, quantize_s=quant_s)
             )
-        del dmodel
     except Exception as e:
         rows.append({"name": "diffusers + bitsandbytes nf4", "error": f"{type(e).__name__}: {e}"[:500]})
         traceback.print_exc()
+    dmodel = call = None  # a failed anchor must not keep its model alive into our rows (it once did)
     free()
 
     from flux2_bench.quantize import linear as qlinear
