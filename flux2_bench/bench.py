@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -114,6 +115,8 @@ def run(config: RunConfig, *, progress: bool = True) -> Path:
     def save() -> None:
         extra = {"config": _config_dict(cfg), "typography_images": state.typography, "kernels": state.kernels}
         write_results(out, env, state.rows, extra)
+        if state.kernels:
+            (out / "kernels.json").write_text(json.dumps(state.kernels, indent=2))
 
     cells = [Cell(r, s, n) for s in cfg.resolutions for n in cfg.refs for r in cfg.recipes]
     interrupted = False
@@ -238,6 +241,11 @@ def _measure_cell(cfg: RunConfig, cell: Cell, state: _State, progress: bool) -> 
         embeds = _prompt_embeds(cfg, pipe, [prompt])
         refs = _reference_images(cell, cfg.seed)
         guidance = pipe.transformer.config.default_guidance
+        with torch.inference_mode():  # warm-up: Triton autotuning and compilation stay out of the split
+            pipe.generate(
+                prompt_embeds=embeds, width=cell.size, height=cell.size, steps=1, guidance=guidance,
+                seed=cfg.seed, reference_images=refs, output_type="latent", progress=False,
+            )  # fmt: skip
         _free()
         with torch.inference_mode(), PeakMemory() as mem:
             result = pipe.generate(
@@ -508,6 +516,7 @@ def _measure_anchors(cfg: RunConfig, size: int) -> list[Row]:
         ("diffusers-bnb-nf4", anchors.quantize_bnb_nf4),
     ):
         base = Row(cfg.preset, name, size, size, 0, cfg.steps, _weights(cfg))
+        dmodel = fwd = None
         _free()
         try:
             model = synthetic_transformer(cfg.preset, device=cfg.device, seed=cfg.seed)
@@ -532,7 +541,7 @@ def _measure_anchors(cfg: RunConfig, size: int) -> list[Row]:
         except Exception as e:
             rows.append(replace(base, status=f"error: {type(e).__name__}: {str(e)[:300]}"))
         finally:
-            dmodel = None
+            dmodel = fwd = None  # the forward closure holds the model: drop both before the next anchor
             _free()
     return rows
 
