@@ -109,9 +109,14 @@ def bits_per_weight(recipe: str) -> float | None:
 
 
 def _strip_anchor(recipe: str) -> str:
+    """The recipe an anchor is compared with: diffusers-bf16 -> bf16, diffusers-torchao-fp8-row -> fp8-row,
+    diffusers-bnb-nf4 -> nf4 (the library that quantized the anchor is not part of the format)."""
     for p in ANCHOR_PREFIXES:
         if recipe.startswith(p + "-"):
-            return recipe[len(p) + 1 :]
+            recipe = recipe[len(p) + 1 :]
+            break
+    for lib in ("torchao-", "bnb-", "bitsandbytes-"):
+        recipe = recipe.removeprefix(lib)
     return recipe
 
 

@@ -367,3 +367,9 @@ def test_cells_named_by_what_varies(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert _table_row(md, "bf16 · 1024x1024", "at-hand")
     assert _table_row(md, "bf16 · 512x1024", "at-hand")
+
+
+def test_quantized_anchors_pair_with_the_same_format():
+    assert report._strip_anchor("diffusers-bf16") == "bf16"
+    assert report._strip_anchor("diffusers-torchao-fp8-row") == "fp8-row"
+    assert report._strip_anchor("diffusers-bnb-nf4") == "nf4"
