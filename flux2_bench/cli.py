@@ -72,6 +72,7 @@ def _add_report(sub) -> None:
         "plots into DIR, from DIR/results.json (plus kernels.json and images/ when present).",
     )
     p.add_argument("dir", metavar="DIR", help="run directory holding results.json")
+    p.add_argument("--readme", metavar="FILE", help="also rewrite FILE's generated results block from this run")
 
 
 def _csv(kind):
@@ -193,6 +194,15 @@ def bench_main(argv: list[str] | None = None) -> int:
             print(f"flux2-bench report: error: {e}", file=sys.stderr)
             return 1
         print(f"wrote {len(written)} files to {args.dir}: {', '.join(written)}")
+        if args.readme:
+            from flux2_bench.report import update_readme
+
+            try:
+                update_readme(args.readme, args.dir)
+            except ValueError as e:
+                print(f"flux2-bench report: error: {e}", file=sys.stderr)
+                return 1
+            print(f"updated the results block of {args.readme}")
     return 0
 
 

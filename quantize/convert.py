@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flux2_bench.quantize import formats as F
-from flux2_bench.quantize.recipes import COMFY_FP8, COMFY_NVFP4, Recipe, RecipeConfig, get_recipe, nf4_tensors
 from tqdm.auto import tqdm
 
+from flux2_bench.quantize import formats as F
+from flux2_bench.quantize.recipes import COMFY_FP8, COMFY_NVFP4, Recipe, RecipeConfig, get_recipe, nf4_tensors
 from flux2_bench.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter
 from flux2_bench.weights import infer_config, open_checkpoint, preset_name, resolve_files
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
+
 from flux2_bench.quantize import formats as F
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from flux2_bench.quantize.convert import META, sha256_file
 from flux2_bench.quantize.formats import sqnr
 from flux2_bench.quantize.recipes import Recipe, dequantize_layer, get_recipe
-
 from flux2_bench.safetensors_io import CheckpointError, SafetensorsReader
 from flux2_bench.weights import resolve_files
 

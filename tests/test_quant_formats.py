@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from flux2_bench.quantize import formats as F
 from flux2_bench.quantize.recipes import Recipe, dequantize_layer, get_recipe, quantize_layer
 

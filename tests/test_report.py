@@ -373,3 +373,18 @@ def test_quantized_anchors_pair_with_the_same_format():
     assert report._strip_anchor("diffusers-bf16") == "bf16"
     assert report._strip_anchor("diffusers-torchao-fp8-row") == "fp8-row"
     assert report._strip_anchor("diffusers-bnb-nf4") == "nf4"
+
+
+def test_readme_block_is_regenerated_from_the_run(real_run, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{report.README_BEGIN}\nstale\n{report.README_END}\nafter\n")
+    run_dir, _, _ = real_run
+    report.update_readme(readme, run_dir)
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    _, rows, _ = read_results(run_dir)
+    ours = next(r for r in rows if r.recipe == "bf16" and r.label == "measured" and r.status == "ok")
+    assert f"| bf16 | {ours.width}x{ours.height} | {ours.refs} | {report.fmt_ms(ours.ms_per_step)} |" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no results block"):
+        report.update_readme(readme, run_dir)
