@@ -283,7 +283,7 @@ def _measure_cell(cfg: RunConfig, cell: Cell, state: _State, progress: bool) -> 
         row.fidelity = _fidelity(cfg, cell, state, result)
         row.typography = _typography(cfg, cell, pipe, state, progress)
         rows = [row]
-        rows += _tier_rows(cfg, cell, pipe, row, step_args, progress)
+        rows += _tier_rows(cfg, cell, pipe, row, step_args, state.kernels)
         return rows
     except Exception as e:
         if is_oom(e):
@@ -390,10 +390,72 @@ def _tier_at_hand():
     return None
 
 
-def _figures(cfg: RunConfig, cell: Cell, pipe, row: Row, step_args: tuple):
-    """WorkloadFigures of this cell: block bytes from the model, activations from the measured peak, and
-    one efficiency for the step (achieved FLOP/s over the measuring GPU's rate), or none on CPU."""
+# which kernel-probe row measures the GEMM path of a recipe (see _kernel_probe)
+_PROBE_FOR = {
+    "bf16": "cuBLAS bf16 linear1",
+    "fp8-row": "QuantLinear fp8-row linear1",
+    "fp8-tensor": "fp8_linear row (quantize + GEMM)",  # the same kernel with one scale: nearest measured
+    "fp8-block": "QuantLinear fp8-block linear1",
+    "int4-g128": "QuantLinear int4-g128 linear1",
+    "nf4": "QuantLinear nf4 linear1",
+}
+_PROBE_ATTENTION = "SDPA bf16 B=1 H=48 L=4608 D=128"
+
+
+def step_figures(
+    *,
+    config,
+    recipe: str,
+    n_img: int,
+    n_txt: int,
+    step_ms: float,
+    at_hand,
+    kernels: list[dict],
+    block_bytes: tuple[int, ...],
+    other_bytes: int,
+    vae_bytes: int = 0,
+    activation_bytes: int = 0,
+    h2d_efficiency: float = 0.7,
+):
+    """WorkloadFigures of one measured step for projecting it onto other tiers.
+
+    Compute efficiency per kind comes from the kernel probe (achieved TFLOP/s of the recipe's GEMM path
+    and of SDPA on FLUX.2 shapes, over this GPU's CSV rate); what the measured step takes beyond those
+    compute terms is attributed to memory-bound kernels (norms, RoPE, casts, elementwise) and carried
+    as bytes at this GPU's bandwidth. Without a probe row for a kind, one lumped efficiency (the step's
+    FLOPs at the CSV rates over the measured step time) stands in for every kind and no memory term
+    is split off. h2d_efficiency 0.7: pinned host-to-device copies measured 0.69-0.75 of PCIe 5.0 x16
+    on the H100 (reports/offload).
+    """
     from flux2_bench.tiers import WorkloadFigures, count_step_flops
+
+    gemm = (
+        "gemm_fp8"
+        if recipe.startswith("fp8")
+        else ("gemm_4bit" if recipe in ("nf4", "int4-g128", "nvfp4") else "gemm_bf16")
+    )
+    flops = count_step_flops(config, n_img, n_txt, gemm=gemm)
+    probe = {k["name"]: k["tflops"] for k in kernels if "tflops" in k}
+    measured = {gemm: probe.get(_PROBE_FOR.get(recipe, "")), "attention_bf16": probe.get(_PROBE_ATTENTION)}
+    step_s = step_ms / 1e3
+    if all(measured.values()):
+        eff = {k: min(measured[k] / at_hand.rate_tflops(k)[0], 1.5) for k in flops}
+        compute_s = sum(n / (at_hand.rate_tflops(k)[0] * 1e12 * eff[k]) for k, n in flops.items())
+        memory_bytes = max(step_s - compute_s, 0.0) * at_hand.bandwidth_gbs * 1e9
+    else:
+        ideal_s = sum(n / (at_hand.rate_tflops(k)[0] * 1e12) for k, n in flops.items())
+        eff = dict.fromkeys(flops, min(max(ideal_s / step_s, 1e-3), 1.5))
+        memory_bytes = 0.0
+    return WorkloadFigures(
+        block_bytes, other_bytes, flops=flops, efficiency=eff, vae_bytes=vae_bytes,
+        transformer_activation_bytes=activation_bytes, memory_bytes=memory_bytes, memory_efficiency=1.0,
+        h2d_efficiency=h2d_efficiency, measured_on=at_hand.slug,
+    )  # fmt: skip
+
+
+def _figures(cfg: RunConfig, cell: Cell, pipe, row: Row, step_args: tuple, kernels: list[dict]):
+    """WorkloadFigures of this cell (`step_figures`), memory-only on CPU (no efficiencies to project with)."""
+    from flux2_bench.tiers import WorkloadFigures
 
     model = pipe.transformer
 
@@ -408,29 +470,19 @@ def _figures(cfg: RunConfig, cell: Cell, pipe, row: Row, step_args: tuple):
         figs = WorkloadFigures(blocks, other, flops={}, efficiency={}, vae_bytes=nbytes(pipe.vae),
                                transformer_activation_bytes=act)  # fmt: skip
         return figs, None
-    gemm = (
-        "gemm_fp8"
-        if cell.recipe.startswith("fp8")
-        else ("gemm_4bit" if cell.recipe in ("nf4", "int4-g128", "nvfp4") else "gemm_bf16")
-    )
-    n_img, n_txt = step_args[0].shape[1], step_args[2].shape[1]
-    flops = count_step_flops(model.config, n_img, n_txt, gemm=gemm)
-    step_s = row.ms_per_step / 1e3
-    # one lumped efficiency: the step's FLOPs at the at-hand GPU's rates, over the measured step time
-    ideal_s = sum(n / (at_hand.rate_tflops(k)[0] * 1e12) for k, n in flops.items())
-    eff = min(max(ideal_s / step_s, 1e-3), 1.5)
-    figs = WorkloadFigures(
-        blocks, other, flops=flops, efficiency=dict.fromkeys(flops, eff), vae_bytes=nbytes(pipe.vae),
-        transformer_activation_bytes=act, h2d_efficiency=0.7, measured_on=at_hand.slug,
+    figs = step_figures(
+        config=model.config, recipe=cell.recipe, n_img=step_args[0].shape[1], n_txt=step_args[2].shape[1],
+        step_ms=row.ms_per_step, at_hand=at_hand, kernels=kernels, block_bytes=blocks, other_bytes=other,
+        vae_bytes=nbytes(pipe.vae), activation_bytes=act,
     )  # fmt: skip
     return figs, at_hand
 
 
-def _tier_rows(cfg: RunConfig, cell: Cell, pipe, row: Row, step_args: tuple, progress: bool) -> list[Row]:
+def _tier_rows(cfg: RunConfig, cell: Cell, pipe, row: Row, step_args: tuple, kernels: list[dict]) -> list[Row]:
     """Per chosen tier: the projected placement and step time, and on a GPU the emulated one."""
     from flux2_bench.tiers import CANDIDATES, choose_placement, get_tier, make_placement, project_step_ms
 
-    figs, at_hand = _figures(cfg, cell, pipe, row, step_args)
+    figs, at_hand = _figures(cfg, cell, pipe, row, step_args, kernels)
     rows = []
     base = replace(row, fidelity={}, typography={}, kernels={}, notes="")
     for slug in cfg.tiers:
@@ -601,6 +653,14 @@ def _kernel_probe(cfg: RunConfig) -> list[dict]:
             rows.append({"name": f"QuantLinear {recipe} linear1", "tflops": flop / t / 1e9, "ceiling_tflops": ceiling,
                          "anchor": "cuBLAS bf16 linear1", "anchor_tflops": flop / t_bf16 / 1e9})  # fmt: skip
             del q
+        from flux2_bench.attention import sdpa
+
+        q, k_, v = (torch.randn(1, 48, 4608, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        t_att = triton.testing.do_bench(lambda: sdpa(q, k_, v))
+        rows.append(
+            {"name": _PROBE_ATTENTION, "tflops": 4 * 48 * 4608**2 * 128 / t_att / 1e9, "ceiling_tflops": bf16_ceiling}
+        )
+        q = k_ = v = None
         ws = (w.abs().amax(dim=1, keepdim=True).float() / 448).clamp(min=1e-12)
         w8 = (w.float() / ws).to(torch.float8_e4m3fn)
         t = triton.testing.do_bench(lambda: fp8_linear(x, w8, ws, granularity="row"))

@@ -112,3 +112,36 @@ def test_cli_run_and_report(tmp_path, capsys):
     assert {r["recipe"] for r in doc["rows"]} == {"bf16", "nf4"}
     assert bench_main(["report", str(d)]) == 0
     assert bench_main(["report", str(tmp_path / "empty")]) == 1
+
+
+def test_step_figures_reproduce_the_measured_step_on_the_measuring_gpu():
+    """Per-kernel efficiencies from the probe + the rest as memory-bound bytes: projecting the figures
+    back onto the GPU that measured them must give the measured step; on an RTX 4090 the compute
+    terms scale with its fp32-accumulate rates and the memory term with its bandwidth."""
+    from flux2_bench.model import get_preset
+    from flux2_bench.tiers import get_tier, make_placement, project_step_ms
+
+    h100, rtx4090 = get_tier("h100"), get_tier("rtx4090")
+    kernels = [
+        {"name": "cuBLAS bf16 linear1", "tflops": 700.0},
+        {"name": bench._PROBE_ATTENTION, "tflops": 600.0},
+    ]
+    figs = bench.step_figures(
+        config=get_preset("flux.2-dev"), recipe="bf16", n_img=4096, n_txt=512, step_ms=520.0, at_hand=h100,
+        kernels=kernels, block_bytes=(10**9,) * 56, other_bytes=2 * 10**9,
+    )  # fmt: skip
+    # 253.4 TFLOP of GEMM at 700 TFLOP/s = 362 ms, 29.2 TFLOP of attention at 600 = 48.7 ms: the other
+    # ~109 ms become memory-bound bytes at the H100's 3352 GB/s
+    assert figs.efficiency["gemm_bf16"] == pytest.approx(700 / h100.rate_tflops("gemm_bf16")[0])
+    assert figs.memory_bytes / 3352e9 * 1e3 == pytest.approx(520 - 362.0 - 48.7, abs=1.5)
+    back = project_step_ms(figs, h100, make_placement(figs, "resident"))
+    assert back.step_ms == pytest.approx(520.0, rel=1e-6)
+    on_4090 = project_step_ms(figs, rtx4090, make_placement(figs, "resident")).step_ms
+    gemm_4090 = 253.4e12 / (rtx4090.rate_tflops("gemm_bf16")[0] * 1e12 * figs.efficiency["gemm_bf16"]) * 1e3
+    assert on_4090 > gemm_4090 > 520  # a 4090 has a fraction of the H100's bf16 fp32-acc rate
+    # without a probe row the step's own efficiency stands in for every kind
+    lumped = bench.step_figures(
+        config=get_preset("flux.2-dev"), recipe="nf4", n_img=4096, n_txt=512, step_ms=520.0, at_hand=h100,
+        kernels=[], block_bytes=(10**9,) * 56, other_bytes=10**9,
+    )  # fmt: skip
+    assert lumped.memory_bytes == 0 and len(set(lumped.efficiency.values())) == 1
