@@ -54,25 +54,11 @@ import torch
 import triton
 import triton.language as tl
 
-# bitsandbytes.functional.get_4bit_type("nf4") (QLoRA paper, Table/appendix); fp32 values.
-NF4_CODE = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
+from flux2_bench.quantize.formats import NF4_CODE as _NF4_CODE_TENSOR
+
+# bitsandbytes' NF4 codebook (fp32 values), kept once in quantize/formats.py: the converter writes it
+# and this kernel reads it as a tuple of Python floats (a hashable key for the cached device table).
+NF4_CODE = tuple(_NF4_CODE_TENSOR.tolist())
 
 FORMATS = ("int4-g128", "nf4")
 _DEFAULT_GROUP = {"int4-g128": 128, "nf4": 64}
