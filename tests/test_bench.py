@@ -145,3 +145,47 @@ def test_step_figures_reproduce_the_measured_step_on_the_measuring_gpu():
         kernels=[], block_bytes=(10**9,) * 56, other_bytes=10**9,
     )  # fmt: skip
     assert lumped.memory_bytes == 0 and len(set(lumped.efficiency.values())) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A diffusers-layout FLUX.2 folder with a tiny transformer, VAE and Mistral3 (random weights)."""
+    import diffusers
+    from test_autoencoder import tiny_diffusers_vae
+    from test_text_encoder import tiny_mistral3, tiny_tokenizer
+
+    from flux2_bench.model import get_preset
+    from flux2_bench.weights import diffusers_config
+
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    hf = diffusers.Flux2Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential"),
+        vae=tiny_diffusers_vae(),
+        text_encoder=tiny_mistral3(),
+        tokenizer=tiny_tokenizer("mistral"),
+        transformer=diffusers.Flux2Transformer2DModel(**diffusers_config(get_preset("tiny"))),
+    )
+    hf.save_pretrained(root / "flux2")
+    return root / "flux2"
+
+
+def test_run_with_a_checkpoint_scores_fidelity_and_typography(tmp_path, tiny_checkpoint):
+    """The real-weights path: prompts through the text encoder (cached), fidelity against bf16 with the
+    same seed, the typography suite rendered, OCR-scored and compared with bf16."""
+    cfg = RunConfig(
+        checkpoint=str(tiny_checkpoint), recipes=("fp8-row",), resolutions=(64,), steps=2, tiers=(),
+        typography_prompts=2, out=str(tmp_path / "run"), device="cpu",
+    )  # fmt: skip
+    out = run(cfg, progress=False)
+    _, rows, rest = read_results(out)
+    bf16, fp8 = (r for r in rows if r.label == "measured")
+    assert (bf16.recipe, fp8.recipe) == ("bf16", "fp8-row") and bf16.weights == str(tiny_checkpoint)
+    assert bf16.fidelity == {"status": "baseline"}
+    assert isinstance(fp8.fidelity["psnr_db"], float) and isinstance(fp8.fidelity["latent_sqnr_db"], float)
+    assert fp8.fidelity["latent_sqnr_db"] > 15  # fp8 weights of a random model: close, not equal
+    assert "rapidocr" in fp8.typography and "delta_vs_bf16" in fp8.typography
+    assert fp8.typography["rapidocr"]["n"] == 2
+    assert len(rest["typography_images"]) == 4  # 2 prompts x 2 recipes
+    assert len(list((out / "images" / "fp8-row").glob("*.png"))) == 2
+    assert any((out / "embeddings").iterdir())  # the text encoder ran once per prompt, then was cached
