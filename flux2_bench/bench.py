@@ -39,7 +39,7 @@ class RunConfig:
     refs: tuple[int, ...] = (0,)
     steps: int | None = None  # default: 4 with synthetic weights (timing only), the preset's with real ones
     tiers: tuple[str, ...] | None = None  # default: rtx3060, rtx4090, rtx5090
-    prompts: str | None = None  # a text file, one prompt per line (real weights); default: the typography suite
+    prompts: str | None = None  # a text file, one prompt per line, rendered as one batch per cell
     typography_prompts: int = 30  # how many suite prompts each recipe renders (real weights)
     out: str | None = None  # run directory; default runs/<UTC time>
     resume: str | None = None
@@ -72,6 +72,7 @@ class RunConfig:
         for n in self.refs:
             if not 0 <= n <= 10:
                 raise ValueError(f"references per cell must be 0..10, got {n}")
+        load_prompts(self.prompts)  # a missing or empty prompts file fails before any work
         steps = self.steps or (4 if synthetic else get_preset(preset).default_steps)
         out = self.out or self.resume or f"runs/{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}"
         return replace(
@@ -191,6 +192,23 @@ def _pipeline(cfg: RunConfig, recipe: str, tiled_vae: bool = False):
     )  # fmt: skip
 
 
+DEFAULT_PROMPT = 'A storefront sign that reads "OPEN 24 HOURS", photographed at dusk'
+
+
+def load_prompts(path: str | None) -> list[str]:
+    """The prompts each cell renders as one batch (fidelity is scored over all of them): one per
+    non-empty line of `path`, or a single built-in prompt."""
+    if path is None:
+        return [DEFAULT_PROMPT]
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompts in it (one per line)")
+    return prompts
+
+
 def _prompt_embeds(cfg: RunConfig, pipe, prompts: list[str]) -> torch.Tensor:
     """Embeddings for `prompts`: seeded random stand-ins with synthetic weights; with real weights the
     text encoder runs once per prompt (cached on disk in the run directory), then is freed."""
@@ -237,8 +255,8 @@ def _measure_cell(cfg: RunConfig, cell: Cell, state: _State, progress: bool) -> 
     pipe = None
     try:
         pipe = _pipeline(cfg, cell.recipe, tiled_vae=cell.size * cell.size > 1024 * 1024)
-        prompt = 'A storefront sign that reads "OPEN 24 HOURS"'
-        embeds = _prompt_embeds(cfg, pipe, [prompt])
+        prompts = load_prompts(cfg.prompts)
+        embeds = _prompt_embeds(cfg, pipe, prompts)  # one batch: every prompt, same seed
         refs = _reference_images(cell, cfg.seed)
         guidance = pipe.transformer.config.default_guidance
         with torch.inference_mode():  # warm-up: Triton autotuning and compilation stay out of the split
@@ -271,7 +289,7 @@ def _measure_cell(cfg: RunConfig, cell: Cell, state: _State, progress: bool) -> 
             denoise_s=t.get("denoise_s"),
             decode_s=t.get("decode_s"),
             total_s=total,
-            images_per_min=60.0 / total if total else None,
+            images_per_min=60.0 * len(prompts) / total if total else None,
             weights_gib=model_bytes(pipe.transformer) / GIB,
             peak_allocated_gib=mem.allocator_peak_bytes / GIB if mem.allocator_peak_bytes else None,
             peak_device_gib=mem.device_peak_bytes / GIB if mem.device_peak_bytes else None,

@@ -110,7 +110,9 @@ def _add_run(sub) -> None:
     p.add_argument("--refs", type=_csv(int), default=d.refs, help="reference images per cell, e.g. 0,1,4")
     p.add_argument("--steps", type=int, default=d.steps, help="sampling steps (default: 4 synthetic, preset's real)")
     p.add_argument("--tiers", type=_csv(str), default=d.tiers, help="tier slugs from gpu-tiers.csv, e.g. rtx4090")
-    p.add_argument("--prompts", default=d.prompts, help="text file of prompts (real weights)")
+    p.add_argument(
+        "--prompts", default=d.prompts, help="text file, one prompt per line, each cell renders them as one batch"
+    )
     p.add_argument("--typography-prompts", type=int, default=d.typography_prompts, help="suite prompts per recipe")
     p.add_argument("--anchors", action="store_true", help="also time diffusers / torchao / bitsandbytes (GPU)")
     p.add_argument("--out", default=d.out, help="run directory (default: runs/<UTC time>)")

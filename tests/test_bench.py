@@ -92,6 +92,22 @@ def test_non_finite_output_is_flagged(tmp_path, monkeypatch):
     assert flagged["int4-g128"] == "non-finite" and flagged["bf16"] == "ok"
 
 
+def test_prompts_file_is_rendered_as_one_batch(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a sign that reads "HELLO"\n\na poster that says "42"\n')
+    out = run(RunConfig(**{**SMALL, "recipes": ()}, prompts=str(prompts), out=str(tmp_path / "r"), device="cpu"),
+              progress=False)  # fmt: skip
+    _, rows, _ = read_results(out)
+    (bf16,) = [r for r in rows if r.label == "measured"]
+    assert bf16.fidelity["n_images"] == 2
+    assert bf16.images_per_min == pytest.approx(2 * 60 / bf16.total_s)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        RunConfig(prompts=str(tmp_path / "missing.txt"), device="cpu").resolve()
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        RunConfig(prompts=str(tmp_path / "empty.txt"), device="cpu").resolve()
+
+
 def test_bad_configs_fail_with_the_valid_choices():
     with pytest.raises(ValueError, match="unknown recipe"):
         RunConfig(recipes=("fp7",), device="cpu").resolve()
