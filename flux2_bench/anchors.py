@@ -63,6 +63,8 @@ def quantize_bnb_nf4(dmodel: nn.Module) -> nn.Module:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bf
 
+    from flux2_bench.quantize.linear import replace_module
+
     # names first: holding every old module (list(named_modules())) would keep all bf16 weights alive
     names = [fqn for fqn, m in dmodel.named_modules() if is_block_linear(m, fqn)]
     for fqn in names:
@@ -74,7 +76,6 @@ def quantize_bnb_nf4(dmodel: nn.Module) -> nn.Module:
         new.weight = bnb.nn.Params4bit(
             packed, requires_grad=False, quant_state=state, blocksize=64, quant_type="nf4", bnb_quantized=True
         )
-        parent, _, child = fqn.rpartition(".")
-        setattr(dmodel.get_submodule(parent), child, new)
+        replace_module(dmodel, fqn, new)
         del m
     return dmodel

@@ -514,7 +514,7 @@ def load_transformer(
     the block linears of a bf16 checkpoint while loading, layer by layer, so the whole model never
     exists in bf16 on the device (the 64 GB FLUX.2-dev fits a 40 GB-class GPU as fp8).
     """
-    from flux2_bench.quantize.linear import QuantLinear, is_block_linear
+    from flux2_bench.quantize.linear import QuantLinear, is_block_linear, replace_module
     from flux2_bench.quantize.recipes import Recipe, get_recipe, quantize_layer
 
     ckpt = open_checkpoint(path)
@@ -549,8 +549,7 @@ def load_transformer(
         for layer in [*quantized, *on_load]:
             n, k = shapes[f"{layer}.weight"]
             r = quantized[layer].recipe if layer in quantized else Recipe(recipe)
-            parent, _, child = layer.rpartition(".")
-            setattr(model.get_submodule(parent), child, QuantLinear(k, n, r))
+            replace_module(model, layer, QuantLinear(k, n, r))
     model = model.to_empty(device=device).eval()
     params = dict(model.named_parameters())
 
@@ -675,7 +674,7 @@ def synthetic_transformer(
     With `recipe`, the block linears are QuantLinears: each random bf16 weight is drawn, quantized
     and freed in turn, so the bf16 model never exists (equal to `swap_linears` on the bf16 model).
     """
-    from flux2_bench.quantize.linear import QuantLinear, is_block_linear
+    from flux2_bench.quantize.linear import QuantLinear, is_block_linear, replace_module
     from flux2_bench.quantize.recipes import get_recipe, quantize_layer
 
     cfg = get_preset(preset) if isinstance(preset, str) else preset
@@ -687,8 +686,7 @@ def synthetic_transformer(
             for name, shape in params:
                 layer = name.removesuffix(".weight")
                 if is_block_linear(layer):
-                    parent, _, child = layer.rpartition(".")
-                    setattr(model.get_submodule(parent), child, QuantLinear(shape[1], shape[0], recipe))
+                    replace_module(model, layer, QuantLinear(shape[1], shape[0], recipe))
                     quantized.add(layer)
     model = model.to_empty(device=device).eval()
     dev = torch.device(device)

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flux2_bench.quantize import formats as F
+from flux2_bench.quantize.linear import BLOCK_LINEARS
 from flux2_bench.quantize.recipes import COMFY_FP8, COMFY_NVFP4, Recipe, RecipeConfig, get_recipe, nf4_tensors
 from flux2_bench.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter
 from flux2_bench.weights import infer_config, open_checkpoint, preset_name, resolve_files
@@ -41,18 +42,10 @@ DEFAULT_SHARD_SIZE = 5 * 1000**3  # what the input used when it was sharded and 
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # rows of a weight quantized at a time: ~16 MB of fp32 temporaries each
 META = "flux2_bench."
 
-# Block linears of the FLUX.2 transformer (BFL and diffusers names); everything else stays bf16.
+# Block linears of the FLUX.2 transformer (BFL names from quantize.linear, plus diffusers' names);
+# everything else stays bf16.
 FLUX2_BLOCK_LINEARS = (
-    "double_blocks.*.img_attn.qkv",
-    "double_blocks.*.txt_attn.qkv",
-    "double_blocks.*.img_attn.proj",
-    "double_blocks.*.txt_attn.proj",
-    "double_blocks.*.img_mlp.0",
-    "double_blocks.*.img_mlp.2",
-    "double_blocks.*.txt_mlp.0",
-    "double_blocks.*.txt_mlp.2",
-    "single_blocks.*.linear1",
-    "single_blocks.*.linear2",
+    *BLOCK_LINEARS,
     "transformer_blocks.*.attn.to_[qkv]",
     "transformer_blocks.*.attn.add_[qkv]_proj",
     "transformer_blocks.*.attn.to_out.0",

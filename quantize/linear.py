@@ -230,6 +230,12 @@ class QuantLinear(nn.Module):
         )
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` (e.g. "single_blocks.3.linear1") was."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def swap_linears(model: nn.Module, recipe: Recipe | str, filter: Callable[[str], bool] | None = None) -> list[str]:
     """Replace every nn.Linear whose qualified name passes `filter` (default: the FLUX.2 block linears)
     by a QuantLinear, one layer at a time (each bf16 weight is freed once its layer is swapped).
@@ -238,8 +244,6 @@ def swap_linears(model: nn.Module, recipe: Recipe | str, filter: Callable[[str],
     swapped = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and filter(name):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, QuantLinear.from_float(module, recipe))
+            replace_module(model, name, QuantLinear.from_float(module, recipe))
             swapped.append(name)
     return swapped
