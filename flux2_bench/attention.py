@@ -71,13 +71,16 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """RoPE + attention over the joint sequence; (B, H, L, D) in, (B, L, H*D) out."""
-    q, k = apply_rope(q, k, pe)
+def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The selected backend on Q and K that are already rotated; (B, H, L, D) in and out."""
     if _backend == "fp8":
         from flux2_bench.kernels.fp8_attention import fp8_attention
 
-        x = fp8_attention(q, k, v)
-    else:
-        x = sdpa(q, k, v)
-    return x.transpose(1, 2).flatten(2)
+        return fp8_attention(q, k, v)
+    return sdpa(q, k, v)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
+    """RoPE + attention over the joint sequence; (B, H, L, D) in, (B, L, H*D) out."""
+    q, k = apply_rope(q, k, pe)
+    return attend(q, k, v).transpose(1, 2).flatten(2)

@@ -204,23 +204,63 @@ class QuantLinear(nn.Module):
             return f"triton dequantize_4bit + cuBLAS for M>={DEQUANT_MIN_M}, else int4_matmul ({self.recipe})"
         return "torch (dequantize + F.linear)"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def activation_quant(self, device: torch.device) -> str | None:
+        """The FP8 activation granularity ("row" / "block") this layer's kernel takes already quantized
+        from a fused producer (`kernels/fused_modulate.py`) on `device`; None: it takes bf16."""
+        if self.recipe in (Recipe.FP8_ROW, Recipe.FP8_BLOCK) and self.kernel(device).startswith("triton fp8_linear"):
+            return FP8_GRANULARITY[self.recipe]
+        return None
+
+    def forward(
+        self, x: Tensor | tuple[Tensor, Tensor], residual: Tensor | None = None, gate: Tensor | None = None
+    ) -> Tensor:
+        """x @ Wᵀ, or FLUX.2's gated residual `residual + gate * (x @ Wᵀ)` when both are given.
+
+        x: (..., K) activations, or a pair (x_fp8, x_scale) that a fused producer quantized with this
+        layer's `activation_quant` granularity (quantize_fp8's shapes). gate: broadcastable to the
+        output as (B, 1, N); with B == 1 the FP8 kernels apply it in their epilogue."""
+        if (residual is None) != (gate is None):
+            raise ValueError("residual without gate (or gate without residual): pass both for the gated residual")
+        if isinstance(x, tuple):
+            return self._forward_fp8_input(*x, residual=residual, gate=gate)
         kernel = self.kernel(x.device)
+        if kernel.startswith("triton fp8_linear"):
+            from flux2_bench.kernels.fp8_matmul import fp8_linear
+
+            res, g = _epilogue_args(residual, gate, self.out_features)
+            out = fp8_linear(
+                x, self.weight, self.weight_scale, granularity=FP8_GRANULARITY[self.recipe], residual=res, gate=g
+            )
+            return out if res is not None or residual is None else torch.addcmul(residual, gate, out)
         if kernel.startswith("torch"):
-            return F.linear(x, self.dequantize(x.dtype))
-        if self.recipe in FP8_GRANULARITY:
-            from flux2_bench.kernels.fp8_matmul import fp8_linear, fp8_weight_only_linear
+            out = F.linear(x, self.dequantize(x.dtype))
+        elif kernel == "triton fp8 weight-only":
+            from flux2_bench.kernels.fp8_matmul import fp8_weight_only_linear
 
-            if kernel == "triton fp8 weight-only":
-                return fp8_weight_only_linear(x, self.weight, self.weight_scale)
-            return fp8_linear(x, self.weight, self.weight_scale, granularity=FP8_GRANULARITY[self.recipe])
-        from flux2_bench.kernels.int4_matmul import dequantize_4bit, int4_matmul
+            out = fp8_weight_only_linear(x, self.weight, self.weight_scale)
+        else:
+            from flux2_bench.kernels.int4_matmul import dequantize_4bit, int4_matmul
 
-        code = self.code if self.recipe is Recipe.NF4 else None
-        if x.numel() // x.shape[-1] >= DEQUANT_MIN_M:
-            w = dequantize_4bit(self.weight, self.weight_scale, fmt=str(self.recipe), code=code)
-            return F.linear(x, w.to(x.dtype))
-        return int4_matmul(x, self.weight, self.weight_scale, fmt=str(self.recipe), code=code)
+            code = self.code if self.recipe is Recipe.NF4 else None
+            if x.numel() // x.shape[-1] >= DEQUANT_MIN_M:
+                w = dequantize_4bit(self.weight, self.weight_scale, fmt=str(self.recipe), code=code)
+                out = F.linear(x, w.to(x.dtype))
+            else:
+                out = int4_matmul(x, self.weight, self.weight_scale, fmt=str(self.recipe), code=code)
+        return out if residual is None else torch.addcmul(residual, gate, out)
+
+    def _forward_fp8_input(self, xq: Tensor, x_scale: Tensor, residual: Tensor | None, gate: Tensor | None):
+        from flux2_bench.kernels.fp8_matmul import fp8_gemm
+
+        if self.activation_quant(xq.device) is None:
+            raise ValueError(f"{self.recipe} layer with kernel {self.kernel(xq.device)!r} takes no FP8 input")
+        lead, k = xq.shape[:-1], xq.shape[-1]
+        if k != self.in_features:
+            raise ValueError(f"x has {k} features, this layer takes {self.in_features}")
+        a, a_scale = xq.reshape(-1, k), x_scale.reshape(-1, x_scale.shape[-1])
+        res, g = _epilogue_args(residual, gate, self.out_features)
+        out = fp8_gemm(a, self.weight, a_scale, self.weight_scale, residual=res, gate=g).reshape(*lead, -1)
+        return out if res is not None or residual is None else torch.addcmul(residual, gate, out)
 
     def extra_repr(self) -> str:
         dev = self.weight.device
@@ -228,6 +268,16 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe}, kernel={kernel}"
         )
+
+
+def _epilogue_args(residual: Tensor | None, gate: Tensor | None, n: int) -> tuple[Tensor | None, Tensor | None]:
+    """(residual (M, N), gate (N,)) for the FP8 GEMM epilogue, or (None, None) when the gate differs
+    between batch entries (then the caller applies the residual in torch)."""
+    if residual is None:
+        return None, None
+    if gate.numel() != n or residual.shape[-1] != n:
+        return None, None
+    return residual.reshape(-1, n), gate.reshape(n)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -192,3 +192,44 @@ def test_quant_linear_kernels_on_gpu_match_the_torch_path(recipe):
     # fp8 recipes also quantize the activations (e4m3, ~31 dB); 4-bit kernels only round to bf16
     floor = 28 if recipe.startswith("fp8") else 40
     assert sqnr(got, want) >= floor, f"{recipe} on {q.kernel(x.device)}: {sqnr(got, want):.1f} dB"
+
+
+@pytest.mark.parametrize("recipe", ["fp8-row", "int4-g128"])
+def test_gated_residual_equals_addcmul_of_the_output(recipe):
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(256, 128, bias=False), recipe)
+    x, res = torch.randn(2, 5, 256), torch.randn(2, 5, 128)
+    gate = torch.randn(2, 1, 128)  # per-batch gates: the torch addcmul path on every device
+    torch.testing.assert_close(q(x, residual=res, gate=gate), torch.addcmul(res, gate, q(x)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="residual without gate"):
+        q(x[:1], residual=res[:1], gate=None).sum()
+
+
+def test_fp8_input_is_refused_where_the_kernel_takes_bf16():
+    q = QuantLinear.from_float(nn.Linear(256, 128, bias=False), "fp8-row")
+    assert q.activation_quant(torch.device("cpu")) is None  # CPU: dequantize + F.linear
+    xq = torch.zeros(3, 256, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="takes no FP8 input"):
+        q((xq, torch.ones(3, 1)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["fp8-row", "fp8-block"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fp8_input_and_epilogue_on_gpu_match_quantize_then_linear(recipe, batch):
+    from flux2_bench.kernels.fp8_matmul import quantize_fp8
+
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    q = QuantLinear.from_float(nn.Linear(1024, 768, bias=False, device=dev, dtype=bf), recipe)
+    gran = q.activation_quant(torch.device(dev))
+    assert gran == recipe.removeprefix("fp8-")
+    x = torch.randn(batch, 300, 1024, device=dev, dtype=bf)
+    res, gate = torch.randn(batch, 300, 768, device=dev, dtype=bf), torch.randn(batch, 1, 768, device=dev, dtype=bf)
+    want = torch.addcmul(res.float(), gate.float(), q(x).float())
+    got_pre = q(quantize_fp8(x, gran), residual=res, gate=gate).float()  # epilogue when batch == 1
+    got_bf16 = q(x, residual=res, gate=gate).float()
+    # same fp8 operands and fp32 accumulation; the epilogue adds in fp32 before one bf16 rounding,
+    # the reference rounds the product to bf16 first: a few bf16 ulps of |residual + gate*out|
+    for got in (got_pre, got_bf16):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)
