@@ -51,12 +51,15 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 FP8_MAX = 448.0
 AMAX_EPS = 1e-12  # all-zero rows get a tiny positive scale instead of 0/0
 QBLOCK = 128  # block-scaling granularity along K (and N for weights)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _ROW_SINGLE_PASS_MAX_K = 32768  # rows up to this (padded) length are quantized from registers in one pass
+WO_DEQUANT_MIN_M = 1024  # weight-only: from this many rows on, dequantize to bf16 + cuBLAS (measured)
+PERSISTENT = True  # fp8 A on sm_90: persistent TMA kernel (False: the classic tiled kernel everywhere)
 
 SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2
 _GRANULARITY = {"tensor": SCALE_TENSOR, "row": SCALE_ROW, "block": SCALE_BLOCK}
@@ -280,6 +283,146 @@ def _fp8_gemm_kernel(
 
 
 @triton.jit
+def _tile_pids(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row-tiles share each B column-tile while it sits in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile_id % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _fp8_gemm_persistent_kernel(
+    # tensor descriptors (TMA on sm_90) and pointers
+    a_desc,  # (M, K) e4m3, block [BLOCK_M, BLOCK_K]
+    b_desc,  # (N, K) e4m3, block [BLOCK_N, BLOCK_K]
+    c_desc,  # (M, N) out, block [BLOCK_M, BLOCK_N // (2 if EPILOGUE_SUBTILE else 1)]
+    a_scale_ptr,
+    b_scale_ptr,
+    res_ptr,
+    gate_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    # strides
+    stride_rm,
+    stride_rn,
+    stride_gn,
+    stride_asm,
+    stride_ask,
+    stride_bsn,
+    stride_bsk,
+    # meta-parameters
+    SCALE_MODE: tl.constexpr,  # 0 tensor, 1 row x channel, 2 block (needs BLOCK_N == BLOCK_K == 128)
+    PROMOTE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    C_BYTES: tl.constexpr,  # output element size: autotune key (the staging tile's shared memory)
+    NUM_SMS: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Same maths as ``_fp8_gemm_kernel`` for fp8 A, as a persistent kernel (one program per SM
+    walking the tiles, Triton tutorial 09): TMA loads (no address arithmetic, out-of-bounds rows and
+    K columns read as zeros), the flattened tile loop lets the next tile's loads start during this
+    tile's epilogue, and the output goes out through a TMA store (clipped at the edges)."""
+    start_pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    if SCALE_MODE == 2:
+        tl.static_assert(BLOCK_N == 128 and BLOCK_K == 128)
+
+    tile_id_c = start_pid - NUM_SMS  # the epilogue recomputes its tile: shorter live ranges
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile_pids(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        if SCALE_MODE == 2:
+            offs_am = off_m + tl.arange(0, BLOCK_M)
+            sa_ptrs = a_scale_ptr + (offs_am % M) * stride_asm
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            b = b_desc.load([off_n, ki * BLOCK_K])
+            if SCALE_MODE == 2:
+                # promotion: this 128-wide K slice's product scaled by its 1x128 and 128x128 scales
+                a_sb = tl.load(sa_ptrs + ki * stride_ask)
+                b_sb = tl.load(b_scale_ptr + pid_n * stride_bsn + ki * stride_bsk)
+                acc += tl.dot(a, b.T) * (a_sb * b_sb)[:, None]
+            elif PROMOTE:
+                acc += tl.dot(a, b.T)
+            else:
+                acc = tl.dot(a, b.T, acc)
+
+        tile_id_c += NUM_SMS
+        pid_m, pid_n = _tile_pids(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        if SCALE_MODE != 2:
+            a_s = tl.load(a_scale_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
+            b_s = tl.load(b_scale_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
+            acc = acc * (a_s[:, None] * b_s[None, :])
+        if HAS_GATE:
+            g = tl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc * g[None, :]
+        if HAS_RESIDUAL:
+            r_ptrs = res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn
+            acc += tl.load(r_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        out_ty = c_desc.dtype
+        if EPILOGUE_SUBTILE:
+            # two half-width stores: half the shared-memory staging buffer, one more pipeline stage
+            acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            acc0, acc1 = tl.split(acc)
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc0.to(out_ty))
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], acc1.to(out_ty))
+        else:
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_ty))
+
+
+@triton.jit
+def _dequant_fp8_kernel(
+    w_ptr,  # uint8 view of the e4m3 weights (N, K)
+    s_ptr,
+    out_ptr,  # (N, K) bf16 / fp16
+    N,
+    K,
+    stride_wn,
+    stride_on,
+    stride_sn,  # 0 for a per-tensor scale
+    stride_sk,
+    SCALE_MODE: tl.constexpr,  # 0 tensor, 1 channel, 2 block (128x128)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out = e4m3(w) * scale, rounded once to out's dtype. The decode is integer arithmetic (no fp8
+    instruction), as an sm_80 GPU runs it."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    rows = offs_n.to(tl.int64)[:, None]
+    wi = tl.load(w_ptr + rows * stride_wn + offs_k[None, :], mask=mask, other=0).to(tl.int16)
+    w = (((wi & 0x7F) << 7) | ((wi & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    if SCALE_MODE == 2:
+        s = tl.load(s_ptr + (offs_n // 128)[:, None] * stride_sn + (offs_k // 128)[None, :] * stride_sk, mask=mask)
+    else:
+        s = tl.load(s_ptr + offs_n * stride_sn, mask=offs_n < N)[:, None]
+    tl.store(out_ptr + rows * stride_on + offs_k[None, :], (w * (s * 256.0)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _fp8_weight_only_kernel(
     # pointers
     x_ptr,
@@ -395,10 +538,29 @@ def _cfg(bm, bn, bk, stages, warps, group=8, names=("BLOCK_M", "BLOCK_N", "BLOCK
     )
 
 
+def _pcfg(bm, bn, stages, warps, subtile, group=8):
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": group, "EPILOGUE_SUBTILE": subtile},
+        num_stages=stages,
+        num_warps=warps,
+        pre_hook=_set_desc_blocks,
+    )
+
+
+def _set_desc_blocks(nargs):
+    """TMA descriptors carry their block shape: set it from the config being tried."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk]
+    nargs["c_desc"].block_shape = [bm, bn // 2 if nargs["EPILOGUE_SUBTILE"] else bn]
+
+
 if _INTERPRET:
     # The interpreter costs a few ms per program x loop iteration and checks no GPU constraint:
     # one small config keeps CPU tests fast (and skips benchmarking).
     _GEMM_CONFIGS = [_cfg(32, 32, 128, 1, 4, group=4)]
+    # [0] for tensor/row scales (subtiled epilogue exercised), [1] for block scales (BLOCK_N = 128)
+    _PERSISTENT_CONFIGS = [_pcfg(32, 64, 1, 4, True, group=2), _pcfg(32, 128, 1, 4, False, group=2)]
     _WO_CONFIGS = [_cfg(32, 32, 64, 1, 4, group=4, names=("BLOCK_N", "BLOCK_M", "BLOCK_K", "GROUP_N"))]
 else:
     # BLOCK_K = 128 everywhere: 128 bytes of fp8 per row is one full swizzle line, and block scaling
@@ -413,6 +575,20 @@ else:
         _cfg(128, 128, 128, 3, 4),
         _cfg(64, 128, 128, 4, 4),
         _cfg(128, 64, 128, 3, 4),
+    ]
+    # Persistent TMA kernel (sm_90). 128x256 is the H100 workhorse; 64-row and 128x128 tiles give the
+    # M = 512 text GEMMs 2-3 full waves on 132 SMs instead of 96-288 tiles of 128x256; the subtiled
+    # epilogue halves the output staging buffer so a 4th stage fits in 227 KB.
+    _PERSISTENT_CONFIGS = [
+        _pcfg(128, 256, 3, 8, True),
+        _pcfg(128, 256, 4, 8, True),
+        _pcfg(128, 256, 3, 8, False),
+        _pcfg(256, 128, 3, 8, True),
+        _pcfg(128, 128, 4, 8, False),
+        _pcfg(128, 128, 5, 8, False),
+        _pcfg(128, 128, 4, 4, False),
+        _pcfg(64, 256, 4, 4, True),
+        _pcfg(64, 128, 5, 4, False),
     ]
     _wo = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "GROUP_N")
     _WO_CONFIGS = [
@@ -453,6 +629,30 @@ def _prune_gemm(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+def _prune_persistent(configs, named_args, **kwargs):
+    """Shared memory (stages of A and B tiles + the output staging tile), the two-accumulator register
+    limit of ``_prune_gemm``, and BLOCK_N = 128 for block scales (one weight scale per K step)."""
+    block = kwargs.get("SCALE_MODE") == SCALE_BLOCK
+    two_acc = block or bool(kwargs.get("PROMOTE"))
+    c_bytes = kwargs.get("C_BYTES", 2)
+    a = named_args["a_desc"].base
+    limit = None if (_INTERPRET or a.device.type != "cuda") else _smem_limit(a.device)
+    kept = []
+    for c in configs:
+        kw = c.kwargs
+        if block and kw["BLOCK_N"] != 128:
+            continue
+        if limit is None:
+            kept.append(c)
+            break  # interpreter: one config, no benchmarking
+        smem = c.num_stages * kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"])
+        smem += kw["BLOCK_M"] * kw["BLOCK_N"] * c_bytes // (2 if kw["EPILOGUE_SUBTILE"] else 1)
+        acc_regs = kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * c.num_warps)
+        if smem + 1024 <= limit and (not two_acc or acc_regs <= 64):  # + barriers
+            kept.append(c)
+    return kept or [c for c in configs if not block or c.kwargs["BLOCK_N"] == 128][-1:]
+
+
 def _prune_weight_only(configs, named_args, **kwargs):
     x = named_args["x_ptr"]
     if _INTERPRET or x.device.type != "cuda":
@@ -473,6 +673,12 @@ _fp8_gemm = triton.autotune(
     key=["M", "N", "K", "SCALE_MODE", "A_BF16", "PROMOTE"],
     prune_configs_by={"early_config_prune": _prune_gemm},
 )(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fp8_gemm_kernel))
+
+_fp8_gemm_persistent = triton.autotune(
+    configs=_PERSISTENT_CONFIGS,
+    key=["M", "N", "K", "SCALE_MODE", "PROMOTE", "C_BYTES"],
+    prune_configs_by={"early_config_prune": _prune_persistent},
+)(_fp8_gemm_persistent_kernel)
 
 _fp8_weight_only = triton.autotune(
     configs=_WO_CONFIGS,
@@ -546,6 +752,29 @@ def _check_epilogue(residual, gate, M, N):
         raise ValueError(f"gate must have shape ({N},) or (1, {N}), got {tuple(gate.shape)}")
 
 
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few programs, each walking several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _use_persistent(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool:
+    """The persistent TMA kernel runs on sm_90 (measured there; sm_89 has no TMA, sm_100/sm_120 are
+    untested) when TMA's 16-byte alignment holds for every row stride and base address. Everything
+    else (and fused activation quantization) takes the classic tiled kernel."""
+    if not PERSISTENT:
+        return False
+    if a.device.type == "cuda":
+        if torch.cuda.get_device_capability(a.device)[0] != 9:
+            return False
+    elif not _INTERPRET:
+        return False
+    aligned = all(
+        t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1 for t in (a, b, out)
+    )
+    return aligned
+
+
 def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, a_bf16=False, force_block=False):
     M, K = a.shape
     N = b.shape[0]
@@ -558,6 +787,22 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
         return out
     res = residual if residual is not None else out
     g = gate.reshape(-1) if gate is not None else out
+    if not a_bf16 and _use_persistent(a, b, out):
+        num_sms = _num_sms(a.device)
+        # block shapes are placeholders: the autotuner's pre-hook sets them per config
+        a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [16, 16])
+        b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [16, 16])
+        c_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [16, 16])
+        grid = lambda meta: (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        _fp8_gemm_persistent[grid](
+            a_desc, b_desc, c_desc, a_scale, b_scale, res, g,
+            M, N, K,
+            res.stride(0), res.stride(1), g.stride(0),
+            s_asm, s_ask, s_bsn, s_bsk,
+            SCALE_MODE=mode, PROMOTE=not fast_accum, HAS_RESIDUAL=residual is not None,
+            HAS_GATE=gate is not None, C_BYTES=out.element_size(), NUM_SMS=num_sms,
+        )  # fmt: skip
+        return out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _fp8_gemm[grid](
         a, b, out, a_scale, b_scale, res, g,
@@ -762,6 +1007,49 @@ def fp8_linear(
     return out.reshape(*x.shape[:-1], N)
 
 
+def _weight_scale_mode(w_scale: torch.Tensor, N: int, K: int) -> tuple[int, int, int]:
+    kb, nb = math.ceil(K / QBLOCK), math.ceil(N / QBLOCK)
+    if w_scale.numel() == 1:
+        return SCALE_TENSOR, 0, 0
+    if tuple(w_scale.shape) in ((N,), (N, 1)):
+        return SCALE_ROW, w_scale.stride(0), 0
+    if tuple(w_scale.shape) == (nb, kb):
+        return SCALE_BLOCK, w_scale.stride(0), w_scale.stride(1)
+    raise ValueError(
+        f"w_scale shape {tuple(w_scale.shape)} is none of (), ({N},), ({N}, 1), ({nb}, {kb}) for w ({N}, {K})"
+    )
+
+
+def _dequant_launch(w, w_scale, mode, s_n, s_k, dtype):
+    N, K = w.shape
+    wu = w.view(torch.uint8)
+    out = torch.empty((N, K), device=w.device, dtype=dtype)
+    block_n, block_k = (32, 64) if _INTERPRET else (64, 256)  # 16 KB of output per program
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    _dequant_fp8_kernel[grid](
+        wu, w_scale, out, N, K, wu.stride(0), out.stride(0), s_n, s_k,
+        SCALE_MODE=mode, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def dequantize_fp8_weight(w: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``(w * w_scale).to(dtype)`` for e4m3 (or uint8-viewed) weights (N, K) in one Triton pass.
+
+    w_scale: scalar, per-channel (N,)/(N, 1) or 128x128 blocks (ceil(N/128), ceil(K/128)); dtype bf16
+    or fp16. The e4m3 bits are decoded with integer arithmetic, so it runs on GPUs without FP8."""
+    if not isinstance(w, torch.Tensor) or w.dtype not in (torch.float8_e4m3fn, torch.uint8) or w.ndim != 2:
+        raise TypeError(f"w must be a 2-D float8_e4m3fn (or uint8) tensor, got {getattr(w, 'dtype', type(w))}")
+    if w.shape[1] > 1 and w.stride(1) != 1:
+        raise ValueError(f"w must be contiguous along K, got strides {w.stride()}")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"dtype must be bf16 or fp16, got {dtype}")
+    _as_fp32_scale(w_scale, "w_scale")
+    _check_device(w, w_scale)
+    mode, s_n, s_k = _weight_scale_mode(w_scale, *w.shape)
+    return _dequant_launch(w, w_scale, mode, s_n, s_k, dtype)
+
+
 def fp8_weight_only_linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -788,22 +1076,24 @@ def fp8_weight_only_linear(
     if w.shape[1] != K:
         raise ValueError(f"K mismatch: x is {tuple(x.shape)}, w is {tuple(w.shape)} (w is (N, K))")
     _as_fp32_scale(w_scale, "w_scale")
-    kb, nb = math.ceil(K / QBLOCK), math.ceil(N / QBLOCK)
-    if w_scale.numel() == 1:
-        mode, s_n, s_k = SCALE_TENSOR, 0, 0
-    elif tuple(w_scale.shape) in ((N,), (N, 1)):
-        mode, s_n, s_k = SCALE_ROW, w_scale.stride(0), 0
-    elif tuple(w_scale.shape) == (nb, kb):
-        mode, s_n, s_k = SCALE_BLOCK, w_scale.stride(0), w_scale.stride(1)
-    else:
-        raise ValueError(
-            f"w_scale shape {tuple(w_scale.shape)} is none of (), ({N},), ({N}, 1), ({nb}, {kb}) for w {tuple(w.shape)}"
-        )
+    mode, s_n, s_k = _weight_scale_mode(w_scale, N, K)
     out_dtype = out_dtype or x.dtype
     if residual is not None:
         residual = residual.reshape(M, N) if residual.numel() == M * N else residual
     _check_epilogue(residual, gate, M, N)
     _check_device(x2, w, w_scale, residual, gate)
+    if M >= WO_DEQUANT_MIN_M and N > 0:
+        # large M: the GEMM is compute-bound and cuBLAS's bf16 MMA beats the fused decode; the one
+        # extra pass over the weights (1 byte read, 2 written per weight) is amortized over M rows
+        wd = _dequant_launch(w, w_scale, mode, s_n, s_k, x2.dtype)
+        out = torch.nn.functional.linear(x2, wd)
+        del wd
+        if gate is not None:
+            g = gate.reshape(1, N).to(out.dtype)
+            out = torch.addcmul(residual.to(out.dtype), out, g) if residual is not None else out.mul_(g)
+        elif residual is not None:
+            out = out.add_(residual.to(out.dtype))
+        return out.to(out_dtype).reshape(*x.shape[:-1], N)
     out = torch.empty((M, N), device=x2.device, dtype=out_dtype)
     if M > 0 and N > 0:
         wu = w.view(torch.uint8)
@@ -918,3 +1208,12 @@ def fp8_weight_only_linear_ref(x, w, w_scale, *, out_dtype=None, residual=None, 
     if residual is not None:
         out = out + residual.reshape(M, N).float()
     return out.to(out_dtype or x.dtype).reshape(*x.shape[:-1], N)
+
+
+def dequantize_fp8_weight_ref(w, w_scale, dtype=torch.bfloat16):
+    """Reference of ``dequantize_fp8_weight``: fp32 product, one rounding to ``dtype``."""
+    N, K = w.shape
+    wf = w.view(torch.float8_e4m3fn).float()
+    if w_scale.numel() == 1 or tuple(w_scale.shape) in ((N,), (N, 1)):
+        return (wf * w_scale.reshape(-1, 1).float()).to(dtype)
+    return (wf * _expand_blocks(w_scale, N, K, QBLOCK)).to(dtype)

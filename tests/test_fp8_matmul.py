@@ -179,6 +179,45 @@ def test_fp8_gemm_mixed_static_activation_scale_per_channel_weight():
     assert_close(out, ref, FP32_TOL * ref.abs().max().item(), FP32_TOL, "mixed scales")
 
 
+# persistent TMA kernel (sm_90 path; in the interpreter it runs wherever TMA alignment holds)
+# (81, 256, 200): ragged M and N, 2 K blocks, 2 N blocks; 12 tiles over 4 interpreter "SMs"
+PERSISTENT_SHAPES = [(64, 64, 64), (81, 256, 200)]
+
+
+@pytest.mark.parametrize("M,K,N", PERSISTENT_SHAPES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("fast_accum", [True, False])
+def test_fp8_gemm_persistent_matches_ref_and_classic(M, K, N, granularity, fast_accum, monkeypatch):
+    x = act(M, K)
+    static = torch.tensor(0.05, device=DEV)
+    xq, xs = (
+        F.quantize_fp8_ref(x, granularity, static) if granularity == "tensor" else F.quantize_fp8_ref(x, granularity)
+    )
+    _, wq, ws = make_weight(N, K, granularity)
+    out = F.fp8_gemm(xq, wq, xs, ws, out_dtype=torch.float32, fast_accum=fast_accum)
+    if DEV == "cpu" or torch.cuda.get_device_capability()[0] == 9:
+        assert F._use_persistent(xq, wq, out), "TMA-aligned shape did not take the persistent kernel"
+    ref = F.fp8_gemm_ref(xq, wq, xs, ws, out_dtype=torch.float32)
+    assert_close(out, ref, FP32_TOL * ref.abs().max().item(), FP32_TOL, f"persistent {granularity} {M}x{K}x{N}")
+    monkeypatch.setattr(F, "PERSISTENT", False)
+    classic = F.fp8_gemm(xq, wq, xs, ws, out_dtype=torch.float32, fast_accum=fast_accum)
+    assert_close(out, classic, FP32_TOL * ref.abs().max().item(), FP32_TOL, "persistent vs classic kernel")
+
+
+def test_fp8_gemm_persistent_epilogue_and_unaligned_fallback():
+    M, K, N = 17, 128, 72  # bf16 out: 72 * 2 bytes per row is TMA-aligned
+    xq, xs = F.quantize_fp8_ref(act(M, K), "row")
+    _, wq, ws = make_weight(N, K, "row")
+    residual = torch.randn(M, N, device=DEV).to(torch.bfloat16)
+    gate = torch.randn(N, device=DEV).to(torch.bfloat16)
+    out = F.fp8_gemm(xq, wq, xs, ws, residual=residual, gate=gate)
+    assert F._use_persistent(xq, wq, out)
+    ref = F.fp8_gemm_ref(xq, wq, xs, ws, residual=residual, gate=gate)
+    assert_close(out, ref, 1e-3, 2.0**-7, "persistent gated residual")  # bf16 output rounding
+    # contiguous K = 120: 120 bytes per row is not 16-byte aligned for TMA: the classic kernel takes it
+    assert not F._use_persistent(xq[:, :120].contiguous(), wq[:, :120].contiguous(), out)
+
+
 # ---------------------------------------------------------------------------------------------
 # fp8_linear
 
@@ -237,6 +276,55 @@ def test_weight_only_matches_ref(M, K, N, granularity):
     out = F.fp8_weight_only_linear(x, wq, ws, out_dtype=torch.float32)
     ref = F.fp8_weight_only_linear_ref(x, wq, ws, out_dtype=torch.float32)
     assert_close(out, ref, FP32_TOL * ref.abs().max().item(), FP32_TOL, f"weight-only {granularity}")
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_dequantize_fp8_weight_matches_ref(granularity):
+    # fp16 on CPU: the interpreter's fp32 -> bf16 cast truncates (environment.md); bf16 on the GPU
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float16
+    _, wq, ws = make_weight(145, 273, granularity)
+    d = F.dequantize_fp8_weight(wq, ws, dtype)
+    ref = F.dequantize_fp8_weight_ref(wq, ws, dtype)
+    assert d.dtype == dtype and d.shape == (145, 273)
+    bad = d.view(torch.int16) != ref.view(torch.int16)  # one rounding of the same fp32 product: exact
+    assert not bad.any(), f"{int(bad.sum())} values differ, first at {bad.nonzero()[:3].tolist()}"
+
+
+def _dequant_path_bound(x, w_deq, ref, dtype, gate=None):
+    """|out - ref| bound for the dequantize + cuBLAS path: each weight is rounded once to x's dtype
+    (unit roundoff u), the GEMM's output once (u |x| |w|), the epilogue's result once more (u |ref|);
+    fp32 accumulation adds ~1e-5 of sum |x w|. The gate scales the first two."""
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    g = gate.float().abs().reshape(1, -1) if gate is not None else 1.0
+    return g * (2 * u + 1e-5) * (x.float().abs() @ w_deq.float().abs().T) + u * ref.abs()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_weight_only_dequant_path_above_threshold(granularity, monkeypatch):
+    """M >= WO_DEQUANT_MIN_M dequantizes once and calls torch's GEMM (epilogue in torch)."""
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float16  # CPU: see test above
+    M, K, N = 33, 273, 145
+    x = act(M, K).to(dtype)
+    _, wq, ws = make_weight(N, K, granularity)
+    residual = torch.randn(M, N, device=DEV).to(dtype)
+    gate = torch.randn(N, device=DEV).to(dtype)
+    calls = []
+    real = F._dequant_launch
+    monkeypatch.setattr(F, "_dequant_launch", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(F, "WO_DEQUANT_MIN_M", M + 1)
+    F.fp8_weight_only_linear(x, wq, ws)
+    assert not calls, "below the threshold the fused kernel must run"
+    monkeypatch.setattr(F, "WO_DEQUANT_MIN_M", M)
+    w_deq = F.dequantize_fp8_weight_ref(wq, ws, dtype)
+    for kw in ({}, {"residual": residual, "gate": gate}, {"residual": residual}):
+        out = F.fp8_weight_only_linear(x, wq, ws, out_dtype=torch.float32, **kw)
+        ref = F.fp8_weight_only_linear_ref(x, wq, ws, out_dtype=torch.float32, **kw)
+        bound = _dequant_path_bound(x, w_deq, ref, dtype, kw.get("gate"))
+        err = (out - ref).abs()
+        assert (err <= bound).all(), (
+            f"{granularity} {list(kw)}: {int((err > bound).sum())} beyond the bound, max {err.max():.3g}"
+        )
+    assert calls == [(N, K)] * 3, f"dequant path not taken: {calls}"
 
 
 def test_weight_only_decodes_every_e4m3_value_and_epilogue():
@@ -306,9 +394,22 @@ def test_gpu_prune_fits_shared_memory():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode,promote", [(F.SCALE_ROW, False), (F.SCALE_ROW, True), (F.SCALE_BLOCK, False)])
+def test_gpu_prune_persistent(mode, promote):
+    a = torch.empty(16, 16, device="cuda", dtype=torch.float8_e4m3fn)
+    desc = F.TensorDescriptor(a, [16, 16], [16, 1], [16, 16])
+    kept = F._prune_persistent(F._PERSISTENT_CONFIGS, {"a_desc": desc}, SCALE_MODE=mode, PROMOTE=promote, C_BYTES=2)
+    assert kept, "no persistent config fits this GPU"
+    if mode == F.SCALE_BLOCK:
+        assert all(c.kwargs["BLOCK_N"] == 128 for c in kept), [str(c) for c in kept]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N", [(1000, 1111, 777), (1000, 1152, 776)])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_gpu_medium_shape_all_paths(granularity):
-    M, K, N = 1000, 1111, 777  # several tiles, ragged edges everywhere
+def test_gpu_medium_shape_all_paths(M, K, N, granularity):
+    # (1000, 1111, 777): several tiles, ragged edges everywhere, classic kernel (no TMA alignment);
+    # (1000, 1152, 776): ragged M and N tiles, TMA-aligned rows: the persistent kernel on sm_90
     x = act(M, K)
     _, wq, ws = make_weight(N, K, granularity)
     for fuse, fast in ((False, True), (True, True), (False, False)):
@@ -323,7 +424,14 @@ def test_gpu_medium_shape_all_paths(granularity):
         err = (out - ref).norm().item() / ref.norm().item()
         assert not torch.isnan(out).any(), f"NaN in gpu {granularity} fuse={fuse} fast={fast}"
         assert err < bound, f"gpu {granularity} fuse={fuse} fast={fast}: rel L2 {err:.2e} >= {bound:.0e}"
+    assert M < F.WO_DEQUANT_MIN_M
     out = F.fp8_weight_only_linear(x, wq, ws, out_dtype=torch.float32)
     ref = F.fp8_weight_only_linear_ref(x, wq, ws, out_dtype=torch.float32)
     # bf16 MMA of exact bf16 inputs accumulates in fp32: only the summation order differs
     assert_close(out, ref, 1e-5 * ref.abs().max().item(), 1e-5, f"gpu weight-only {granularity}")
+    x2 = torch.cat([x, x[: F.WO_DEQUANT_MIN_M - M]])  # M at the threshold: dequantize + cuBLAS
+    out = F.fp8_weight_only_linear(x2, wq, ws, out_dtype=torch.float32)
+    ref = F.fp8_weight_only_linear_ref(x2, wq, ws, out_dtype=torch.float32)
+    bound = _dequant_path_bound(x2, F.dequantize_fp8_weight_ref(wq, ws, x.dtype), ref, x.dtype)
+    bad = (out - ref).abs() > bound
+    assert not bad.any(), f"gpu weight-only dequant path {granularity}: {int(bad.sum())} beyond the bound"
