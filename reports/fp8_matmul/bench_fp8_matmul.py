@@ -17,6 +17,7 @@ FLOPs = 2*M*N*K. Inputs are random normal (never zeros) with a few outlier activ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -79,6 +80,21 @@ Written after run 1, before run 2 (the tuning iteration):
 - Quantize kernel ran at 0.8 TB/s (two passes, 4 rows per program, 128 programs for the text
   tokens): one row per program, whole row in registers. Expect ~2 TB/s, 2-4x faster on text shapes.
 - Autotune key now includes the scale mode (run 1 shared one config across tensor / row / block).
+
+Written after run 2, before run 3 (persistent TMA kernel, weight-only dequantize + cuBLAS):
+- GEMM row-wise through a persistent TMA kernel (grid = #SMs, flattened tile loop so the next tile's
+  loads overlap this tile's epilogue, TMA store; 64-row and 128x128 tiles in the autotune set for the
+  M = 512 shapes): 1.00-1.05x `_scaled_mm` row-wise fast on M >= 4096 (run 2: 0.99x), 0.92-1.00x on
+  M = 512 (run 2: 0.92x; txt.proj's 96 tiles of 128x256 become 192-384 smaller ones). Geomean
+  0.98-1.02x: the >= 1.0 target is a coin flip.
+- Block scaling in the same persistent kernel with BLOCK_N = 128 (one weight scale per K step,
+  `acc += dot * (sa * sb)`): 0.55-0.70x our row-wise. The promotion needs each K step's MMA result
+  in registers before the next MMA may accumulate, which serializes the async wgmma chain; the
+  0.9 target needs warp specialization (two consumer warpgroups ping-ponging), not a tile change.
+- Weight-only, M >= threshold: e4m3 -> bf16 Triton pass (1 byte read + 2 written per weight) then
+  cuBLAS bf16: 0.88-0.95x bf16 speed at M = 4096-4608 (the pass costs ~420/M of the GEMM), 0.95-0.98x
+  at M = 16384; the in-register kernel stays at ~0.6x on M = 512. Geomean ~0.8-0.85x vs the 0.91
+  target: missed unless the small-M kernel improves. Crossover expected between M = 1024 and 2048.
 """
 
 
@@ -209,8 +225,8 @@ def correctness(F, name, M, K, N, x, w_bf16, wq):
     x_scale_dyn = (x.float().abs().amax().clamp(min=F.AMAX_EPS) * (1.0 / F.FP8_MAX)).reshape(())
     for g in ("tensor", "row", "block"):
         w8, ws = wq[g]
-        for fuse, fast in ((False, True), (True, True), (False, False)):
-            if (g == "tensor" and fuse) or (g == "block" and not fast):
+        for fuse, fast in ((False, True), (False, False)):
+            if g != "row" and not fast:
                 continue
             key = f"linear_{g}{'_fused' if fuse else ''}{'' if fast else '_precise'}"
             kw = {"x_scale": x_scale_dyn} if g == "tensor" else {}
@@ -220,13 +236,44 @@ def correctness(F, name, M, K, N, x, w_bf16, wq):
                 exact,
             )
     w8, ws = wq["row"]
-    res["weight_only_row"] = _compare(
-        lambda: F.fp8_weight_only_linear(x, w8, ws)[rows],
-        lambda: F.fp8_weight_only_linear_ref(xs_rows, w8, ws, out_dtype=torch.float32),
-        exact,
-    )
+    for key, min_m in (
+        ("weight_only_row", F.WO_DEQUANT_MIN_M),
+        ("weight_only_row_fused", 1 << 62),
+        ("weight_only_row_dequant", 0),
+    ):
+        with wo_threshold(F, min_m):
+            res[key] = _compare(
+                lambda: F.fp8_weight_only_linear(x, w8, ws)[rows],
+                lambda: F.fp8_weight_only_linear_ref(xs_rows, w8, ws, out_dtype=torch.float32),
+                exact,
+            )
     print(name, M, K, N, json.dumps(res), flush=True)
     return res
+
+
+@contextlib.contextmanager
+def wo_threshold(F, min_m):
+    """Force the weight-only dispatch (fused kernel / dequantize + cuBLAS) for a measurement."""
+    old = F.WO_DEQUANT_MIN_M
+    F.WO_DEQUANT_MIN_M = min_m
+    try:
+        yield
+    finally:
+        F.WO_DEQUANT_MIN_M = old
+
+
+def _classic(F, fn):
+    """Run fn with the persistent kernel switched off (the classic tiled kernel, run 2's)."""
+    F.PERSISTENT = False
+    try:
+        return fn()
+    finally:
+        F.PERSISTENT = True
+
+
+def _wo_forced(F, min_m, *args):
+    with wo_threshold(F, min_m):
+        return F.fp8_weight_only_linear(*args)
 
 
 def timing(F, name, M, K, N, x, w_bf16, wq):
@@ -244,21 +291,21 @@ def timing(F, name, M, K, N, x, w_bf16, wq):
         "ours_gemm_tensor": lambda: F.fp8_gemm(x8t, w8t, xst, wst),
         "ours_gemm_row": lambda: F.fp8_gemm(x8r, w8r, xsr, wsr),
         "ours_gemm_block": lambda: F.fp8_gemm(x8b, w8b, xsb, wsb),
-        "ours_gemm_tensor_precise": lambda: F.fp8_gemm(x8t, w8t, xst, wst, fast_accum=False),
+        "ours_gemm_row_classic": lambda: _classic(F, lambda: F.fp8_gemm(x8r, w8r, xsr, wsr)),
+        "ours_gemm_block_classic": lambda: _classic(F, lambda: F.fp8_gemm(x8b, w8b, xsb, wsb)),
         "ours_gemm_row_precise": lambda: F.fp8_gemm(x8r, w8r, xsr, wsr, fast_accum=False),
         "torch_quant_row": lambda: torch_quant_row(x),
         "ours_quantize_row": lambda: F.quantize_fp8(x, "row"),
         "ours_quantize_block": lambda: F.quantize_fp8(x, "block"),
-        "ours_quantize_tensor_static": lambda: F.quantize_fp8(x, "tensor", xst),
-        "ours_row_scales_only": lambda: F._quantize_launch(x, "row", None, store_q=False),
         TQ_ROW: lambda: scaled_mm(*_q_row_args(x, w8r, wsr_1n), True),
         TQ_TENSOR: lambda: scaled_mm(*_q_tensor_args(x, w8t, wst), True),
         "ours_linear_tensor_dynamic": lambda: F.fp8_linear(x, w8t, wst, granularity="tensor", fuse_quant=False),
         "ours_linear_row": lambda: F.fp8_linear(x, w8r, wsr, granularity="row", fuse_quant=False),
-        "ours_linear_row_fused": lambda: F.fp8_linear(x, w8r, wsr, granularity="row", fuse_quant=True),
         "ours_linear_block": lambda: F.fp8_linear(x, w8b, wsb, granularity="block", fuse_quant=False),
-        "ours_linear_block_fused": lambda: F.fp8_linear(x, w8b, wsb, granularity="block", fuse_quant=True),
         "ours_weight_only_row": lambda: F.fp8_weight_only_linear(x, w8r, wsr),
+        "ours_weight_only_row_fused": lambda: _wo_forced(F, 1 << 62, x, w8r, wsr),
+        "ours_weight_only_row_dequant": lambda: _wo_forced(F, 0, x, w8r, wsr),
+        "ours_dequant_weight_row": lambda: F.dequantize_fp8_weight(w8r, wsr),
     }
     # cuBLAS 1x128 x 128x128 block scaling, if this torch exposes it through _scaled_mm
     try:
@@ -283,7 +330,7 @@ def timing(F, name, M, K, N, x, w_bf16, wq):
             out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print("ERROR", name, key, out[key]["error"], flush=True)
             continue
-        if not key.startswith(("torch_quant_row", "ours_quantize", "ours_row_scales")):
+        if not key.startswith(("torch_quant_row", "ours_quantize", "ours_row_scales", "ours_dequant_weight")):
             t["tflops"] = flops / t["ms"] / 1e9
         out[key] = t
     print(name, M, K, N, {k: round(t.get("tflops", t.get("ms", -1)), 1) for k, t in out.items()}, flush=True)
@@ -300,15 +347,42 @@ def _q_tensor_args(x, w8, ws):
     return x8, w8, xs, ws
 
 
+WO_SWEEP_SHAPES = [("double.qkv", 6144, 18432), ("double.proj", 6144, 6144), ("double.mlp_out", 18432, 6144)]
+WO_SWEEP_M = (512, 1024, 2048, 4096)
+
+
+def wo_sweep(F):
+    """Weight-only: fused in-register kernel vs dequantize + cuBLAS vs bf16 cuBLAS over M, to place
+    WO_DEQUANT_MIN_M."""
+    rows = []
+    for name, K, N in WO_SWEEP_SHAPES:
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        w8, ws = quant_weights(w)["row"]
+        for M in WO_SWEEP_M:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            rows.append({"name": name, "M": M, "K": K, "N": N, **_wo_sweep_times(F, x, w, w8, ws)})
+            print("wo_sweep", rows[-1], flush=True)
+    return rows
+
+
+def _wo_sweep_times(F, x, w, w8, ws):
+    return {
+        "bf16_mm": bench(lambda: torch.mm(x, w.t()))["ms"],
+        "fused": bench(lambda: _wo_forced(F, 1 << 62, x, w8, ws))["ms"],
+        "dequant": bench(lambda: _wo_forced(F, 0, x, w8, ws))["ms"],
+    }
+
+
 def autotune_choices(F):
     rows = {}
-    for kname, kern in (("fp8_gemm", F._fp8_gemm), ("weight_only", F._fp8_weight_only)):
+    kernels = (("fp8_gemm", F._fp8_gemm), ("persistent", F._fp8_gemm_persistent), ("weight_only", F._fp8_weight_only))
+    for kname, kern in kernels:
         for key, cfg in kern.cache.items():
             rows[f"{kname}{key[:3]}|{'|'.join(map(str, key[3:]))}"] = str(cfg)
     return rows
 
 
-def run(out_path: Path, budget_s: float, time_2048: bool):
+def run(out_path: Path, budget_s: float, time_2048: bool, run_no: int):
     import triton
 
     from flux2_bench.kernels import fp8_matmul as F
@@ -326,6 +400,7 @@ def run(out_path: Path, budget_s: float, time_2048: bool):
             "git_sha": os.environ.get("GIT_SHA", "unknown"),
             "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "timer": "triton.testing.do_bench median (L2 flushed before every call), p10/p90",
+            "run": run_no,
         },
         "expectations": EXPECTATIONS,
         "shapes": [],
@@ -340,6 +415,9 @@ def run(out_path: Path, budget_s: float, time_2048: bool):
     data["ceiling"] = ceiling()
     print("ceiling", data["ceiling"], flush=True)
     data["quantize_bitexact"] = quantize_bitexact(F)
+    save()
+    data["wo_sweep"] = wo_sweep(F)
+    data["meta"]["wo_dequant_min_m"] = F.WO_DEQUANT_MIN_M
     save()
     for res in (1024, 2048):
         for name, K, N in SHAPES:
@@ -385,7 +463,9 @@ def render(data: dict) -> str:
         "# fp8_matmul: FP8 GEMM, fused activation quantization, weight-only FP8",
         "",
         f"Generated by `bench_fp8_matmul.py --render` from `{data.get('_source', 'fp8_matmul.json')}` "
-        "(run 2, after one tuning iteration; run 1, before it: `fp8_matmul_run1.json`). "
+        f"(run {m.get('run', 2)}; earlier runs kept as history: "
+        + ", ".join(f"`fp8_matmul_run{i}.json`" for i in range(1, m.get("run", 2)))
+        + "). "
         f"{m['gpu']} (sm_{m['capability'][0]}{m['capability'][1]}), torch {m['torch']}, triton {m['triton']}, "
         f"CUDA {m['cuda']}, git {m['git_sha']}, {m['time_utc']}. Timer: {m['timer']}.",
         "",
@@ -407,14 +487,15 @@ def render(data: dict) -> str:
         ("GEMM row-wise: ours / `_scaled_mm` row-wise (default accum)", "ours_gemm_row", "scaled_mm_row", None),
         ("GEMM per-tensor: ours / `_scaled_mm` tensor (fast)", "ours_gemm_tensor", "scaled_mm_tensor_fast", None),
         ("GEMM row precise: ours / `_scaled_mm` row (default accum)", "ours_gemm_row_precise", "scaled_mm_row", None),
-        ("GEMM tensor precise: ours / `_scaled_mm` tensor", "ours_gemm_tensor_precise", "scaled_mm_tensor", None),
+        ("GEMM row-wise: persistent TMA / classic tiled kernel (ours)", "ours_gemm_row", "ours_gemm_row_classic", None),
         ("`fp8_linear` row / torch quantize + `_scaled_mm` row (fast)", "ours_linear_row", TQ_ROW, 1.15),
-        ("`fp8_linear` row fused / torch quantize + `_scaled_mm` row (fast)", "ours_linear_row_fused", TQ_ROW, None),
         ("`fp8_linear` tensor dyn / torch quant + `_scaled_mm` tensor", "ours_linear_tensor_dynamic", TQ_TENSOR, None),
         ("GEMM block / GEMM row-wise (ours)", "ours_gemm_block", "ours_gemm_row", 0.9),
-        ("`fp8_linear` block fused / block unfused", "ours_linear_block_fused", "ours_linear_block", None),
+        ("GEMM block: persistent / classic tiled kernel (ours)", "ours_gemm_block", "ours_gemm_block_classic", None),
         ("GEMM block: ours / `_scaled_mm` 1x128x128 blocks", "ours_gemm_block", "scaled_mm_block", None),
         ("weight-only FP8: bf16 cuBLAS time / ours time", "ours_weight_only_row", "bf16_mm", 1 / 1.1),
+        ("weight-only: bf16 / ours fused in-register kernel (forced)", "ours_weight_only_row_fused", "bf16_mm", None),
+        ("weight-only: bf16 / ours dequantize + cuBLAS (forced)", "ours_weight_only_row_dequant", "bf16_mm", None),
     ]  # fmt: skip
     L += [
         "## Targets (speed ratio = anchor time / our time; geometric mean over the timed shapes)",
@@ -442,9 +523,12 @@ def render(data: dict) -> str:
         ("scaled_mm_block", "_scaled_mm block"),
         ("ours_gemm_tensor", "ours tensor"),
         ("ours_gemm_row", "ours row"),
+        ("ours_gemm_row_classic", "ours row classic"),
         ("ours_gemm_row_precise", "ours row precise"),
         ("ours_gemm_block", "ours block"),
         ("ours_weight_only_row", "ours weight-only"),
+        ("ours_weight_only_row_fused", "ours wo fused"),
+        ("ours_weight_only_row_dequant", "ours wo dequant+cuBLAS"),
     ]
     L += [
         "## GEMM TFLOP/s (% of the measured FP8 ceiling for ours row)",
@@ -463,11 +547,10 @@ def render(data: dict) -> str:
         ("torch_quant_row", "torch quant row"),
         ("ours_quantize_row", "ours quantize row"),
         ("ours_quantize_block", "ours quantize block"),
+        ("ours_dequant_weight_row", "ours dequantize weight"),
         (TQ_ROW, "torch quant+_scaled_mm row"),
         ("ours_linear_row", "ours linear row"),
-        ("ours_linear_row_fused", "ours linear row fused"),
         ("ours_linear_block", "ours linear block"),
-        ("ours_linear_block_fused", "ours linear block fused"),
         (TQ_TENSOR, "torch quant+_scaled_mm tensor"),
         ("ours_linear_tensor_dynamic", "ours linear tensor dyn"),
     ]
@@ -499,6 +582,22 @@ def render(data: dict) -> str:
                 + " |"
             )
         L.append("")
+    if data.get("wo_sweep"):
+        L += [
+            "## Weight-only dispatch sweep (median ms; bf16 cuBLAS time / ours in brackets)",
+            "",
+            f"`WO_DEQUANT_MIN_M` in this run: {m.get('wo_dequant_min_m', '?')}.",
+            "",
+            "| shape | M | K | N | bf16 cuBLAS | fused in-register | dequantize + cuBLAS |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for w in data["wo_sweep"]:
+            L.append(
+                f"| {w['name']} | {w['M']} | {w['K']} | {w['N']} | {w['bf16_mm']:.3f} | "
+                f"{w['fused']:.3f} ({w['bf16_mm'] / w['fused']:.2f}) | "
+                f"{w['dequant']:.3f} ({w['bf16_mm'] / w['dequant']:.2f}) |"
+            )
+        L.append("")
     errs = {s.get("scaled_mm_block_error") for s in timed if s.get("scaled_mm_block_error")}
     if errs:
         L += ["`_scaled_mm` block anchor unavailable: " + "; ".join(sorted(errs)), ""]
@@ -520,13 +619,12 @@ def render(data: dict) -> str:
     ]
     paths = [
         "linear_tensor",
-        "linear_tensor_precise",
         "linear_row",
         "linear_row_precise",
-        "linear_row_fused",
         "linear_block",
-        "linear_block_fused",
         "weight_only_row",
+        "weight_only_row_fused",
+        "weight_only_row_dequant",
     ]
     L += [
         "| res | shape | M | bf16 mm vs exact | " + " | ".join(paths) + " |",
@@ -553,84 +651,65 @@ def analysis(data: dict, timed: list) -> str:
     """Explanations of hits and misses, with every figure computed from the JSON."""
     ceil = data["ceiling"]["fp8_scaled_mm_tensor_8192_tflops"]
 
-    def ratios(a, b, res=None):
-        return [
-            s["times"][b]["ms"] / s["times"][a]["ms"]
-            for s in timed
-            if (res is None or s["res"] == res) and "ms" in s["times"].get(a, {}) and "ms" in s["times"].get(b, {})
-        ]
+    def has(s, *keys):
+        return all("ms" in s["times"].get(k, {}) for k in keys)
+
+    def over(shapes, a, b):
+        """geomean of time(b) / time(a) over the shapes that have both."""
+        return _geo([s["times"][b]["ms"] / s["times"][a]["ms"] for s in shapes if has(s, a, b)])
 
     def tf(s, k):
         return s["times"].get(k, {}).get("tflops", float("nan"))
 
     big = [s for s in timed if s["M"] >= 4096]
     small = [s for s in timed if s["M"] < 4096]
-
-    def over(shapes, a, b):
-        return _geo([s["times"][b]["ms"] / s["times"][a]["ms"] for s in shapes])
-
-    g_row_big = over(big, "ours_gemm_row", "scaled_mm_row_fast")
-    g_row_small = over(small, "ours_gemm_row", "scaled_mm_row_fast")
-    peak_ours = max(tf(s, "ours_gemm_row") for s in timed)
-    worst = min(timed, key=lambda s: tf(s, "ours_gemm_row") / max(tf(s, "scaled_mm_row_fast"), 1e-9))
-    prec = _geo([s["times"]["ours_gemm_row"]["ms"] / s["times"]["ours_gemm_row_precise"]["ms"] for s in timed])
-    blk = _geo(ratios("ours_gemm_block", "ours_gemm_row"))
-    blk_cublas = _geo(ratios("ours_gemm_block", "scaled_mm_block"))
-    lin = ratios("ours_linear_row", TQ_ROW)
-    lin_small = over(small, "ours_linear_row", TQ_ROW)
-    fused = _geo(ratios("ours_linear_row_fused", "ours_linear_row"))
-    fused_blk = _geo(ratios("ours_linear_block_fused", "ours_linear_block"))
-    wo = _geo([s["times"]["ours_weight_only_row"]["ms"] / s["times"]["bf16_mm"]["ms"] for s in timed])
-    q_bw = []
-    for s in big:
-        t = s["times"].get("ours_quantize_row", {})
-        if "ms" in t:
-            q_bw.append(3 * s["M"] * s["K"] / (t["ms"] * 1e-3) / 1e12)  # TB/s: bf16 read + e4m3 write
-    gated = [
-        s["times"]["scaled_mm_row_fast_then_torch_gated"]["ms"] / s["times"]["ours_gemm_row_gated"]["ms"]
+    row = [s for s in timed if has(s, "ours_gemm_row", "scaled_mm_row_fast")]
+    worst = min(row, key=lambda s: s["times"]["scaled_mm_row_fast"]["ms"] / s["times"]["ours_gemm_row"]["ms"])
+    peak = max(tf(s, "ours_gemm_row") for s in timed)
+    pcts = [100 * tf(s, "ours_gemm_row") / ceil for s in timed]
+    blk_pcts = [100 * tf(s, "ours_gemm_block") / ceil for s in timed]
+    wo = [s for s in timed if has(s, "ours_weight_only_row", "bf16_mm")]
+    wo_small = [s for s in wo if s["M"] < data["meta"].get("wo_dequant_min_m", 1024)]
+    wo_big = [s for s in wo if s not in wo_small]
+    lin = [
+        s["times"][TQ_ROW]["ms"] / s["times"]["ours_linear_row"]["ms"]
         for s in timed
-        if "ours_gemm_row_gated" in s["times"]
+        if has(s, TQ_ROW, "ours_linear_row")
     ]
+    deq_bw = [
+        3 * s["N"] * s["K"] / (s["times"]["ours_dequant_weight_row"]["ms"] * 1e-3) / 1e12
+        for s in timed
+        if has(s, "ours_dequant_weight_row")
+    ]
+    sweep = data.get("wo_sweep", [])
+    cross = sorted({w["M"] for w in sweep if w["dequant"] < w["fused"]})
+    r_fast = partial(over, a="ours_gemm_row", b="scaled_mm_row_fast")
+    r_cls = partial(over, a="ours_gemm_row", b="ours_gemm_row_classic")
     out = [
-        f"- **GEMM.** Ours row-wise (fast accumulation) against `_scaled_mm` row-wise fast: geomean "
-        f"{g_row_big:.2f}x on the M >= 4096 shapes, {g_row_small:.2f}x on the M = 512 text shapes; best "
-        f"{peak_ours:.0f} TFLOP/s = {100 * peak_ours / ceil:.0f}% of the measured ceiling. The weakest shape is "
-        f"{worst['name']} at {worst['res']}^2 ({tf(worst, 'ours_gemm_row'):.0f} vs "
-        f"{tf(worst, 'scaled_mm_row_fast'):.0f} TFLOP/s): M = {worst['M']} gives "
-        f"{math.ceil(worst['M'] / 128) * math.ceil(worst['N'] / 256)} tiles of 128x256 for 132 SMs, and a "
-        "classic non-persistent, non-warp-specialized kernel pays prologue and epilogue per tile where "
-        "cuBLAS/CUTLASS overlap them (not profiled: the likely cause). "
-        "Next step: persistent TMA kernel (`tl.make_tensor_descriptor`) with stream-K or split-K for the "
-        "M = 512 shapes.",
-        f"- **Accumulation.** Triton's FP8 dot on sm_90 keeps the MMA's reduced-precision accumulation "
-        f"(the same trade as `use_fast_accum=True`): relative L2 vs the fp32 reference is above the bf16 "
-        f"output-rounding floor and grows with K (see the correctness table). `fast_accum=False` promotes "
-        f"every 128-wide K step into fp32 and reaches the floor, at {prec:.2f}x the speed (second "
-        "accumulator -> 128x128 tiles).",
-        f"- **Block scaling** runs at {blk:.2f}x our row-wise speed and {blk_cublas:.2f}x cuBLAS's "
-        "1x128/128x128 `_scaled_mm`: the per-K-step scale multiply needs the MMA result in registers (no "
-        "async wgmma chaining across K) and a second accumulator (128x128 tiles). Run 1, with 128x256 tiles, "
-        "spilled and ran ~2x slower still. Next step: DeepGEMM-style warp specialization (two consumer "
-        "warpgroups, promotion overlapped with the next MMA).",
-        f'- **fp8_linear.** Against torch "quantize then `_scaled_mm`" row-wise: geomean {_geo(lin):.2f}x '
-        f"(min {min(lin):.2f}, max {max(lin):.2f}); the text shapes alone {lin_small:.2f}x. Our quantize kernel "
-        f"moves {min(q_bw):.1f}-{max(q_bw):.1f} TB/s on the image shapes (one pass, whole row in registers) "
-        "where torch's eager quantization takes 5 kernels with fp32 temporaries. On the M = 512 shapes the "
-        "GPU work is tens of microseconds and the Python launch path (checks + two launches) is comparable: "
-        "CUDA graphs or torch.compile around the block would remove it.",
-        f"- **Fused quantization in the A load** is {fused:.2f}x the speed of quantize-then-GEMM for row "
-        f"scaling and {fused_blk:.2f}x for block scaling: A is read as bf16 (half the stages fit) and every "
-        "one of the N/BLOCK_N tiles re-quantizes it; the quantize kernel costs a few percent at most. "
-        "`fp8_linear` therefore defaults to the two-kernel path (`fuse_quant=None`).",
-        f"- **Gated residual epilogue** (`residual + gate * out`, fused) against `_scaled_mm` + torch "
-        f"`addcmul`: {_geo(gated):.2f}x on the gated shapes.",
-        f"- **Weight-only FP8** (bf16 MMA, e4m3 decoded in registers) takes {wo:.2f}x the bf16 cuBLAS time "
-        "(target <= 1.10x: missed). The decode (integer ops + fp16->bf16 convert per weight per M tile) "
-        "and the register-to-shared round trip of the decoded tile cost more than the halved weight "
-        "traffic saves in these compute-bound GEMMs. It is meant for GPUs without FP8 MMA, where the "
-        "alternative is dequantizing the whole weight to bf16 first; next step: decode each weight tile "
-        "once per CTA into shared memory and reuse it across several M tiles.",
+        f"- **GEMM row-wise** (persistent TMA kernel on sm_90): {r_fast(row):.3f}x "
+        f"`_scaled_mm` row-wise fast over all timed shapes; {r_fast(big):.3f}x on "
+        f"M >= 4096, {r_fast(small):.3f}x on the M = 512 text shapes. Against "
+        f"run 2's classic tiled kernel timed in the same run: {r_cls(timed):.3f}x "
+        f"({r_cls(small):.3f}x on M = 512). Best {peak:.0f} TFLOP/s; "
+        f"{min(pcts):.0f}-{max(pcts):.0f}% of the measured ceiling. Weakest shape: {worst['name']} at {worst['res']}^2 "
+        f"({tf(worst, 'ours_gemm_row'):.0f} vs {tf(worst, 'scaled_mm_row_fast'):.0f} TFLOP/s).",
+        f"- **Block scaling** (persistent, BLOCK_N = 128 so the weight scale is one scalar per K step): "
+        f"{over(timed, 'ours_gemm_block', 'ours_gemm_row'):.3f}x our row-wise, "
+        f"{over(timed, 'ours_gemm_block', 'ours_gemm_block_classic'):.2f}x the classic kernel, "
+        f"{over(timed, 'ours_gemm_block', 'scaled_mm_block'):.2f}x cuBLAS's 1x128/128x128 `_scaled_mm`; "
+        f"{min(blk_pcts):.0f}-{max(blk_pcts):.0f}% of the ceiling.",
+        f'- **fp8_linear** row-wise against torch "quantize then `_scaled_mm`": geomean {_geo(lin):.2f}x '
+        f"(min {min(lin):.2f}, max {max(lin):.2f}).",
+        f"- **Weight-only FP8**: bf16 cuBLAS time / ours = {over(wo, 'ours_weight_only_row', 'bf16_mm'):.3f} over "
+        f"all timed shapes; {over(wo_big, 'ours_weight_only_row', 'bf16_mm'):.3f} on the shapes at or above "
+        f"`WO_DEQUANT_MIN_M` (dequantize + cuBLAS), {over(wo_small, 'ours_weight_only_row', 'bf16_mm'):.3f} below it "
+        f"(fused in-register kernel). The dequantize pass moves {min(deq_bw, default=0):.1f}-"
+        f"{max(deq_bw, default=0):.1f} TB/s (1 byte read + 2 written per weight). In the sweep, dequantize + "
+        f"cuBLAS beats the fused kernel at M in {cross}.",
     ]
+    notes = data.get("notes")
+    if notes:
+        out += ["", notes]
     return "\n".join(out) + "\n"
 
 
@@ -640,6 +719,7 @@ def main(argv=None):
     p.add_argument("--render", type=Path, help="JSON to render into README.md beside it")
     p.add_argument("--budget-s", type=float, default=400.0, help="stop starting new shapes after this")
     p.add_argument("--time-2048", action="store_true", help="also time the 2048^2 shapes")
+    p.add_argument("--run", type=int, default=3, help="run number recorded in the JSON")
     a = p.parse_args(argv)
     if a.render:
         data = json.loads(a.render.read_text())
@@ -650,7 +730,7 @@ def main(argv=None):
         p.error("--out or --render")
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    run(a.out, a.budget_s, a.time_2048)
+    run(a.out, a.budget_s, a.time_2048, a.run)
     return 0
 
 
