@@ -336,8 +336,10 @@ def _check_inputs(x, qweight, scales, fmt, code, group_size, residual, gate, out
         raise ValueError(f"K={k} must be a multiple of group_size={group_size} for fmt={fmt!r}")
     groups = k // group_size
     if fmt == "nf4":
-        if scales.dtype != torch.float32:
-            raise TypeError(f"nf4 absmax must be fp32 (dequantize double-quantized absmax first), got {scales.dtype}")
+        if scales.dtype not in (torch.float32, torch.float16):
+            raise TypeError(
+                f"nf4 absmax must be fp32 or fp16 (dequantize double-quantized absmax first), got {scales.dtype}"
+            )
         if scales.numel() != n * groups:
             raise ValueError(f"nf4 absmax has {scales.numel()} elements, expected N*K/64 = {n * groups}")
         scales = scales.reshape(n, groups)

@@ -233,3 +233,43 @@ def test_fp8_input_and_epilogue_on_gpu_match_quantize_then_linear(recipe, batch)
     # the reference rounds the product to bf16 first: a few bf16 ulps of |residual + gate*out|
     for got in (got_pre, got_bf16):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("recipe", ["nf4", "int4-g128"])
+def test_chunked_dequantize_matmul_equals_the_whole_weight(recipe, monkeypatch):
+    from flux2_bench.quantize import linear as qlinear
+
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(256, 640, bias=False), recipe)
+    monkeypatch.setattr(qlinear, "DEQUANT_CHUNK_BYTES", 128 * 256 * 2)  # 128 rows: 5 chunks of W
+    x = torch.randn(2, 3, 256)
+    code = q.code if recipe == "nf4" else None
+    got = q._dequantize_chunks_matmul(x, code)
+    # against the same kernel dequantizing the whole weight at once: only the chunking differs
+    from flux2_bench.kernels.int4_matmul import dequantize_4bit
+
+    whole = dequantize_4bit(q.weight, q.weight_scale, fmt=recipe, code=code).float()
+    torch.testing.assert_close(got, x @ whole.T, rtol=1e-6, atol=1e-6)
+
+
+def test_nf4_runtime_scales_are_fp16_and_refuse_overflow():
+    q = QuantLinear.from_float(nn.Linear(128, 128, bias=False), "nf4")
+    assert q.weight_scale.dtype == torch.float16
+    from flux2_bench.quantize.recipes import quantize_layer
+
+    stored = quantize_layer(get_recipe("nf4"), torch.full((128, 128), 1e5))
+    with pytest.raises(ValueError, match="does not fit the fp16"):
+        q.load_stored(stored)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["nf4", "int4-g128"])
+def test_gpu_dequantize_chunks_write_cublas_output_columns_in_place(recipe, monkeypatch):
+    from flux2_bench.quantize import linear as qlinear
+
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(1024, 1000, bias=False, device="cuda", dtype=torch.bfloat16), recipe)
+    monkeypatch.setattr(qlinear, "DEQUANT_CHUNK_BYTES", 256 * 1024 * 2)  # 256-row chunks, last one 232
+    x = torch.randn(qlinear.DEQUANT_MIN_M, 1024, device="cuda", dtype=torch.bfloat16)
+    want = x.float() @ q.dequantize(torch.float32).T
+    assert sqnr(q(x).float(), want) >= 40  # only bf16 rounding of W and of the output
