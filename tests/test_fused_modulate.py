@@ -13,21 +13,25 @@ from flux2_bench.kernels.fp8_matmul import quantize_fp8_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (dtype, atol, rtol, max fraction of elements off by more than exact): the kernel rounds where the
-# eager ops round, so the only differences are fp32 reduction-order / exp ulps in the statistics.
+# (dtype, atol, rtol, max fraction of elements not bit-equal): the kernels round where the eager ops
+# round, so the only differences are fp32 reduction-order / exp ulps that move a rounding by one ulp.
 TOL = {
     torch.float32: (1e-5, 1e-5, 1.0),  # fp32 output: LN mean/var summation order and rsqrt, ~1e-7 relative
-    torch.bfloat16: (0.0, 2.0**-8, 0.01),  # at most 1 bf16 ulp (2^-8 relative), on < 1% of elements
-    torch.float16: (1e-6, 2.0**-10, 0.01),  # at most 1 fp16 ulp (2^-10 relative), on < 1% of elements
+    torch.bfloat16: (0.0, 2.0**-7, 0.01),  # at most 1 bf16 ulp (<= 2^-7 relative), on < 1% of elements
+    torch.float16: (0.0, 2.0**-10, 0.01),  # at most 1 fp16 ulp (<= 2^-10 relative), on < 1% of elements
 }
+# norm_modulate: one ulp of the LayerNorm output y (|y| < 8 here) times (1 + scale) is the absolute error
+# a flipped rounding of y carries into shift + y * (1 + scale), whatever the size of the result.
+Y_ULP = {torch.float32: 1e-6, torch.bfloat16: 2.0**-5, torch.float16: 2.0**-8}
 DTYPES = list(TOL)
 QUANTS = [None, "row", "block"]
 
 
-def assert_close(out, ref, dtype, what=""):
+def assert_close(out, ref, dtype, what="", atol=None):
     """Within (atol, rtol) everywhere and bit-equal on all but a `frac` of elements; the message says
-    how many differ, where, and whether there are NaNs."""
-    atol, rtol, frac = TOL[dtype]
+    how many differ, where, and whether there are NaNs. `atol` may be a tensor (per channel)."""
+    atol0, rtol, frac = TOL[dtype]
+    atol = atol0 if atol is None else atol.float().cpu() + atol0
     out, ref = out.float().cpu(), ref.float().cpu()
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     nan = torch.isnan(out) & ~torch.isnan(ref)
@@ -37,7 +41,8 @@ def assert_close(out, ref, dtype, what=""):
         idx = (bad if bad.any() else out != ref).nonzero()[:5].tolist()
         vals = [(tuple(i), out[tuple(i)].item(), ref[tuple(i)].item()) for i in idx]
         pytest.fail(
-            f"{what}: {int(bad.sum())}/{bad.numel()} elements outside (atol={atol:.3g}, rtol={rtol:.3g}), "
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements outside (atol={float(torch.as_tensor(atol).max()):.3g}, "
+            f"rtol={rtol:.3g}), "
             f"{ne} not bit-equal (limit {frac:.0%}), {int(nan.sum())} NaN; first (index, out, ref): {vals}"
         )
 
@@ -102,7 +107,7 @@ def test_norm_modulate(dtype, C, quant):
     out = FM.norm_modulate(x, shift, scale)
     ref = FM.norm_modulate_ref(x, shift, scale)
     assert out.dtype == dtype and out.is_contiguous()
-    assert_close(out, ref, dtype, f"norm_modulate {dtype} C={C}")
+    assert_close(out, ref, dtype, f"norm_modulate {dtype} C={C}", atol=Y_ULP[dtype] * (1 + scale.abs()))
     if quant is not None:
         got = FM.norm_modulate(x, shift, scale, quant=quant)
         check_quant(got, out, ref, dtype, quant, f"norm_modulate {quant} {dtype} C={C}")
@@ -116,7 +121,8 @@ def test_norm_modulate_broadcast_modulation(kind):
     shift, scale = make_mod(B, C, torch.bfloat16, kind)
     out = FM.norm_modulate(x, shift, scale, eps=1e-5)
     ref = FM.norm_modulate_ref(x, shift, scale, eps=1e-5)
-    assert_close(out, ref, torch.bfloat16, f"norm_modulate shift {kind}")
+    atol = Y_ULP[torch.bfloat16] * (1 + scale.to(torch.bfloat16).abs())
+    assert_close(out, ref, torch.bfloat16, f"norm_modulate shift {kind}", atol=atol)
     assert torch.equal(out[0], FM.norm_modulate(x[:1], shift, scale, eps=1e-5)[0]), "batch rows are independent"
 
 
@@ -182,7 +188,7 @@ def test_swiglu_prefix(prefix_kind, quant, dtype):
 
 def test_empty_rows():
     x = torch.randn(2, 0, 64, device=DEV)
-    assert FM.norm_modulate(x, torch.zeros(64), torch.zeros(64)).shape == (2, 0, 64)
+    assert FM.norm_modulate(x, torch.zeros(64, device=DEV), torch.zeros(64, device=DEV)).shape == (2, 0, 64)
     q, s = FM.swiglu(torch.randn(0, 64, device=DEV), quant="block")
     assert q.shape == (0, 32) and s.shape == (0, 1)
 
@@ -228,10 +234,20 @@ def _ulps_bf16(a, b):
     return (ordered(a) - ordered(b)).abs()
 
 
-def _check_gpu(out, ref, got_row, what):
+def _check_gpu(out, ref, got_row, what, scale=None):
+    """bf16 output: bit-equal to the eager ops on > 99.9 % of elements; the rest within one ulp (SwiGLU:
+    two, the product of a flipped silu rounding) or, for norm_modulate, one ulp of the LayerNorm
+    output times (1 + scale) (|y| < 16 at these sizes: ulp <= 2^-4). fp8 row output: bit-identical to
+    quantize_fp8_ref of the kernel's own bf16 output, and to the eager chain's but for <= 1e-4."""
     ulps = _ulps_bf16(out, ref)
     frac = (ulps > 0).float().mean().item()
-    assert ulps.max().item() <= 2 and frac < 1e-3, f"{what}: max {ulps.max().item()} ulp, {frac:.2e} differ"
+    assert frac < 1e-3, f"{what}: {frac:.2e} of the elements differ from the eager ops (max {ulps.max().item()} ulp)"
+    if scale is None:
+        assert ulps.max().item() <= 2, f"{what}: max {ulps.max().item()} ulp, {int((ulps > 2).sum())} elements > 2"
+    else:
+        err = (out.float() - ref.float()).abs()
+        bad = err > 2.0**-7 * ref.float().abs() + 2.0**-4 * (1 + scale.float().abs())
+        assert not bad.any(), f"{what}: {int(bad.sum())} elements beyond one ulp of y; max err {err.max().item():.3g}"
     q, s = got_row
     q_own, s_own = quantize_fp8_ref(out, "row")
     assert torch.equal(s, s_own), f"{what}: row scales differ from quantize_fp8_ref(kernel output)"
@@ -246,7 +262,8 @@ def test_flux2_dev_shapes_gpu():
     mod = torch.randn(B, 1, 3 * C, device="cuda", dtype=torch.bfloat16)
     shift, scale, _ = mod.chunk(3, dim=-1)
     out = FM.norm_modulate(x, shift, scale)
-    _check_gpu(out, FM.norm_modulate_ref(x, shift, scale), FM.norm_modulate(x, shift, scale, quant="row"), "norm")
+    ref = FM.norm_modulate_ref(x, shift, scale)
+    _check_gpu(out, ref, FM.norm_modulate(x, shift, scale, quant="row"), "norm_modulate", scale=scale)
 
     lin1 = torch.randn(B, L, 3 * C + 2 * Fh, device="cuda", dtype=torch.bfloat16) * 2
     mlp = lin1[..., 3 * C :]
