@@ -17,14 +17,45 @@ One forward is one sampling step:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux2_bench.attention import attention
+from flux2_bench.attention import attend, attention
+
+# Fused elementwise kernels (kernels/fused_modulate.py, kernels/qk_rope.py) in the blocks: None = on
+# CUDA tensors (the default), True = everywhere (CPU runs them in Triton's interpreter: tests), False =
+# never (the plain PyTorch ops, as BFL writes them). FLUX2_FUSED=0/1 sets it for a process.
+_FUSED_ENV = os.environ.get("FLUX2_FUSED", "").strip()
+_fused: bool | None = None if _FUSED_ENV in ("", "auto") else _FUSED_ENV not in ("0", "false", "off")
+
+
+def set_fused(mode: bool | None) -> None:
+    """Choose the blocks' elementwise path: None (fused on CUDA), True (always fused), False (never)."""
+    global _fused
+    if mode not in (None, True, False):
+        raise ValueError(f"fused mode must be None, True or False, got {mode!r}")
+    _fused = mode
+
+
+@contextlib.contextmanager
+def use_fused(mode: bool | None):
+    """Temporarily choose the elementwise path: `with use_fused(False): model(...)`."""
+    previous = _fused
+    set_fused(mode)
+    try:
+        yield
+    finally:
+        set_fused(previous)
+
+
+def fused_active(x: Tensor) -> bool:
+    return x.is_cuda if _fused is None else _fused
 
 
 @dataclass(frozen=True)
@@ -238,6 +269,36 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift, x, 1 + scale)
 
 
+# --- the fused path's plumbing: a linear may take its input FP8-quantized by the producer kernel --------
+
+
+def _act_quant(layer: nn.Module, x: Tensor) -> str | None:
+    """ "row"/"block" when `layer` (a QuantLinear with an FP8 kernel) takes FP8 activations, else None."""
+    get = getattr(layer, "activation_quant", None)
+    return get(x.device) if get is not None else None
+
+
+def _project(layer: nn.Module, x, residual: Tensor | None = None, gate: Tensor | None = None) -> Tensor:
+    """layer(x), then FLUX.2's gated residual `residual + gate * out` (fused in the FP8 GEMM epilogue
+    when the layer is a QuantLinear). x: a tensor, or (x_fp8, scale) for a layer with `_act_quant`."""
+    if isinstance(layer, nn.Linear):
+        out = layer(x)
+        return out if residual is None else torch.addcmul(residual, gate, out)
+    return layer(x, residual=residual, gate=gate)
+
+
+def _norm_modulate_for(layer: nn.Module, x: Tensor, shift: Tensor, scale: Tensor):
+    from flux2_bench.kernels.fused_modulate import norm_modulate
+
+    return norm_modulate(x, shift, scale, eps=1e-6, quant=_act_quant(layer, x))
+
+
+def _swiglu_for(layer: nn.Module, x: Tensor, prefix: Tensor | None = None):
+    from flux2_bench.kernels.fused_modulate import swiglu
+
+    return swiglu(x, prefix=prefix, quant=_act_quant(layer, x))
+
+
 class DoubleStreamBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -260,7 +321,10 @@ class DoubleStreamBlock(nn.Module):
             nn.Linear(mlp_hidden, hidden_size, bias=False),
         )
 
-    def forward(self, img: Tensor, txt: Tensor, pe: Tensor, mod_img, mod_txt) -> tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, pe: Tensor, mod_img, mod_txt, rope=None) -> tuple[Tensor, Tensor]:
+        """rope: (cos, sin) from `kernels.qk_rope.rope_cos_sin(pe)` selects the fused path."""
+        if rope is not None:
+            return self._forward_fused(img, txt, rope, mod_img, mod_txt)
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mod_img
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod_txt
 
@@ -287,6 +351,42 @@ class DoubleStreamBlock(nn.Module):
         txt = torch.addcmul(txt, t_gate2, self.txt_mlp(_modulate(self.txt_norm2(txt), t_shift2, t_scale2)))
         return img, txt
 
+    def _forward_fused(self, img: Tensor, txt: Tensor, rope, mod_img, mod_txt) -> tuple[Tensor, Tensor]:
+        """The same block with fused kernels: LayerNorm + modulate (+ FP8 quantization) in one pass,
+        QK-norm + RoPE written straight into the joint Q/K/V buffers (no torch.cat), SwiGLU (+ FP8
+        quantization) in one pass, and the gated residual in the FP8 GEMM epilogue."""
+        from flux2_bench.kernels.qk_rope import joint_buffers, qk_norm_rope
+
+        cos, sin = rope
+        n_txt = txt.shape[1]
+        B, H = img.shape[0], self.num_heads
+        q, k, v = joint_buffers(
+            B, H, n_txt + img.shape[1], img.shape[-1] // H, dtype=img.dtype, device=img.device, with_v=True
+        )
+        streams = (
+            (txt, self.txt_attn, mod_txt, slice(0, n_txt)),
+            (img, self.img_attn, mod_img, slice(n_txt, None)),
+        )
+        for x, attn, mod, part in streams:
+            qkv = _project(attn.qkv, _norm_modulate_for(attn.qkv, x, mod[0], mod[1]))
+            xq, xk, xv = _split_heads(qkv, H)
+            qk_norm_rope(
+                xq, xk, attn.norm.query_norm.scale, attn.norm.key_norm.scale, cos[:, part], sin[:, part],
+                eps=1e-6, v=xv, out=(q[:, :, part], k[:, :, part], v[:, :, part]),
+            )  # fmt: skip
+        o = attend(q, k, v).transpose(1, 2).flatten(2)  # (B, L, H*D); free when o is (B, L, H, D) in memory
+        del q, k, v, qkv, xq, xk, xv
+
+        outs = []
+        for x, o_part, attn, mlp, mod in (
+            (img, o[:, n_txt:], self.img_attn, self.img_mlp, mod_img),
+            (txt, o[:, :n_txt], self.txt_attn, self.txt_mlp, mod_txt),
+        ):
+            x = _project(attn.proj, o_part, residual=x, gate=mod[2])
+            h = _project(mlp[0], _norm_modulate_for(mlp[0], x, mod[3], mod[4]))
+            outs.append(_project(mlp[2], _swiglu_for(mlp[2], h), residual=x, gate=mod[5]))
+        return outs[0], outs[1]
+
 
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP: linear1 fuses QKV and the SwiGLU input, linear2 their outputs."""
@@ -302,7 +402,10 @@ class SingleStreamBlock(nn.Module):
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp_act = SiLUActivation()
 
-    def forward(self, x: Tensor, pe: Tensor, mod) -> Tensor:
+    def forward(self, x: Tensor, pe: Tensor, mod, rope=None) -> Tensor:
+        """rope: (cos, sin) from `kernels.qk_rope.rope_cos_sin(pe)` selects the fused path."""
+        if rope is not None:
+            return self._forward_fused(x, rope, mod)
         shift, scale, gate = mod
         qkv, mlp = self.linear1(_modulate(self.pre_norm(x), shift, scale)).split(
             [3 * self.hidden_size, 2 * self.mlp_hidden], dim=-1
@@ -311,6 +414,22 @@ class SingleStreamBlock(nn.Module):
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe)
         return torch.addcmul(x, gate, self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=-1)))
+
+    def _forward_fused(self, x: Tensor, rope, mod) -> Tensor:
+        """Fused kernels as in DoubleStreamBlock._forward_fused; SwiGLU also writes the attention output
+        in front of its result, so linear2's input is built (and FP8-quantized) in one pass, no torch.cat."""
+        from flux2_bench.kernels.qk_rope import qk_norm_rope
+
+        shift, scale, gate = mod
+        h = _project(self.linear1, _norm_modulate_for(self.linear1, x, shift, scale))
+        qkv, mlp = h.split([3 * self.hidden_size, 2 * self.mlp_hidden], dim=-1)
+        q, k, v = _split_heads(qkv, self.num_heads)
+        q, k = qk_norm_rope(q, k, self.norm.query_norm.scale, self.norm.key_norm.scale, *rope, eps=1e-6)
+        o = attend(q, k, v).transpose(1, 2)  # (B, L, H, D)
+        del q, k, v, qkv, h  # mlp (a view) keeps linear1's output alive until SwiGLU has read it
+        a = _swiglu_for(self.linear2, mlp, prefix=o)
+        del mlp, o  # frees linear1's output before linear2 (peak memory of the 4-bit models)
+        return _project(self.linear2, a, residual=x, gate=gate)
 
 
 class LastLayer(nn.Module):
@@ -381,12 +500,17 @@ class Flux2(nn.Module):
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # text first, as the sequence
 
+        rope = None
+        if fused_active(img):
+            from flux2_bench.kernels.qk_rope import rope_cos_sin
+
+            rope = rope_cos_sin(pe)
         for block in self.double_blocks:
-            img, txt = block(img, txt, pe, mod_img, mod_txt)
+            img, txt = block(img, txt, pe, mod_img, mod_txt, rope=rope)
         n_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            x = block(x, pe, mod_single)
+            x = block(x, pe, mod_single, rope=rope)
         return self.final_layer(x[:, n_txt:], vec)
 
 

@@ -156,3 +156,62 @@ def test_klein_forward_on_gpu_is_finite():
     with torch.no_grad():
         out = model(img, image_ids(32, 32, device="cuda"), txt, text_ids(512, device="cuda"), t)
     assert torch.isfinite(out).all()
+
+
+def _tiny_call(dtype, device="cpu", n_refs=1, batch=1, seed=3):
+    model = synthetic_transformer("tiny", dtype=dtype, device=device, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([image_ids(4, 6)] + [image_ids(3, 5, t=10 * (k + 1)) for k in range(n_refs)], dim=1)
+    img = torch.randn(batch, ids.shape[1], 32, generator=g).to(device, dtype)
+    txt = torch.randn(batch, 7, 96, generator=g).to(device, dtype)
+    t = torch.linspace(0.3, 0.8, batch).to(device, dtype)
+    args = (img, ids.expand(batch, -1, -1).to(device), txt, text_ids(7).expand(batch, -1, -1).to(device), t, t * 4)
+    return model, args
+
+
+@pytest.mark.parametrize(
+    ("dtype", "batch"),
+    [(torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 1)],  # bf16 is slow in the interpreter
+)
+def test_fused_block_path_matches_the_plain_ops(dtype, batch):
+    """The fused kernels (interpreter on CPU) against the same model with BFL's plain PyTorch ops."""
+    from flux2_bench.model import fused_active, use_fused
+
+    model, args = _tiny_call(dtype, batch=batch)
+    assert not fused_active(args[0])  # CPU default: plain ops
+    with torch.no_grad():
+        plain = model(*args).float()
+        with use_fused(True):
+            fused = model(*args).float()
+    # fp32: op order only (fused LayerNorm / RMSNorm reductions): ~1e-6 relative. bf16: the kernels
+    # round where the plain ops do, but reduction order and the interpreter's casts move some elements
+    # by an ulp, and 4 blocks amplify that: a few bf16 ulps of the output's scale.
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert _max_rel(fused, plain) < tol, _max_rel(fused, plain)
+    with pytest.raises(ValueError, match="fused mode"):
+        use_fused("yes").__enter__()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", [None, "fp8-row", "fp8-block", "int4-g128"])
+def test_gpu_fused_path_matches_plain_ops_at_flux2_dev_width(recipe):
+    from dataclasses import replace
+
+    from flux2_bench.model import use_fused
+    from flux2_bench.quantize.formats import sqnr
+
+    cfg = replace(PRESETS["flux.2-dev"], depth=2, depth_single_blocks=2)
+    model = synthetic_transformer(cfg, device="cuda", recipe=recipe)
+    n = 32
+    img = torch.randn(1, n * n, 128, device="cuda", dtype=torch.bfloat16)
+    txt = torch.randn(1, 256, 15360, device="cuda", dtype=torch.bfloat16)
+    t = torch.tensor([0.5], device="cuda", dtype=torch.bfloat16)
+    args = (img, image_ids(n, n, device="cuda"), txt, text_ids(256, device="cuda"), t, t * 4)
+    with torch.no_grad():
+        with use_fused(False):
+            plain = model(*args).float()
+        with use_fused(True):
+            fused = model(*args).float()
+    # bf16 rounding-order differences only (fp8: the same e4m3 activations up to those): far above the
+    # recipes' own quantization error (fp8 ~37 dB, 4-bit ~31 dB against bf16)
+    assert sqnr(fused, plain) >= 40, sqnr(fused, plain)

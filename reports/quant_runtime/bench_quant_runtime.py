@@ -31,23 +31,25 @@ from flux2_bench.anchors import (  # noqa: E402
     quantize_bnb_nf4,
     quantize_torchao_fp8_row,
 )
+from flux2_bench.model import use_fused  # noqa: E402
 from flux2_bench.quantize.formats import sqnr  # noqa: E402
 from flux2_bench.sampling import image_ids, text_ids  # noqa: E402
 from flux2_bench.weights import model_bytes, synthetic_transformer  # noqa: E402
 
 GIB = 2**30
 PRESET = "flux.2-dev"
-# (recipe, 4-bit dispatch threshold): the 4-bit recipes run twice, with dequantize + cuBLAS for
-# large M (the default) and with the fused W4A16 kernel everywhere
+# (recipe, fused modes): every recipe is timed with the fused elementwise kernels (model.use_fused(True):
+# kernels/fused_modulate.py, kernels/qk_rope.py, the FP8 GEMM's gated-residual epilogue) and the main
+# ones also without them (the plain PyTorch block ops), on the same model in the same process.
+# (The fused-W4A16-everywhere variant of the 4-bit recipes was measured in run 1: 765 / 930 ms.)
 RECIPES = [
-    ("fp8-row", None),
-    ("fp8-block", None),
-    ("fp8-tensor", None),
-    ("int4-g128", None),
-    ("int4-g128", 1 << 62),
-    ("nf4", None),
-    ("nf4", 1 << 62),
+    ("fp8-row", (False, True)),
+    ("fp8-block", (True,)),
+    ("fp8-tensor", (True,)),
+    ("int4-g128", (False, True)),
+    ("nf4", (False, True)),
 ]
+PROFILED = {"ours bf16", "ours bf16 fused", "ours fp8-row", "ours fp8-row fused", "ours int4-g128 fused"}
 
 
 def inputs(cfg, size: int, dev="cuda", dt=torch.bfloat16):
@@ -100,6 +102,45 @@ class _Rows(list):
                 json.dump(self.result, f, indent=2)
 
 
+def _category(kernel: str) -> str:
+    k = kernel.lower()
+    if any(t in k for t in ("fmha", "cudnn", "flash", "attention", "attn")):
+        return "attention"
+    if any(t in k for t in ("gemm", "nvjet", "xmma", "cutlass", "matmul", "int4_matmul", "sm90_")):
+        return "gemm"
+    return "elementwise/other"
+
+
+def profile_split(fn) -> dict:
+    """One call under the profiler: CUDA ms per kernel category and the 12 largest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    split: dict[str, float] = {}
+    kernels = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if not us or e.key.startswith(("aten::", "cudaLaunch", "cuLaunch", "Memcpy", "Memset")):
+            continue
+        cat = _category(e.key)
+        split[cat] = split.get(cat, 0.0) + us / 1e3
+        kernels.append({"kernel": e.key[:100], "calls": e.count, "ms": us / 1e3, "category": cat})
+    kernels.sort(key=lambda r: -r["ms"])
+    return {"ms_by_category": split, "top_kernels": kernels[:12]}
+
+
+def timed(rows, name, fn, weights_gib, ref, **extra) -> None:
+    """Append a row (time + peak + SQNR) and, for PROFILED names, its kernel-category split."""
+    out = fn()  # first call: Triton autotuning and compilation
+    r = row(name, fn, weights_gib, out, ref, **extra)
+    if name in PROFILED:
+        r["profile"] = profile_split(fn)
+        print("   ", {k: round(v, 1) for k, v in r["profile"]["ms_by_category"].items()}, flush=True)
+    rows.append(r)
+
+
 def run(size: int, out: str | None = None) -> dict:
     result = {"env": env_block(), "preset": PRESET, "size": size, "weights": "synthetic (random)"}
     rows = result["rows"] = _Rows(result, out)
@@ -107,8 +148,12 @@ def run(size: int, out: str | None = None) -> dict:
     model = synthetic_transformer(PRESET, device="cuda", seed=0)
     args = inputs(model.config, size)
     with torch.inference_mode():
-        ref = model(*args).float().cpu()
-        rows.append(row("ours bf16", lambda: model(*args), model_bytes(model) / GIB, model(*args), ref))
+        with use_fused(False):
+            ref = model(*args).float().cpu()
+        for fused in (False, True):
+            with use_fused(fused):
+                name = "ours bf16" + (" fused" if fused else "")
+                timed(rows, name, lambda: model(*args), model_bytes(model) / GIB, ref, fused=fused)
         dmodel = diffusers_view(model)
         del model
         free()
@@ -148,31 +193,33 @@ def run(size: int, out: str | None = None) -> dict:
     dmodel = call = None  # a failed anchor must not keep its model alive into our rows (it once did)
     free()
 
-    from flux2_bench.quantize import linear as qlinear
-
-    default_min_m = qlinear.DEQUANT_MIN_M
-    for recipe, min_m in RECIPES:
-        qlinear.DEQUANT_MIN_M = default_min_m if min_m is None else min_m
-        label = f"ours {recipe}" + (" fused-w4a16" if min_m else "")
+    for recipe, modes in RECIPES:
         try:
             t0 = time.perf_counter()
             model = synthetic_transformer(PRESET, device="cuda", seed=0, recipe=recipe)
             build_s = time.perf_counter() - t0
             free()
+            kernel = model.single_blocks[0].linear1.kernel(torch.device("cuda"))
             with torch.inference_mode():
-                t0 = time.perf_counter()
-                out = model(*args)  # first call: Triton autotuning and compilation
-                first_s = time.perf_counter() - t0
-                kernel = model.single_blocks[0].linear1.kernel(torch.device("cuda"))
-                rows.append(row(label, lambda m=model: m(*args), model_bytes(model) / GIB, out, ref,
-                                kernel=kernel, build_s=build_s, first_call_s=first_s))  # fmt: skip
+                for fused in modes:
+                    name = f"ours {recipe}" + (" fused" if fused else "")
+                    with use_fused(fused):
+                        timed(rows, name, lambda m=model: m(*args), model_bytes(model) / GIB, ref,
+                              kernel=kernel, build_s=build_s, fused=fused)  # fmt: skip
+                    free()
         except Exception as e:
-            rows.append({"name": label, "error": f"{type(e).__name__}: {e}"[:500]})
+            rows.append({"name": f"ours {recipe}", "error": f"{type(e).__name__}: {e}"[:500]})
             traceback.print_exc()
         model = None
         free()
-    qlinear.DEQUANT_MIN_M = default_min_m
     return result
+
+
+TARGETS = {  # issue 7: ms/step and peak GiB ceilings, eager PyTorch, FLUX.2-dev 1024², H100
+    "fp8-row": (330.0, 34.0),
+    "int4-g128": (480.0, 18.5),
+    "nf4": (480.0, 18.5),
+}
 
 
 def markdown(result: dict) -> str:
@@ -182,8 +229,12 @@ def markdown(result: dict) -> str:
         "",
         f"{e['gpu']} (driver {e['driver']}), torch {e['torch']}, triton {e['triton']}, git {e['git_sha']}, "
         f"{e['time']}. One forward = one sampling step (4096 image + 512 text tokens), eager PyTorch. "
-        "SQNR is the output's against the bf16 model with the same random weights: quantization error of "
-        "synthetic weights, not image fidelity. Generated by `bench_quant_runtime.py` from the JSON beside it.",
+        "`fused` rows run the blocks' elementwise work in the fused Triton kernels (LayerNorm + modulate "
+        "+ FP8 quantization, QK-norm + RoPE into the joint Q/K/V buffers, SwiGLU + concat + FP8 "
+        "quantization, gated residual in the FP8 GEMM epilogue); the others run the plain PyTorch ops on "
+        "the same model. SQNR is the output's against the unfused bf16 model with the same random weights: "
+        "quantization error of synthetic weights, not image fidelity. Generated by `bench_quant_runtime.py` "
+        "from the JSON beside it.",
         "",
         "| configuration | ms / step | p10 | p90 | weights GiB | peak GiB | output SQNR dB (synthetic) | kernel |",
         "|---|---|---|---|---|---|---|---|",
@@ -197,6 +248,33 @@ def markdown(result: dict) -> str:
             f"| {r['name']} | {r['ms_median']:.1f} | {r['ms_p10']:.1f} | {r['ms_p90']:.1f} | {r['weights_gib']:.2f} "
             f"| {r['peak_allocated_gib']:.2f} | {'' if s is None else f'{s:.1f}'} | {r.get('kernel', '')} |"
         )
+    by_name = {r["name"]: r for r in result["rows"] if "error" not in r}
+    lines += ["", "## Issue 7 targets (fused rows)", "", "| recipe | ms / step | target | peak GiB | target | met |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for recipe, (ms_max, gib_max) in TARGETS.items():
+        r = by_name.get(f"ours {recipe} fused")
+        if r is None:
+            lines.append(f"| {recipe} | not measured | ≤ {ms_max:.0f} | | ≤ {gib_max} | no |")
+            continue
+        ok = r["ms_median"] <= ms_max and r["peak_allocated_gib"] <= gib_max
+        lines.append(
+            f"| {recipe} | {r['ms_median']:.1f} | ≤ {ms_max:.0f} | {r['peak_allocated_gib']:.2f} | ≤ {gib_max} "
+            f"| {'yes' if ok else '**no**'} |"
+        )
+    profiled = [r for r in result["rows"] if "profile" in r]
+    if profiled:
+        cats = sorted({c for r in profiled for c in r["profile"]["ms_by_category"]})
+        lines += ["", "## Where a step's GPU time goes (one profiled forward, CUDA ms by kernel category)", "",
+                  "| configuration | " + " | ".join(cats) + " | sum |", "|---" * (len(cats) + 2) + "|"]  # fmt: skip
+        for r in profiled:
+            split = r["profile"]["ms_by_category"]
+            cells = " | ".join(f"{split.get(c, 0.0):.1f}" for c in cats)
+            lines.append(f"| {r['name']} | {cells} | {sum(split.values()):.1f} |")
+        for r in profiled:
+            lines += ["", f"Largest kernels, {r['name']}:", "", "| kernel | calls | ms | category |"]
+            lines.append("|---|---|---|---|")
+            for k in r["profile"]["top_kernels"]:
+                lines.append(f"| `{k['kernel'][:80]}` | {k['calls']} | {k['ms']:.1f} | {k['category']} |")
     return "\n".join(lines) + "\n"
 
 
