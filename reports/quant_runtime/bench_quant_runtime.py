@@ -104,6 +104,8 @@ class _Rows(list):
 
 def _category(kernel: str) -> str:
     k = kernel.lower()
+    if "dequant" in k:
+        return "4-bit dequantize"
     if any(t in k for t in ("fmha", "cudnn", "flash", "attention", "attn")):
         return "attention"
     if any(t in k for t in ("gemm", "nvjet", "xmma", "cutlass", "matmul", "int4_matmul", "sm90_")):
