@@ -354,10 +354,9 @@ def swiglu(x: torch.Tensor, *, prefix: torch.Tensor | None = None, quant: str | 
         D = prefix.shape[-1]
         P = D * (prefix.shape[2] if prefix.ndim == 4 else 1)
         p_strides = (prefix.stride(0), prefix.stride(1), prefix.stride(2) if prefix.ndim == 4 else 0)
-        _check_device(x, prefix)
     N = P + Fh
     nb, qb, warps = _row_tile(N, "swiglu")
-    _check_device(x)
+    _check_device(x, prefix)
     if quant is not None:
         _check_fp8_store(x.device)
     out, s = _outputs(lead, N, x.dtype, x.device, quant)

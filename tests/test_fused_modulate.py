@@ -69,15 +69,26 @@ def dequant(q, s):
     return q.float() * s
 
 
-def check_quant(got, out_plain, ref_plain, dtype, quant, what):
+def check_quant(got, out_plain, ref_plain, dtype, quant, what, row_reduction=False):
     """Quantized kernel output: bit-identical to quantizing the kernel's own x.dtype output (same
-    values, same convention), and near the reference's quantization (SQNR of e4m3, ~30 dB floor)."""
+    values, same convention), and near the reference's quantization (SQNR of e4m3, ~30 dB floor).
+
+    row_reduction (norm_modulate on the GPU): the quant and plain variants are separate compilations
+    whose LayerNorm sums may associate differently, so a rare element moves by one ulp; when it is a
+    row's amax, that row's scale and values move too (seen on the H100: 1 row in 4096). Then at most
+    one row's scales may differ, and the other rows' values must match but for 1 %."""
     q, s = got
     q_own, s_own = quantize_fp8_ref(out_plain, quant)
     assert q.dtype == torch.float8_e4m3fn and q.is_contiguous(), f"{what}: q {q.dtype}, contiguous {q.is_contiguous()}"
     assert s.dtype == torch.float32 and s.shape == s_own.shape, f"{what}: s {s.dtype} {tuple(s.shape)}"
-    assert torch.equal(s.cpu(), s_own.cpu()), f"{what}: {int((s != s_own).sum())}/{s.numel()} scales differ"
-    assert_bits_equal(q, q_own, f"{what} vs quantize_fp8_ref(kernel output)")
+    rows_off = (s != s_own).any(-1)
+    if row_reduction and not FM._INTERPRET:
+        assert int(rows_off.sum()) <= 1, f"{what}: scales of {int(rows_off.sum())}/{rows_off.numel()} rows differ"
+        keep = ~rows_off
+        assert_bits_equal(q[keep], q_own[keep], f"{what} vs quantize_fp8_ref(kernel output)", max_frac=0.01)
+    else:
+        assert not rows_off.any(), f"{what}: {int((s != s_own).sum())}/{s.numel()} scales differ"
+        assert_bits_equal(q, q_own, f"{what} vs quantize_fp8_ref(kernel output)")
     q_ref, s_ref = quantize_fp8_ref(ref_plain, quant)
     assert_bits_equal(q, q_ref, f"{what} vs ref", max_frac=TOL[dtype][2] if dtype != torch.float32 else 0.05)
     db = sqnr_db(dequant(q, s), ref_plain)
@@ -107,10 +118,18 @@ def test_norm_modulate(dtype, C, quant):
     out = FM.norm_modulate(x, shift, scale)
     ref = FM.norm_modulate_ref(x, shift, scale)
     assert out.dtype == dtype and out.is_contiguous()
-    assert_close(out, ref, dtype, f"norm_modulate {dtype} C={C}", atol=Y_ULP[dtype] * (1 + scale.abs()))
+    assert torch.equal(out[1, 3], shift[1, 0]), "constant row: LN output is exactly 0, so out must equal shift"
+    # The constant row is left out of the comparison with torch: on the H100 its fp32 LayerNorm (Welford
+    # partial means merged with weights n_a/n, n_b/n that need not sum to 1 in fp32) leaves an ulp in the
+    # mean that 1/sqrt(eps) = 1000 amplifies to ~1e-4 in y.
+    keep = torch.ones(B, L, dtype=torch.bool, device=DEV)
+    keep[1, 3] = False
+    atol = (Y_ULP[dtype] * (1 + scale.abs())).expand(B, L, C)[keep]
+    assert_close(out[keep], ref[keep], dtype, f"norm_modulate {dtype} C={C}", atol=atol)
     if quant is not None:
         got = FM.norm_modulate(x, shift, scale, quant=quant)
-        check_quant(got, out, ref, dtype, quant, f"norm_modulate {quant} {dtype} C={C}")
+        what = f"norm_modulate {quant} {dtype} C={C}"
+        check_quant(got, out, ref, dtype, quant, what, row_reduction=True)
 
 
 @pytest.mark.parametrize("kind", ["1,1,C", "C"])
@@ -238,7 +257,9 @@ def _check_gpu(out, ref, got_row, what, scale=None):
     """bf16 output: bit-equal to the eager ops on > 99.9 % of elements; the rest within one ulp (SwiGLU:
     two, the product of a flipped silu rounding) or, for norm_modulate, one ulp of the LayerNorm
     output times (1 + scale) (|y| < 16 at these sizes: ulp <= 2^-4). fp8 row output: bit-identical to
-    quantize_fp8_ref of the kernel's own bf16 output, and to the eager chain's but for <= 1e-4."""
+    quantize_fp8_ref of the kernel's own bf16 output (norm_modulate: but for <= 1e-4, LayerNorm sums
+    associating differently in the quant variant; the H100 run showed 5 in 31M), and to the eager
+    chain's but for <= 1e-4."""
     ulps = _ulps_bf16(out, ref)
     frac = (ulps > 0).float().mean().item()
     assert frac < 1e-3, f"{what}: {frac:.2e} of the elements differ from the eager ops (max {ulps.max().item()} ulp)"
@@ -250,8 +271,13 @@ def _check_gpu(out, ref, got_row, what, scale=None):
         assert not bad.any(), f"{what}: {int(bad.sum())} elements beyond one ulp of y; max err {err.max().item():.3g}"
     q, s = got_row
     q_own, s_own = quantize_fp8_ref(out, "row")
-    assert torch.equal(s, s_own), f"{what}: row scales differ from quantize_fp8_ref(kernel output)"
-    assert_bits_equal(q, q_own, f"{what} row vs quantize_fp8_ref(kernel output)")
+    if scale is None:  # SwiGLU: no reduction before the rounding, so the variants agree exactly
+        assert torch.equal(s, s_own), f"{what}: row scales differ from quantize_fp8_ref(kernel output)"
+        assert_bits_equal(q, q_own, f"{what} row vs quantize_fp8_ref(kernel output)")
+    else:  # LayerNorm sums may associate differently in the quant variant (see check_quant)
+        rows_off = (s != s_own).any(-1)
+        assert rows_off.float().mean() < 1e-3, f"{what}: scales of {int(rows_off.sum())} rows differ"
+        assert_bits_equal(q, q_own, f"{what} row vs quantize_fp8_ref(kernel output)", max_frac=1e-4)
     assert_bits_equal(q, quantize_fp8_ref(ref, "row")[0], f"{what} row vs ref", max_frac=1e-4)
 
 

@@ -337,9 +337,39 @@ def render(data: dict) -> str:
             f"{b['scales_vs_quantize_fp8_of_fused']} | {b['bits_vs_ref']} / {b['scales_vs_ref']} |"
         )
     L += ["", "## Expectations", "", data["expectations"].rstrip(), ""]
-    if data.get("analysis"):
-        L += ["## Results against the expectations", "", data["analysis"].rstrip(), ""]
+    if data.get("analysis"):  # prose from analysis.md; its {placeholders} are filled from this JSON
+        L += ["## Results against the expectations", "", data["analysis"].rstrip().format_map(figures(data)), ""]
     return "\n".join(L)
+
+
+def figures(data: dict) -> dict:
+    """Named numbers for analysis.md: {case}__{quant}__{x|eager|fused|gbps|pct}, {case}__{check},
+    step__{quant}__{eager|fused|saved}, copy_gbps (case names with '.' -> '_')."""
+    f = {"copy_gbps": data["copy"]["GBps"]}
+    for c in data["cases"]:
+        n = c["name"].replace(".", "_")
+        for q, v in c["timing"].items():
+            f.update({
+                f"{n}__{q}__x": v["speedup"], f"{n}__{q}__eager": v["eager_ms"], f"{n}__{q}__fused": v["fused_ms"],
+                f"{n}__{q}__gbps": v["fused_GBps"], f"{n}__{q}__pct": v["fused_pct_copy"],
+                f"{n}__{q}__at80": v["fused_bytes"] / (0.8 * data["copy"]["GBps"] * 1e6),
+            })  # fmt: skip
+        k = c["check"]
+        f.update({
+            f"{n}__maxulp": k["max_ulp"], f"{n}__frac_ne": k["frac_ulp_ne_0"], f"{n}__gt1": k["n_ulp_gt_1"],
+            f"{n}__numel": k["numel"], f"{n}__row_own_bits": k["row"]["bits_vs_quantize_fp8_of_fused"],
+            f"{n}__row_own_scales": k["row"]["scales_vs_quantize_fp8_of_fused"],
+            f"{n}__row_ref_bits": k["row"]["bits_vs_ref"],
+        })  # fmt: skip
+    for q in ("None", "row", "block"):
+        e = sum(c["per_step"] * c["timing"][q]["eager_ms"] for c in data["cases"])
+        fu = sum(c["per_step"] * c["timing"][q]["fused_ms"] for c in data["cases"])
+        f.update({f"step__{q}__eager": e, f"step__{q}__fused": fu, f"step__{q}__saved": e - fu})
+    sw = [c for c in data["cases"] if c["kernel"].startswith("swiglu")]
+    f["extra_saved_row_at80"] = sum(
+        c["per_step"] * (c["timing"]["row"]["fused_ms"] - f[c["name"].replace(".", "_") + "__row__at80"]) for c in sw
+    )
+    return f
 
 
 def main(argv=None):
