@@ -317,6 +317,14 @@ def _lut(code_key: tuple[float, ...], device: str) -> torch.Tensor:
 _INT4_CODE = tuple(float(v) for v in range(-8, 8))  # nibble - 8
 
 
+def _lut_from_code(code: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`_lut` for a caller-supplied codebook, built on `device` with tensor ops: no host sync (reading a GPU
+    codebook with .tolist() stalls the stream on every call). Pass code=None for the standard NF4 table."""
+    c = code.to(device=device, dtype=torch.float32).flatten()
+    byte = torch.arange(256, device=device)
+    return torch.cat([torch.stack([c[byte >> 4], c[byte & 0xF]], dim=1).flatten(), c])
+
+
 def _check_inputs(x, qweight, scales, fmt, code, group_size, residual, gate, out_dtype):
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
@@ -405,10 +413,8 @@ def int4_matmul(
         lut = _lut(_INT4_CODE, str(x.device))
     elif code is None:
         lut = _lut(NF4_CODE, str(x.device))
-    else:  # built on the code's device from tensors: no host sync for a caller-supplied GPU codebook
-        c = code.to(device=x.device, dtype=torch.float32).flatten()
-        byte = torch.arange(256, device=x.device)
-        lut = torch.cat([torch.stack([c[byte >> 4], c[byte & 0xF]], dim=1).flatten(), c])
+    else:
+        lut = _lut_from_code(code, x.device)
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" or x.device.type != "cuda"
     if config is None and interpret:
         config = _INTERPRET_CONFIG
@@ -498,7 +504,7 @@ def dequantize_4bit(
     elif tuple(out.shape) != (n, k) or not out.is_contiguous() or out.device != qweight.device:
         raise ValueError(f"out must be a contiguous ({n}, {k}) tensor on {qweight.device}, got {tuple(out.shape)}")
     if fmt == "nf4":
-        lut = _lut(NF4_CODE, str(qweight.device)) if code is None else _lut(tuple(code.tolist()), str(qweight.device))
+        lut = _lut(NF4_CODE, str(qweight.device)) if code is None else _lut_from_code(code, qweight.device)
     else:
         lut = out  # unused by the int4 path
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" or qweight.device.type != "cuda"

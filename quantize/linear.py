@@ -161,6 +161,7 @@ class QuantLinear(nn.Module):
         get_recipe(self.recipe).check_shape("QuantLinear", (out_features, in_features))
         for name, (dtype, shape) in runtime_layout(self.recipe, out_features, in_features).items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
+        self._code_is_standard: bool | None = None  # nf4: whether `code` is bitsandbytes' table (lazy)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, recipe: Recipe | str) -> QuantLinear:
@@ -187,6 +188,7 @@ class QuantLinear(nn.Module):
                     f"{self.recipe} {name}: stored {src.dtype}{list(src.shape)}, expected {buf.dtype}{list(buf.shape)}"
                 )
             buf.copy_(src)
+        self._code_is_standard = None
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
         r, t = self.recipe, dict(self.named_buffers(recurse=False))
@@ -247,12 +249,25 @@ class QuantLinear(nn.Module):
         else:
             from flux2_bench.kernels.int4_matmul import int4_matmul
 
-            code = self.code if self.recipe is Recipe.NF4 else None
+            code = self._kernel_code()
             if x.numel() // x.shape[-1] >= DEQUANT_MIN_M:
                 out = self._dequantize_chunks_matmul(x, code)
             else:
                 out = int4_matmul(x, self.weight, self.weight_scale, fmt=str(self.recipe), code=code)
         return out if residual is None else torch.addcmul(residual, gate, out)
+
+    def _kernel_code(self) -> Tensor | None:
+        """The NF4 codebook for the 4-bit kernels: None (their cached standard table) when it is
+        bitsandbytes' NF4 table, checked once per loaded weight (one host sync), else the buffer."""
+        if self.recipe is not Recipe.NF4:
+            return None
+        if self._code_is_standard is None:
+            self._code_is_standard = torch.equal(self.code.cpu(), QF.NF4_CODE.to(torch.float32))
+        return None if self._code_is_standard else self.code
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._code_is_standard = None  # new buffers: check the codebook again
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _dequantize_chunks_matmul(self, x: Tensor, code: Tensor | None) -> Tensor:
         """x @ Wᵀ for a 4-bit W: dequantize DEQUANT_CHUNK_BYTES of bf16 rows of W at a time and let cuBLAS

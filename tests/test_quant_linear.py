@@ -273,3 +273,16 @@ def test_gpu_dequantize_chunks_write_cublas_output_columns_in_place(recipe, monk
     x = torch.randn(qlinear.DEQUANT_MIN_M, 1024, device="cuda", dtype=torch.bfloat16)
     want = x.float() @ q.dequantize(torch.float32).T
     assert sqnr(q(x).float(), want) >= 40  # only bf16 rounding of W and of the output
+
+
+def test_nf4_standard_codebook_goes_to_the_kernels_as_none(monkeypatch):
+    """The kernels cache the standard NF4 table; a GPU codebook read with .tolist() per call would stall
+    the stream (it did: 60 ms/step). A custom codebook is passed through."""
+    q = QuantLinear.from_float(nn.Linear(128, 64, bias=False), "nf4")
+    assert q._kernel_code() is None
+    with torch.no_grad():
+        q.code.mul_(1.0001)
+    q.load_runtime({name: b.clone() for name, b in q.named_buffers()})  # new buffers: checked again
+    assert q._kernel_code() is q.code
+    q.load_state_dict(QuantLinear.from_float(nn.Linear(128, 64, bias=False), "nf4").state_dict())
+    assert q._kernel_code() is None

@@ -175,7 +175,7 @@ def run(size: int, out: str | None = None) -> dict:
     except Exception as e:
         rows.append({"name": "diffusers + torchao fp8-row", "error": f"{type(e).__name__}: {e}"[:500]})
         traceback.print_exc()
-    del dmodel
+    dmodel = call = None  # `call` closes over the torchao model: keeping it made the bnb anchor run out of memory
     free()
 
     dmodel = None
