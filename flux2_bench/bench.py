@@ -96,6 +96,13 @@ class _State:
     kernels: list[dict] = field(default_factory=list)
 
 
+def _elementwise_path(device: str) -> str:
+    """Which block elementwise path the transformer runs on `device` (model.use_fused)."""
+    from flux2_bench.model import fused_active
+
+    return "fused triton kernels" if fused_active(torch.empty(0, device=device)) else "plain torch ops"
+
+
 def run(config: RunConfig, *, progress: bool = True) -> Path:
     """Measure every cell of `config`, write results.json/csv after each, then the report. Returns the
     run directory. Ctrl-C stops after writing what was measured."""
@@ -293,7 +300,8 @@ def _measure_cell(cfg: RunConfig, cell: Cell, state: _State, progress: bool) -> 
             weights_gib=model_bytes(pipe.transformer) / GIB,
             peak_allocated_gib=mem.allocator_peak_bytes / GIB if mem.allocator_peak_bytes else None,
             peak_device_gib=mem.device_peak_bytes / GIB if mem.device_peak_bytes else None,
-            kernels={"clock": timing.clock, "linear1": pipe.transformer.single_blocks[0].linear1.__class__.__name__,
+            kernels={"clock": timing.clock, "elementwise": _elementwise_path(cfg.device),
+                     "linear1": pipe.transformer.single_blocks[0].linear1.__class__.__name__,
                      **({"kernel": pipe.transformer.single_blocks[0].linear1.kernel(torch.device(cfg.device))}
                         if hasattr(pipe.transformer.single_blocks[0].linear1, "kernel") else {})},
             notes="" if finite else "NaN or Inf in the transformer output or final latents",
