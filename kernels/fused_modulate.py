@@ -38,10 +38,18 @@ statistics, which rarely move a bf16 rounding by one ulp.
 
 Design and limits
 -----------------
-One program per row; the whole (padded) row stays in registers as a (NB, 128) tile, so the row
-amax, the 1x128 block amaxes and the LayerNorm statistics come from one read. Rows longer than
-32768 elements (``MAX_ROW``) are refused with a ValueError: FLUX.2's longest row is 24576 (the
-single-stream ``linear2`` input of FLUX.2-dev), so no two-pass variant exists.
+``norm_modulate``: one program per row; the whole (padded) row stays in registers as a (NB, 128)
+tile, so the LayerNorm statistics and the row / 1x128 block amaxes come from one read. Rows longer
+than 32768 elements (``MAX_ROW``) are refused with a ValueError (FLUX.2's longest LayerNorm row is
+6144).
+
+``swiglu`` processes each row in BLOCK-wide chunks (``SwigluConfig``; no padding to a power of two
+beyond the last chunk, no SiLU evaluated on prefix chunks), so rows of any length are accepted:
+quant=None and "block" (no reduction across 128-blocks) run one program per (row, chunk);
+quant="row" runs persistent programs that make two passes over each row, the first for the row
+amax, the second recomputing the values from the L2-resident inputs (or reloading them from a
+per-program scratch row, ``use_tmp``) to quantize and store. The values are computed by the same
+operations in every variant, so all of them give the same bits.
 
 Triton's interpreter (CPU CI) mis-rounds fp32 -> bf16 and fp32 -> fp8 casts and has no libdevice;
 under it (``EXACT_CAST``) the kernels round in integer / fp32 arithmetic and use ``tl.exp``.
@@ -50,6 +58,7 @@ under it (``EXACT_CAST``) the kernels round in integer / fp32 arithmetic and use
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -173,16 +182,66 @@ def _norm_modulate_kernel(
 
 
 @triton.jit
-def _swiglu_kernel(
+def _silu_mul(x_row, j, mask, F, ROUND: tl.constexpr, EXACT_CAST: tl.constexpr, ACCURATE_EXP: tl.constexpr):
+    """silu(gate) * value at SwiGLU columns j (fp32, rounded where the eager ops round; 0 off mask)."""
+    gate = tl.load(x_row + j, mask=mask, other=0.0).to(tl.float32)
+    value = tl.load(x_row + F + j, mask=mask, other=0.0).to(tl.float32)
+    if ACCURATE_EXP:
+        e = libdevice.exp(-gate)
+    else:
+        e = tl.exp(-gate)
+    act = _round_to(tl.math.div_rn(gate, 1.0 + e), ROUND, EXACT_CAST)  # F.silu in x.dtype
+    v = _round_to(act * value, ROUND, EXACT_CAST)
+    return tl.where(mask, v, 0.0)
+
+
+@triton.jit
+def _swiglu_chunk(
+    x_row,
+    p_row,
+    cols,  # (NB, QB) output columns c0 .. c0 + BLOCK - 1
+    c0,
+    F,
+    P,
+    stride_ph,
+    HAS_PREFIX: tl.constexpr,
+    PREFIX_D: tl.constexpr,
+    ROUND: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    ACCURATE_EXP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Values of one chunk of the output row cat([prefix, silu(gate) * value]) in fp32, 0 past the
+    row end. Chunks wholly inside the prefix skip the SiLU, chunks wholly past it skip the prefix."""
+    if HAS_PREFIX:
+        if c0 >= P:
+            j = cols - P
+            v = _silu_mul(x_row, j, j < F, F, ROUND, EXACT_CAST, ACCURATE_EXP)
+        else:
+            mask_p = cols < P
+            p_offs = (cols // PREFIX_D).to(tl.int64) * stride_ph + cols % PREFIX_D
+            v = tl.load(p_row + p_offs, mask=mask_p, other=0.0).to(tl.float32)
+            if c0 + BLOCK > P:  # the chunk straddles the prefix end
+                j = cols - P
+                act = _silu_mul(x_row, j, (j >= 0) & (j < F), F, ROUND, EXACT_CAST, ACCURATE_EXP)
+                v = tl.where(mask_p, v, act)
+    else:
+        v = _silu_mul(x_row, cols, cols < F, F, ROUND, EXACT_CAST, ACCURATE_EXP)
+    return v
+
+
+@triton.jit
+def _swiglu_chunk_kernel(
     # pointers
     x_ptr,  # (B, L, 2F): [gate | value]
     p_ptr,  # prefix (B, L, H, D) (3-D: H = 1, D = P); unused without HAS_PREFIX
-    out_ptr,  # (M, P + F)
-    s_ptr,
+    out_ptr,  # (M, P + F) x.dtype, or e4m3 with QUANT 2
+    s_ptr,  # (M, ceil((P + F) / 128)) fp32 block scales with QUANT 2
     # sizes
     L,
     F,
     P,  # prefix length per row (0 without prefix)
+    n_chunks,  # cdiv(P + F, BLOCK)
     # strides
     stride_xb,
     stride_xl,
@@ -193,38 +252,107 @@ def _swiglu_kernel(
     # meta-parameters
     HAS_PREFIX: tl.constexpr,
     PREFIX_D: tl.constexpr,  # prefix's contiguous last dim (column j of the row is head j // D)
-    QUANT: tl.constexpr,
+    QUANT: tl.constexpr,  # 0 none, 2 block (1x128); the row amax needs _swiglu_row_kernel
     ROUND: tl.constexpr,
     EXACT_CAST: tl.constexpr,
     ACCURATE_EXP: tl.constexpr,
+    NB: tl.constexpr,  # the chunk is an (NB, QB) tile, QB = 128 (one quantization block per tile row)
+    QB: tl.constexpr,
+):
+    """One program per (row, BLOCK-wide chunk), chunks of a row adjacent in launch order: no
+    reduction along the row, so every chunk is independent."""
+    pid = tl.program_id(0)
+    row = pid // n_chunks
+    c0 = (pid % n_chunks) * (NB * QB)
+    b = (row // L).to(tl.int64)
+    l_idx = (row % L).to(tl.int64)
+    N = P + F
+    cols = c0 + tl.arange(0, NB)[:, None] * QB + tl.arange(0, QB)[None, :]
+    x_row = x_ptr + b * stride_xb + l_idx * stride_xl
+    p_row = p_ptr + b * stride_pb + l_idx * stride_pl
+    v = _swiglu_chunk(
+        x_row, p_row, cols, c0, F, P, stride_ph, HAS_PREFIX, PREFIX_D, ROUND, EXACT_CAST, ACCURATE_EXP, NB * QB
+    )
+    mask = cols < N
+    out_ptrs = out_ptr + row.to(tl.int64) * N + cols
+    if QUANT == 0:
+        tl.store(out_ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        scale = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12) * (1.0 / 448.0)  # (NB,): one per 1x128
+        offs_b = c0 // QB + tl.arange(0, NB)
+        tl.store(s_ptr + row.to(tl.int64) * stride_sm + offs_b, scale, mask=offs_b < tl.cdiv(N, QB))
+        inv_scale = tl.math.div_rn(1.0, scale)[:, None]
+        tl.store(out_ptrs, _to_e4m3(v, inv_scale, EXACT_CAST), mask=mask)
+
+
+@triton.jit
+def _swiglu_row_kernel(
+    # pointers
+    x_ptr,
+    p_ptr,
+    out_ptr,  # (M, P + F) e4m3
+    s_ptr,  # (M, 1) fp32 row scales
+    tmp_ptr,  # (programs, P + F) x.dtype scratch, one row per program (USE_TMP)
+    # sizes
+    M,
+    L,
+    F,
+    P,
+    # strides
+    stride_xb,
+    stride_xl,
+    stride_pb,
+    stride_pl,
+    stride_ph,
+    # meta-parameters
+    HAS_PREFIX: tl.constexpr,
+    PREFIX_D: tl.constexpr,
+    ROUND: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    ACCURATE_EXP: tl.constexpr,
+    USE_TMP: tl.constexpr,  # pass 2 reloads pass 1's rounded values instead of recomputing them
     NB: tl.constexpr,
     QB: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    b = (row // L).to(tl.int64)
-    l_idx = (row % L).to(tl.int64)
-    offs = tl.arange(0, NB)[:, None] * QB + tl.arange(0, QB)[None, :]  # output column
+    """quant="row": persistent programs, each loops over rows; per row, pass 1 runs over the chunks
+    for the row amax, pass 2 recomputes each chunk from the (L2-resident) inputs, or reloads it from
+    the program's scratch row, and stores e4m3."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
     N = P + F
-
-    j = offs - P  # column in the SwiGLU part
-    mask_f = (j >= 0) & (j < F)
-    x_row = x_ptr + b * stride_xb + l_idx * stride_xl
-    gate = tl.load(x_row + j, mask=mask_f, other=0.0).to(tl.float32)
-    value = tl.load(x_row + F + j, mask=mask_f, other=0.0).to(tl.float32)
-    if ACCURATE_EXP:
-        e = libdevice.exp(-gate)
-    else:
-        e = tl.exp(-gate)
-    act = _round_to(tl.math.div_rn(gate, 1.0 + e), ROUND, EXACT_CAST)  # F.silu in x.dtype
-    v = _round_to(act * value, ROUND, EXACT_CAST)
-    v = tl.where(mask_f, v, 0.0)
-    mask = offs < N
-    if HAS_PREFIX:
-        mask_p = offs < P
-        p_offs = (offs // PREFIX_D).to(tl.int64) * stride_ph + offs % PREFIX_D
-        pv = tl.load(p_ptr + b * stride_pb + l_idx * stride_pl + p_offs, mask=mask_p, other=0.0).to(tl.float32)
-        v = tl.where(mask_p, pv, v)
-    _store_row(v, offs, mask, row, out_ptr, s_ptr, N, stride_sm, QUANT, EXACT_CAST, NB)
+    offs = tl.arange(0, NB)[:, None] * QB + tl.arange(0, QB)[None, :]
+    tmp_row = tmp_ptr + pid.to(tl.int64) * N
+    for i in range(0, tl.cdiv(M - pid, n_prog)):
+        row = pid + i * n_prog  # a tensor in compiled and interpreted code alike
+        b = (row // L).to(tl.int64)
+        l_idx = (row % L).to(tl.int64)
+        x_row = x_ptr + b * stride_xb + l_idx * stride_xl
+        p_row = p_ptr + b * stride_pb + l_idx * stride_pl
+        m = tl.zeros((NB, QB), dtype=tl.float32)  # running elementwise |v| max: exact, order-free
+        for c0 in range(0, N, NB * QB):
+            cols = c0 + offs
+            v = _swiglu_chunk(
+                x_row, p_row, cols, c0, F, P, stride_ph, HAS_PREFIX, PREFIX_D, ROUND, EXACT_CAST, ACCURATE_EXP,
+                NB * QB,
+            )  # fmt: skip
+            m = tl.maximum(m, tl.abs(v))
+            if USE_TMP:
+                tl.store(tmp_row + cols, v.to(tmp_ptr.dtype.element_ty), mask=cols < N)
+        amax = tl.max(tl.max(m, axis=1), axis=0)
+        scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)
+        tl.store(s_ptr + row.to(tl.int64), scale)
+        inv_scale = tl.math.div_rn(1.0, scale)
+        out_row = out_ptr + row.to(tl.int64) * N
+        for c0 in range(0, N, NB * QB):
+            cols = c0 + offs
+            if USE_TMP:  # each thread reloads what it stored (same layout): no barrier needed
+                v = tl.load(tmp_row + cols, mask=cols < N, other=0.0).to(tl.float32)
+            else:
+                v = _swiglu_chunk(
+                    x_row, p_row, cols, c0, F, P, stride_ph, HAS_PREFIX, PREFIX_D, ROUND, EXACT_CAST, ACCURATE_EXP,
+                    NB * QB,
+                )  # fmt: skip
+            tl.store(out_row + cols, _to_e4m3(v, inv_scale, EXACT_CAST), mask=cols < N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,6 +449,35 @@ def norm_modulate(
     return out if quant is None else (out, s)
 
 
+class SwigluConfig(NamedTuple):
+    """Launch parameters of swiglu (performance only: every choice gives the same bits).
+
+    block: chunk width (a multiple of 128, power of two); warps: num_warps; programs_per_sm:
+    persistent programs per SM of the quant="row" kernel (bounds the rows in flight, hence the
+    L2 footprint between its two passes); use_tmp: pass 2 of "row" reloads pass 1's values from a
+    per-program scratch row instead of recomputing the SiLU."""
+
+    block: int = 2048
+    warps: int = 4
+    programs_per_sm: int = 4
+    use_tmp: bool = False
+
+
+# Defaults per quant mode (H100 run 2, reports/fused_modulate: the fastest of the swept configs).
+SWIGLU_CONFIGS = {None: SwigluConfig(), "row": SwigluConfig(), "block": SwigluConfig()}
+_INTERPRET_CONFIG = SwigluConfig(block=128, warps=4, programs_per_sm=1, use_tmp=False)
+_SM_COUNT: dict = {}
+
+
+def _num_programs(device: torch.device, per_sm: int) -> int:
+    if device.type != "cuda":
+        return 3 * per_sm  # interpreter: a few programs, each looping over several rows
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx] * per_sm
+
+
 def swiglu(x: torch.Tensor, *, prefix: torch.Tensor | None = None, quant: str | None = None):
     """SwiGLU on the last dim: x (..., 2F) = [gate | value] -> silu(gate) * value, (..., F).
 
@@ -328,7 +485,12 @@ def swiglu(x: torch.Tensor, *, prefix: torch.Tensor | None = None, quant: str | 
     e.g. ``o.transpose(1, 2)`` of an SDPA (B, H, L, D) result) with x (B, L, 2F), written first:
     out = cat([prefix.flatten(2), silu(gate) * value], -1), (B, L, P + F), without materializing
     the cat. quant None / "row" / "block": as ``norm_modulate`` (the row amax covers the whole
-    concatenated row)."""
+    concatenated row). Rows of any length (processed in chunks)."""
+    return _swiglu(x, prefix=prefix, quant=quant)
+
+
+def _swiglu(x, *, prefix=None, quant=None, config: SwigluConfig | None = None):
+    """swiglu with explicit launch parameters (benchmarks and tests sweep them)."""
     _check_act(x, "x")
     _check_quant(quant)
     if x.ndim < 1 or x.shape[-1] == 0 or x.shape[-1] % 2:
@@ -355,19 +517,38 @@ def swiglu(x: torch.Tensor, *, prefix: torch.Tensor | None = None, quant: str | 
         P = D * (prefix.shape[2] if prefix.ndim == 4 else 1)
         p_strides = (prefix.stride(0), prefix.stride(1), prefix.stride(2) if prefix.ndim == 4 else 0)
     N = P + Fh
-    nb, qb, warps = _row_tile(N, "swiglu")
     _check_device(x, prefix)
+    if config is None:
+        config = _INTERPRET_CONFIG if _INTERPRET else SWIGLU_CONFIGS[quant]
+    block = config.block
+    if block < QBLOCK or block & (block - 1):
+        raise ValueError(f"config.block must be a power of two >= {QBLOCK}, got {block}")
+    block = min(block, max(QBLOCK, triton.next_power_of_2(N)))  # short rows: one chunk, no idle lanes
     if quant is not None:
         _check_fp8_store(x.device)
     out, s = _outputs(lead, N, x.dtype, x.device, quant)
     B, L = x3.shape[0], x3.shape[1]
-    if B * L > 0 and N > 0:
-        _swiglu_kernel[(B * L,)](
-            x3, x3 if prefix is None else prefix, out, out if s is None else s,
-            L, Fh, P,
+    M = B * L
+    if M == 0 or N == 0:
+        return out if quant is None else (out, s)
+    p = x3 if prefix is None else prefix
+    meta = dict(
+        HAS_PREFIX=prefix is not None, PREFIX_D=D, ROUND=_ROUND[x.dtype], EXACT_CAST=_INTERPRET,
+        ACCURATE_EXP=_ACCURATE_EXP, NB=block // QBLOCK, QB=QBLOCK, num_warps=config.warps,
+    )  # fmt: skip
+    if quant == "row":
+        n_prog = min(M, _num_programs(x.device, config.programs_per_sm))
+        tmp = torch.empty(n_prog, N, device=x.device, dtype=x.dtype) if config.use_tmp else out
+        _swiglu_row_kernel[(n_prog,)](
+            x3, p, out, s, tmp, M, L, Fh, P, x3.stride(0), x3.stride(1), *p_strides,
+            USE_TMP=config.use_tmp, **meta,
+        )  # fmt: skip
+    else:
+        n_chunks = triton.cdiv(N, block)
+        _swiglu_chunk_kernel[(M * n_chunks,)](
+            x3, p, out, out if s is None else s, L, Fh, P, n_chunks,
             x3.stride(0), x3.stride(1), *p_strides, 0 if s is None else s.shape[-1],
-            HAS_PREFIX=prefix is not None, PREFIX_D=D, QUANT=_QUANT[quant], ROUND=_ROUND[x.dtype],
-            EXACT_CAST=_INTERPRET, ACCURATE_EXP=_ACCURATE_EXP, NB=nb, QB=qb, num_warps=warps,
+            QUANT=_QUANT[quant], **meta,
         )  # fmt: skip
     return out if quant is None else (out, s)
 

@@ -205,6 +205,45 @@ def test_swiglu_prefix(prefix_kind, quant, dtype):
             assert torch.allclose(got[1][0, 1], torch.tensor(50.0 / 448, device=DEV)), "row scale ignores the prefix"
 
 
+# Launch configurations that must all give the same bits: chunk narrower than the row (several
+# chunks, a chunk straddling the prefix end, a masked tail), several rows per persistent program, and
+# the scratch-row variant of quant="row".
+CONFIGS = [
+    FM.SwigluConfig(block=128, warps=4, programs_per_sm=1, use_tmp=False),
+    FM.SwigluConfig(block=256, warps=2, programs_per_sm=2, use_tmp=True),
+]
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("config", CONFIGS, ids=["b128", "b256-tmp"])
+def test_swiglu_chunked_configs(config, quant):
+    """P = 160 (a chunk wholly inside the prefix, then one straddling it), F = 300 (masked tail);
+    7 rows over 3-6 persistent programs. Bit-identical to the default launch and to the eager ops'
+    roundings; quant matches quantize_fp8_ref of the plain output."""
+    B, L, H, D, Fh = 1, 7, 5, 32, 300
+    dtype = torch.float16  # exact bf16-like roundings in the interpreter too, and a second activation dtype
+    x = (torch.randn(B, L, 2 * Fh, device=DEV) * 3).to(dtype)
+    prefix = torch.randn(B, H, L, D, device=DEV).to(dtype).transpose(1, 2)
+    prefix[0, 4, 1, 7] = -70.0  # row 4's amax sits in the first (prefix-only) chunk
+    ref = FM.swiglu_ref(x, prefix=prefix)
+    plain = FM._swiglu(x, prefix=prefix, config=config)
+    assert_close(plain, ref, dtype, f"swiglu {config}")
+    assert torch.equal(plain, FM.swiglu(x, prefix=prefix)), f"{config}: bits differ from the default launch"
+    if quant is not None:
+        got = FM._swiglu(x, prefix=prefix, quant=quant, config=config)
+        check_quant(got, plain, ref, dtype, quant, f"swiglu {quant} {config}")
+        if quant == "row":
+            assert got[1][0, 4, 0].item() == 70.0 / 448, "row scale misses the prefix-only chunk"
+
+
+def test_swiglu_long_row():
+    """A row longer than the old 32768-element register tile (and than one chunk): row quant."""
+    x = torch.randn(2, 2 * 33000, device=DEV) * 2
+    q, s = FM._swiglu(x, quant="row", config=FM.SwigluConfig(block=8192))
+    ref = FM.swiglu_ref(x)
+    check_quant((q, s), FM._swiglu(x, config=FM.SwigluConfig(block=8192)), ref, torch.float32, "row", "long row")
+
+
 def test_empty_rows():
     x = torch.randn(2, 0, 64, device=DEV)
     assert FM.norm_modulate(x, torch.zeros(64, device=DEV), torch.zeros(64, device=DEV)).shape == (2, 0, 64)
@@ -235,7 +274,7 @@ def test_input_errors():
     _bad(lambda: sg(x, prefix=torch.randn(2, 3, 8, dtype=torch.float16)), TypeError, "prefix dtype torch.float16")
     _bad(lambda: sg(x[0], prefix=torch.randn(3, 8)), ValueError, r"x must be \(B, L, 2F\)")
     _bad(lambda: sg(x, prefix=torch.randn(2, 8, 3).transpose(1, 2)), ValueError, "prefix must be contiguous")
-    _bad(lambda: sg(torch.zeros(1, 1, 60000), prefix=torch.zeros(1, 1, 4000)), ValueError, "34000.*32768")
+    _bad(lambda: FM._swiglu(x, config=FM.SwigluConfig(block=192)), ValueError, "power of two >= 128, got 192")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,3 +340,13 @@ def test_flux2_dev_shapes_gpu():
     qr, sr = quantize_fp8_ref(out, "block")
     assert torch.equal(sb, sr), "block scales differ from quantize_fp8_ref(kernel output)"
     assert_bits_equal(qb, qr, "swiglu+prefix block vs quantize_fp8_ref(kernel output)")
+    for cfg in (
+        FM.SwigluConfig(block=1024, warps=4, programs_per_sm=2),
+        FM.SwigluConfig(block=4096, warps=8, programs_per_sm=8, use_tmp=True),
+    ):  # other launch configurations: the same bits on the hardware
+        assert torch.equal(FM._swiglu(mlp, prefix=prefix, config=cfg), out), f"{cfg}: plain output differs"
+        for q in ("row", "block"):
+            qc, sc = FM._swiglu(mlp, prefix=prefix, quant=q, config=cfg)
+            qd, sd = FM.swiglu(mlp, prefix=prefix, quant=q)
+            assert torch.equal(sc, sd), f"{cfg} {q}: scales differ from the default launch"
+            assert_bits_equal(qc, qd, f"{cfg} {q} vs the default launch")
