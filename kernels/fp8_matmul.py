@@ -41,6 +41,19 @@ Notes
   instruction (cvt.rn.satfinite) does the rounding.
 - The weight-only kernel loads weights as uint8 and decodes e4m3 bits arithmetically, so it needs
   no fp8 support from Triton or the GPU.
+
+Dispatch (measured on the H100, reports/fp8_matmul)
+---------------------------------------------------
+- fp8 A (``fp8_gemm``, unfused ``fp8_linear``) on sm_90 with 16-byte-aligned rows: a persistent TMA
+  kernel (one program per SM walking the tiles; block scales with BLOCK_N = 128). Elsewhere (sm_89,
+  sm_120, unaligned rows) and for quantization fused into the A load: the classic tiled kernel.
+  ``PERSISTENT = False`` forces the classic kernel.
+- ``fp8_weight_only_linear``: M < ``WO_DEQUANT_MIN_M`` (1024) runs the fused kernel (e4m3 decoded
+  in registers, bf16/fp16 MMA). At M >= 1024 the GEMM is compute-bound and it runs
+  ``dequantize_fp8_weight`` (one Triton pass, e4m3 * scale -> x's dtype, rounded once) and then
+  cuBLAS (``F.linear``), with the gate and residual applied in torch. That path rounds w * scale to
+  bf16 once per weight (relative 2^-9) where the fused kernel applies per-tensor / per-channel scales
+  in fp32 after the MMA.
 """
 
 from __future__ import annotations
@@ -860,7 +873,8 @@ def fp8_gemm(
     The result is ``out_dtype`` (M, N). Accumulation is in fp32 registers; ``fast_accum=True`` (the
     FP8-inference default of torchao, and `_scaled_mm(use_fast_accum=True)`) lets Hopper's MMA keep
     its reduced-precision internal accumulation across K, ``False`` adds every 128-wide K step to the
-    accumulator in full fp32 (block scaling always does)."""
+    accumulator in full fp32 (block scaling always does). On sm_90 with 16-byte-aligned rows this runs
+    the persistent TMA kernel, elsewhere the classic tiled kernel (module docstring, "Dispatch")."""
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float8_e4m3fn:
             raise TypeError(f"{name} must be a torch.float8_e4m3fn tensor, got {getattr(t, 'dtype', type(t))}")
@@ -1086,11 +1100,17 @@ def fp8_weight_only_linear(
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``residual + gate * (x @ (w * w_scale).T)`` with e4m3 weights decoded in registers.
+    """``residual + gate * (x @ (w * w_scale).T)`` with e4m3 weights, bf16/fp16 compute.
 
     For GPUs without FP8 tensor cores (sm_80/86; runs anywhere Triton does). x: (..., K) bf16 or fp16
     (the MMA dtype); w: (N, K) e4m3 (or its uint8 view); w_scale: scalar, per-channel (N,)/(N, 1),
-    or 128x128 blocks (ceil(N/128), ceil(K/128)). out_dtype defaults to x's dtype."""
+    or 128x128 blocks (ceil(N/128), ceil(K/128)). out_dtype defaults to x's dtype.
+
+    Dispatch on M = x.numel() // K: below ``WO_DEQUANT_MIN_M`` (1024) a fused kernel decodes the
+    weights in registers (fp32 accumulation, fp32 epilogue). From 1024 rows on (measured crossover on
+    the H100: the decode ALU work per M tile costs more than one pass over the weights), the weights
+    are dequantized to x's dtype by ``dequantize_fp8_weight`` into a temporary, multiplied by cuBLAS
+    (``F.linear``, result in x's dtype) and the gate/residual applied in torch."""
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"x must be bf16 or fp16, got {getattr(x, 'dtype', type(x))}")
     x2 = _check_activation(x)
@@ -1220,7 +1240,9 @@ def fp8_linear_ref(
 
 def fp8_weight_only_linear_ref(x, w, w_scale, *, out_dtype=None, residual=None, gate=None):
     """Reference of ``fp8_weight_only_linear``: x in its own precision, weights dequantized in fp32
-    (block scales: rounded to x's dtype first, as the kernel feeds them to the MMA)."""
+    (block scales: rounded to x's dtype first, as the kernel feeds them to the MMA). The dequantize +
+    cuBLAS path (M >= WO_DEQUANT_MIN_M) also rounds per-tensor / per-channel ``w * scale`` to x's dtype
+    and its GEMM output to x's dtype; tests bound that difference elementwise."""
     x2 = x.reshape(-1, x.shape[-1])
     M, K = x2.shape
     N = w.shape[0]

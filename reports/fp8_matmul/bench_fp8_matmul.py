@@ -717,6 +717,14 @@ def render(data: dict) -> str:
     L += [
         "## Correctness on the GPU",
         "",
+    ]
+    if data.get("_pytest"):
+        L += [
+            f"`pytest -m gpu tests/test_fp8_matmul.py` in the same device call (`pytest_gpu_run{m.get('run')}.txt`): "
+            + "; ".join(data["_pytest"]),
+            "",
+        ]
+    L += [
         "quantize_fp8 vs quantize_fp8_ref (hardware cast): "
         + ", ".join(
             f"{q['granularity']} {q['M']}×{q['K']}: {q['fp8_bit_mismatches']} bit mismatches, "
@@ -754,8 +762,6 @@ def render(data: dict) -> str:
             f"| {s['res']} | {s['name']} | {s['M']} | {cr['bf16_mm_rel_l2_vs_exact']:.1e} | " + " | ".join(cells) + " |"
         )
     L += ["", "## Expectations", "", data["expectations"], "## What the numbers say", "", analysis(data, timed)]
-    if data.get("skipped"):
-        L += ["", "Skipped: " + "; ".join(data["skipped"])]
     return "\n".join(L) + "\n"
 
 
@@ -773,16 +779,21 @@ def analysis(data: dict, timed: list) -> str:
     def tf(s, k):
         return s["times"].get(k, {}).get("tflops", float("nan"))
 
+    def pct_range(shapes, k):
+        v = [100 * tf(s, k) / ceil for s in shapes if "tflops" in s["times"].get(k, {})]
+        return f"{min(v):.0f}-{max(v):.0f}%" if v else "n/a"
+
+    def host(shapes, k):
+        v = sorted(s["times"].get(k, {}).get("host_us") for s in shapes if "host_us" in s["times"].get(k, {}))
+        return f"{v[0]:.0f}-{v[-1]:.0f} us" if v else "n/a"
+
     big = [s for s in timed if s["M"] >= 4096]
     small = [s for s in timed if s["M"] < 4096]
-    row = [s for s in timed if has(s, "ours_gemm_row", "scaled_mm_row_fast")]
-    worst = min(row, key=lambda s: s["times"]["scaled_mm_row_fast"]["ms"] / s["times"]["ours_gemm_row"]["ms"])
-    peak = max(tf(s, "ours_gemm_row") for s in timed)
-    pcts = [100 * tf(s, "ours_gemm_row") / ceil for s in timed]
-    blk_pcts = [100 * tf(s, "ours_gemm_block") / ceil for s in timed]
-    wo = [s for s in timed if has(s, "ours_weight_only_row", "bf16_mm")]
-    wo_small = [s for s in wo if s["M"] < data["meta"].get("wo_dequant_min_m", 1024)]
-    wo_big = [s for s in wo if s not in wo_small]
+    g = "_graph"
+    row, smf, cls = "ours_gemm_row", "scaled_mm_row_fast", "ours_gemm_row_classic"
+    wo_min = data["meta"].get("wo_dequant_min_m", 1024)
+    wo_big = [s for s in timed if s["M"] >= wo_min]
+    wo_small = [s for s in timed if s["M"] < wo_min]
     lin = [
         s["times"][TQ_ROW]["ms"] / s["times"]["ours_linear_row"]["ms"]
         for s in timed
@@ -795,33 +806,81 @@ def analysis(data: dict, timed: list) -> str:
     ]
     sweep = data.get("wo_sweep", [])
     cross = sorted({w["M"] for w in sweep if w["dequant"] < w["fused"]})
-    r_fast = partial(over, a="ours_gemm_row", b="scaled_mm_row_fast")
-    r_cls = partial(over, a="ours_gemm_row", b="ours_gemm_row_classic")
+    small_fused = [w["bf16_mm"] / w["fused"] for w in sweep if w["M"] < wo_min]
+    tiles = {s["name"]: (s["M"] // 128) * (s["N"] // 256) for s in small}
+
+    def picked(s):
+        pre = f"persistent({s['M']}, {s['N']}, {s['K']})|1|False|2|False"
+        cfg = next((v for k, v in data.get("autotune", {}).items() if k.startswith(pre)), "")
+        f = dict(x.split(": ") for x in cfg.split(", ") if ": " in x)
+        return f"{f.get('BLOCK_M', '?')}x{f.get('BLOCK_N', '?')}"
+
+    picks = ", ".join(f"{s['name']} {picked(s)}" for s in small)
+
+    def drift(shapes, k):  # eager time / GPU time - 1, in %
+        v = [s["times"][k]["ms"] / s["times"][k + "_graph"]["ms"] - 1 for s in shapes if has(s, k, k + "_graph")]
+        return f"{100 * min(v):+.0f}% to {100 * max(v):+.0f}%" if v else "n/a"
+
     out = [
-        f"- **GEMM row-wise** (persistent TMA kernel on sm_90): {r_fast(row):.3f}x "
-        f"`_scaled_mm` row-wise fast over all timed shapes; {r_fast(big):.3f}x on "
-        f"M >= 4096, {r_fast(small):.3f}x on the M = 512 text shapes. Against "
-        f"run 2's classic tiled kernel timed in the same run: {r_cls(timed):.3f}x "
-        f"({r_cls(small):.3f}x on M = 512). Best {peak:.0f} TFLOP/s; "
-        f"{min(pcts):.0f}-{max(pcts):.0f}% of the measured ceiling. Weakest shape: {worst['name']} at {worst['res']}^2 "
-        f"({tf(worst, 'ours_gemm_row'):.0f} vs {tf(worst, 'scaled_mm_row_fast'):.0f} TFLOP/s).",
-        f"- **Block scaling** (persistent, BLOCK_N = 128 so the weight scale is one scalar per K step): "
-        f"{over(timed, 'ours_gemm_block', 'ours_gemm_row'):.3f}x our row-wise, "
-        f"{over(timed, 'ours_gemm_block', 'ours_gemm_block_classic'):.2f}x the classic kernel, "
-        f"{over(timed, 'ours_gemm_block', 'scaled_mm_block'):.2f}x cuBLAS's 1x128/128x128 `_scaled_mm`; "
-        f"{min(blk_pcts):.0f}-{max(blk_pcts):.0f}% of the ceiling.",
-        f'- **fp8_linear** row-wise against torch "quantize then `_scaled_mm`": geomean {_geo(lin):.2f}x '
-        f"(min {min(lin):.2f}, max {max(lin):.2f}).",
-        f"- **Weight-only FP8**: bf16 cuBLAS time / ours = {over(wo, 'ours_weight_only_row', 'bf16_mm'):.3f} over "
-        f"all timed shapes; {over(wo_big, 'ours_weight_only_row', 'bf16_mm'):.3f} on the shapes at or above "
-        f"`WO_DEQUANT_MIN_M` (dequantize + cuBLAS), {over(wo_small, 'ours_weight_only_row', 'bf16_mm'):.3f} below it "
-        f"(fused in-register kernel). The dequantize pass moves {min(deq_bw, default=0):.1f}-"
-        f"{max(deq_bw, default=0):.1f} TB/s (1 byte read + 2 written per weight). In the sweep, dequantize + "
-        f"cuBLAS beats the fused kernel at M in {cross}.",
+        f"- **GEMM row-wise: target >= 1.0 missed.** The persistent TMA kernel (sm_90) against `_scaled_mm` "
+        f"row-wise fast: eager {over(timed, row, smf):.3f}x over the timed shapes ({over(big, row, smf):.3f}x on "
+        f"M >= 4096, {over(small, row, smf):.3f}x on M = 512); GPU time alone {over(timed, row + g, smf + g):.3f}x "
+        f"({over(big, row + g, smf + g):.3f}x on M >= 4096, {over(small, row + g, smf + g):.3f}x on M = 512). "
+        f"It is {over(timed, row + g, cls + g):.3f}x run 2's classic tiled kernel in GPU time "
+        f"({over(big, row, cls):.3f}x eager on M >= 4096). GPU time reaches {pct_range(big, row + g)} of the "
+        f"measured ceiling on M >= 4096 and {pct_range(small, row + g)} on M = 512. Expected 1.00-1.04x in GPU "
+        "time; two things missed it. (1) On the M = 512 shapes the eager timer measures our Python launch path: "
+        f"{host(small, row + g)} of host time per `fp8_gemm` call against {host(small, smf + g)} for `_scaled_mm` "
+        "(argument checks, three TMA descriptors, the autotuner's dispatch and pre-hook, Triton's launcher), so "
+        "these 40-200 us kernels run host-bound. In the model the fix is CUDA graphs or a cached launcher "
+        "that skips the checks. (2) In GPU time the M = 512 shapes remain below cuBLAS: "
+        f"{', '.join(f'{k} {v}' for k, v in tiles.items())} tiles of 128x256 for 132 SMs. The autotuner, timing "
+        f"CUDA graphs, still picked {picks}: "
+        "where it kept 128x256, the smaller tiles that would fill the waves measured slower (less MMA work "
+        "per loaded byte), and there is no split-K or stream-K. On M >= 4096 cuBLAS's eager medians are "
+        f"{drift(big, smf)} off its GPU times, ours {drift(big, row)}, so the GPU-time ratio there is "
+        "lower than the eager one. Next step: stream-K for the text GEMMs, and a launch path without "
+        "per-call Python work "
+        "(cache descriptors and configs per shape, or capture the transformer block in a CUDA graph).",
+        f"- **Block scaling: target >= 0.9 missed, as expected (one timeboxed attempt).** Persistent kernel, "
+        f"BLOCK_N = 128, so each K step's weight scale is one scalar: {over(timed, 'ours_gemm_block', row):.3f}x "
+        f"our row-wise eager, {over(timed, 'ours_gemm_block' + g, row + g):.3f}x in GPU time "
+        f"({pct_range(timed, 'ours_gemm_block' + g)} of the ceiling). That is "
+        f"{over(timed, 'ours_gemm_block', 'ours_gemm_block_classic'):.2f}x the classic kernel and "
+        f"{over(timed, 'ours_gemm_block' + g, 'scaled_mm_block' + g):.2f}x cuBLAS's 1x128/128x128 `_scaled_mm`. "
+        "Why it stays there: `acc += dot(a, b) * (sa * sb)` needs every K step's MMA result in registers "
+        "before the next MMA can start. That serializes the asynchronous wgmma chain, which the row-wise "
+        "kernel keeps full across K. The second accumulator also caps tiles at 128x128. Closing the gap needs "
+        "warp specialization: two consumer warpgroups taking turns, one promotes while the other multiplies "
+        "(DeepGEMM). `tl.range(warp_specialize=True)` is documented for Blackwell only, so it was left there.",
+        f'- **fp8_linear: target >= 1.15 met.** Row-wise against torch "quantize then `_scaled_mm`": geomean '
+        f"{_geo(lin):.2f}x eager (min {min(lin):.2f}, max {max(lin):.2f}), "
+        f"{over(timed, 'ours_linear_row' + g, TQ_ROW + g):.2f}x in GPU time. The eager minimum is an M = 512 "
+        "shape, where two Python launches cost more than the kernels.",
+        f"- **Weight-only FP8: target (bf16 time / ours >= 0.91) missed overall, met from M = {wo_min} up.** "
+        f"Eager {over(timed, 'ours_weight_only_row', 'bf16_mm'):.3f}, GPU time "
+        f"{over(timed, 'ours_weight_only_row' + g, 'bf16_mm' + g):.3f}. On the shapes with M >= {wo_min} "
+        f"(dequantize + cuBLAS): {over(wo_big, 'ours_weight_only_row' + g, 'bf16_mm' + g):.3f} in GPU time. "
+        f"The dequantize pass runs at {min(deq_bw, default=0):.1f}-{max(deq_bw, default=0):.1f} TB/s (1 byte "
+        "read + 2 written per weight; environment.md's copy bandwidth for this GPU: 2.96 TB/s). Its cost relative "
+        "to the GEMM falls as 1/M (3 bytes per weight at ~2.5 TB/s against 2M FLOPs per weight at ~700 "
+        f"TFLOP/s: ~420/M). On M = 512 (fused in-register kernel): "
+        f"{over(wo_small, 'ours_weight_only_row' + g, 'bf16_mm' + g):.3f}. Expected 0.85-0.90 overall "
+        "(written before the run; see Expectations). In the sweep, dequantize + cuBLAS wins at M in "
+        f"{cross} and the fused kernel at the smaller M, hence `WO_DEQUANT_MIN_M` = {wo_min}. Below it the "
+        "fused kernel wins, but only at "
+        f"{min(small_fused, default=0):.2f}-{max(small_fused, default=0):.2f}x bf16 speed. Its integer decode and "
+        "fp16 -> bf16 conversion sit in the same warps as the MMA: the wgmma A operand comes from registers, "
+        "and the decode cannot overlap it. Next step for M = 512: decode each weight tile once per CTA into "
+        "shared memory and reuse it for 2-4 M tiles (BLOCK_M = 512 split across two consumer warpgroups). "
+        "Alternatively, dequantize the text-stream weights once per step and reuse them across the "
+        "guidance passes.",
     ]
-    notes = data.get("notes")
-    if notes:
-        out += ["", notes]
+    if data.get("skipped"):
+        out.append(
+            "- **Not timed in this run** (the run's time budget ran out; run 3 timed them with the same "
+            "persistent kernel): " + "; ".join(data["skipped"]) + ". The geomeans above cover the other shapes."
+        )
     return "\n".join(out) + "\n"
 
 
@@ -836,6 +895,9 @@ def main(argv=None):
     if a.render:
         data = json.loads(a.render.read_text())
         data["_source"] = a.render.name
+        tests = a.render.parent / f"pytest_gpu_run{data['meta'].get('run', 2)}.txt"
+        if tests.exists():  # `pytest -m gpu tests/test_fp8_matmul.py` from the same device call
+            data["_pytest"] = [ln for ln in tests.read_text().splitlines() if " passed" in ln or " failed" in ln]
         (a.render.parent / "README.md").write_text(render(data))
         return 0
     if not a.out:
