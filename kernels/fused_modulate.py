@@ -167,9 +167,11 @@ def _norm_modulate_kernel(
     mask = offs < C
 
     x = tl.load(x_ptr + b * stride_xb + l_idx * stride_xl + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(tl.sum(x, axis=1), axis=0) / C
+    # IEEE division (Triton's fp32 `/` is div.full, ~2 ulp): a constant row's mean is then exact, so its
+    # LayerNorm output is exactly 0 (GPU run 2: `/` left y ~ 3e-5 there)
+    mean = tl.math.div_rn(tl.sum(tl.sum(x, axis=1), axis=0), C * 1.0)
     xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(tl.sum(xc * xc, axis=1), axis=0) / C
+    var = tl.math.div_rn(tl.sum(tl.sum(xc * xc, axis=1), axis=0), C * 1.0)
     y = _round_to(xc * tl.math.rsqrt(var + eps), ROUND, EXACT_CAST)  # nn.LayerNorm's output
 
     shift = tl.load(shift_ptr + b * stride_shb + offs * stride_shc, mask=mask, other=0.0).to(tl.float32)
@@ -463,8 +465,13 @@ class SwigluConfig(NamedTuple):
     use_tmp: bool = False
 
 
-# Defaults per quant mode (H100 run 2, reports/fused_modulate: the fastest of the swept configs).
-SWIGLU_CONFIGS = {None: SwigluConfig(), "row": SwigluConfig(), "block": SwigluConfig()}
+# Defaults per quant mode: the fastest swept configs on the >= 4096-row FLUX.2-dev cases (H100 run 2,
+# reports/fused_modulate/README.md): "row" reloads pass 1's values (0.31 vs 0.36 ms recomputing).
+SWIGLU_CONFIGS = {
+    None: SwigluConfig(block=2048, warps=4),
+    "row": SwigluConfig(block=4096, warps=8, programs_per_sm=4, use_tmp=True),
+    "block": SwigluConfig(block=2048, warps=4),
+}
 _INTERPRET_CONFIG = SwigluConfig(block=128, warps=4, programs_per_sm=1, use_tmp=False)
 _SM_COUNT: dict = {}
 

@@ -489,6 +489,12 @@ def figures(data: dict) -> dict:
                 f"{n}__{q}__gbps": v["fused_GBps"], f"{n}__{q}__pct": v["fused_pct_copy"],
                 f"{n}__{q}__at80": v["fused_bytes"] / (0.8 * data["copy"]["GBps"] * 1e6),
             })  # fmt: skip
+            if "old_ms" in v:
+                f.update({
+                    f"{n}__{q}__old": v["old_ms"], f"{n}__{q}__oldpct": v["old_pct_copy"],
+                    f"{n}__{q}__best": v["best_ms"], f"{n}__{q}__bestpct": v["best_pct_copy"],
+                    f"{n}__{q}__bestx": v["old_ms"] / v["best_ms"],
+                })  # fmt: skip
         k = c["check"]
         f.update({
             f"{n}__maxulp": k["max_ulp"], f"{n}__frac_ne": k["frac_ulp_ne_0"], f"{n}__gt1": k["n_ulp_gt_1"],
