@@ -188,6 +188,7 @@ PERSISTENT_SHAPES = [(64, 64, 64), (81, 256, 200)]
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("fast_accum", [True, False])
 def test_fp8_gemm_persistent_matches_ref_and_classic(M, K, N, granularity, fast_accum, monkeypatch):
+    monkeypatch.setattr(F, "PERSISTENT", True)  # opt-in kernel
     x = act(M, K)
     static = torch.tensor(0.05, device=DEV)
     xq, xs = (
@@ -204,7 +205,8 @@ def test_fp8_gemm_persistent_matches_ref_and_classic(M, K, N, granularity, fast_
     assert_close(out, classic, FP32_TOL * ref.abs().max().item(), FP32_TOL, "persistent vs classic kernel")
 
 
-def test_fp8_gemm_persistent_epilogue_and_unaligned_fallback():
+def test_fp8_gemm_persistent_epilogue_and_unaligned_fallback(monkeypatch):
+    monkeypatch.setattr(F, "PERSISTENT", True)  # opt-in kernel
     M, K, N = 17, 128, 72  # bf16 out: 72 * 2 bytes per row is TMA-aligned
     xq, xs = F.quantize_fp8_ref(act(M, K), "row")
     _, wq, ws = make_weight(N, K, "row")
