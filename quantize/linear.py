@@ -277,7 +277,9 @@ class QuantLinear(nn.Module):
 
         x2 = x.reshape(-1, self.in_features)
         n = self.out_features
-        rows = max(128, DEQUANT_CHUNK_BYTES // (2 * self.in_features) // 128 * 128)
+        # equal chunks (multiples of 128 rows): a small remainder chunk would be a GEMM with poor waves
+        chunks = max(1, -(-n * self.in_features * 2 // DEQUANT_CHUNK_BYTES))
+        rows = -(-n // chunks // 128) * 128 if chunks > 1 else n
         out = torch.empty(x2.shape[0], n, device=x.device, dtype=x.dtype)
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
