@@ -315,7 +315,6 @@ def _lut(code_key: tuple[float, ...], device: str) -> torch.Tensor:
 
 
 _INT4_CODE = tuple(float(v) for v in range(-8, 8))  # nibble - 8
-NF4_PAIR_ASM = True  # dequantize_4bit, nf4 on CUDA: pair-table vector loads (False: two gathers per byte)
 
 
 def _lut_from_code(code: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -456,7 +455,6 @@ def _dequantize_4bit_kernel(
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PAIR_ASM: tl.constexpr = False,  # nf4 on a GPU: one 8-byte pair-table load per byte (PTX)
 ):
     # Memory-bound: reads 0.5 byte and writes 2 bytes per element; one (BLOCK_N, BLOCK_K) tile per program.
     pid_n = tl.program_id(0)
@@ -471,21 +469,8 @@ def _dequantize_4bit_kernel(
     hi = (packed >> 4).to(tl.int32)
     lo = (packed & 0xF).to(tl.int32)
     if IS_NF4:
-        if PAIR_ASM:
-            # byte -> (code[hi], code[lo]) from the 2 KB pair table (L1-resident): one vector load per
-            # byte instead of two scalar gathers (nf4 dequantization ran ~12 ms/step behind int4's)
-            pair_ptrs = lut_ptr + packed.to(tl.int32) * 2
-            hi_f, lo_f = tl.inline_asm_elementwise(
-                "ld.global.nc.v2.f32 {$0, $1}, [$2];",
-                "=r,=r,l",
-                [pair_ptrs.to(tl.int64, bitcast=True)],
-                dtype=(tl.float32, tl.float32),
-                is_pure=True,
-                pack=1,
-            )
-        else:
-            hi_f = tl.load(lut_ptr + 512 + hi)
-            lo_f = tl.load(lut_ptr + 512 + lo)
+        hi_f = tl.load(lut_ptr + 512 + hi)
+        lo_f = tl.load(lut_ptr + 512 + lo)
     else:
         hi_f = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
         lo_f = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
@@ -528,7 +513,6 @@ def dequantize_4bit(
     _dequantize_4bit_kernel[grid](
         qweight, scales, lut, out, n, qweight.stride(0), scales.stride(0), out.stride(0),
         IS_NF4=fmt == "nf4", GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
-        PAIR_ASM=fmt == "nf4" and not interpret and NF4_PAIR_ASM,
     )  # fmt: skip
     return out
 

@@ -38,7 +38,11 @@ from flux2_bench.quantize import formats as QF
 from flux2_bench.quantize.recipes import Recipe, dequantize_layer, get_recipe, parse_json_bytes, quantize_layer
 
 DEQUANT_MIN_M = 2048  # 4-bit: rows of x from which dequantize + cuBLAS beats the fused kernel
-DEQUANT_CHUNK_BYTES = 128 << 20  # 4-bit, dequantize + cuBLAS: bf16 weight rows dequantized per GEMM
+# 4-bit, dequantize + cuBLAS: bf16 weight bytes dequantized per GEMM (equal row chunks). Measured on the
+# H100 (reports/quant_runtime/h100_dequant_chunks*.json, FLUX.2-dev 1024² step): 128 MB 477.6 / 484.1 ms
+# (int4 / nf4) at 17.51 / 17.99 GiB peak, 512 MB 467.1 / 479.2 ms at 17.94 / 18.41 GiB: fewer, wider
+# GEMMs against 0.4 GiB; the whole weight (680 MB for linear1) gains nothing more.
+DEQUANT_CHUNK_BYTES = 512 << 20
 FP8_GRANULARITY = {Recipe.FP8_TENSOR: "tensor", Recipe.FP8_ROW: "row", Recipe.FP8_BLOCK: "block"}
 # The FLUX.2 block linears (BFL names): what flux2-quantize converts by default.
 BLOCK_LINEARS = (
@@ -270,9 +274,9 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _dequantize_chunks_matmul(self, x: Tensor, code: Tensor | None) -> Tensor:
-        """x @ Wᵀ for a 4-bit W: dequantize DEQUANT_CHUNK_BYTES of bf16 rows of W at a time and let cuBLAS
-        write each chunk's output columns in place, so the temporary stays ~128 MB instead of the whole
-        bf16 weight (680 MB for FLUX.2-dev's linear1): the 4-bit model's peak memory."""
+        """x @ Wᵀ for a 4-bit W: dequantize at most DEQUANT_CHUNK_BYTES of bf16 rows of W at a time (equal
+        chunks) and let cuBLAS write each chunk's output columns in place, so the temporary is bounded
+        instead of the whole bf16 weight (680 MB for FLUX.2-dev's linear1): the 4-bit peak memory."""
         from flux2_bench.kernels.int4_matmul import dequantize_4bit
 
         x2 = x.reshape(-1, self.in_features)

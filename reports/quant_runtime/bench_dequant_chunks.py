@@ -1,6 +1,9 @@
 """4-bit recipes: ms/step and peak GiB against DEQUANT_CHUNK_BYTES (the bf16 rows of W dequantized per
 cuBLAS call), FLUX.2-dev synthetic weights at 1024², fused block kernels. One process, same models.
 
+Run 2 (h100_dequant_chunks_run2.json) also A/B'd a pair-table vector load for nf4 dequantization
+(commit 0ce4979): no gain (483.0 vs 480.3 ms at 256 MB, 479.4 vs 478.6 at 512 MB), so it was removed.
+
 Question: run 4 spent 377 ms in GEMMs for int4 against 356 ms for bf16 with the same shapes; is the
 chunking (6 GEMMs of N=9216 for linear1 instead of one of N=55296) the cost, and what does a bigger
 chunk cost in peak memory?
@@ -36,8 +39,6 @@ def main() -> None:
     ap.add_argument("--chunks", default=",".join(map(str, CHUNKS_MB)), help="chunk sizes in MB")
     ap.add_argument("--recipes", default="int4-g128,nf4")
     args = ap.parse_args()
-    from flux2_bench.kernels import int4_matmul as i4
-
     result = {"env": env_block(), "preset": PRESET, "size": 1024, "weights": "synthetic (random)", "rows": []}
     default = qlinear.DEQUANT_CHUNK_BYTES
     for recipe in args.recipes.split(","):
@@ -45,20 +46,16 @@ def main() -> None:
         call_args = inputs(model.config, 1024)
         base = None
         with torch.inference_mode(), use_fused(True):
-            variants = [(int(mb), asm) for mb in args.chunks.split(",") for asm in (False, True)]
-            for mb, asm in variants:
-                if recipe != "nf4" and asm:
-                    continue
-                i4.NF4_PAIR_ASM = asm  # nf4 dequantization: two gathers per byte (False) or one vector load
+            for mb in map(int, args.chunks.split(",")):
                 qlinear.DEQUANT_CHUNK_BYTES = mb << 20
                 free()
                 out = model(*call_args).float()
                 base = out if base is None else base
-                r = {"recipe": recipe, "chunk_mb": mb if mb < 1 << 20 else "whole weight", "nf4_pair_asm": asm,
+                r = {"recipe": recipe, "chunk_mb": mb if mb < 1 << 20 else "whole weight",
                      "weights_gib": model_bytes(model) / GIB, **time_forward(lambda m=model, a=call_args: m(*a)),
                      "sqnr_vs_first_variant_db": sqnr(out, base)}  # fmt: skip
                 result["rows"].append(r)
-                print(f"{recipe:10s} chunk {r['chunk_mb']!s:>12} MB  pair-asm {asm!s:5}  {r['ms_median']:7.1f} ms  "
+                print(f"{recipe:10s} chunk {r['chunk_mb']!s:>12} MB  {r['ms_median']:7.1f} ms  "
                       f"peak {r['peak_allocated_gib']:6.2f} GiB  "
                       f"sqnr vs first {r['sqnr_vs_first_variant_db']:.1f} dB",
                       flush=True)  # fmt: skip
