@@ -99,8 +99,10 @@ def test_pack_rejects_bad_k():
 # --------------------------------------------------------------------------------------------------------
 # Kernel vs reference (interpreter on CPU)
 # --------------------------------------------------------------------------------------------------------
-# fp32 activations: the kernel's fp32 dot differs from torch's only in summation order (K <= 256, |out| ~ 20):
-FP32_TOL = (torch.float32, 2e-4, 1e-5)
+# fp32 activations: in the interpreter the kernel's fp32 dot differs from torch's only in summation order
+# (K <= 256, |out| ~ 20). On CUDA, tl.dot runs fp32 operands as TF32 (10-bit mantissa, 2^-11 per product
+# of O(1) terms, ~1e-2 summed over 256): these tests failed on the H100 with the interpreter's bounds.
+FP32_TOL = (torch.float32, 2e-4, 1e-5) if DEVICE == "cpu" else (torch.float32, 5e-2, 5e-3)
 
 
 @pytest.mark.parametrize("fmt", ["int4-g128", "nf4"])
