@@ -556,6 +556,11 @@ def render(data: dict) -> str:
         f"Ceiling measured in the same run: `_scaled_mm` per-tensor FP8 8192^3 = **{ceil:.0f} TFLOP/s**; "
         f"bf16 `torch.mm` 8192^3 = {c['bf16_mm_8192_tflops']:.0f} TFLOP/s.",
         "",
+        "**Library default since fe6dbdc: the classic tiled kernel.** The persistent TMA kernel timed here "
+        "is opt-in (`FLUX2_FP8_PERSISTENT=1`): inside the FLUX.2-dev forward it produced wrong outputs once "
+        "autotuned (reports/quant_runtime, run 3 and its diag files), which no isolated test reproduced. "
+        "Run 2 (`fp8_matmul_run2.json`) is the classic kernel's measurement.",
+        "",
     ]
     timed = [s for s in data["shapes"] if "times" in s]
 
