@@ -159,6 +159,26 @@ def timed(rows, name, fn, weights_gib, ref, **extra) -> None:
     rows.append(r)
 
 
+def anchor_row(rows, name: str, build, quantize, args, ref) -> None:
+    """Time diffusers + a quantization library: build() gives the diffusers model, quantize() converts
+    it in place. The model lives only inside this call, so a failed anchor cannot stay resident into
+    the rows after it (run 1's bitsandbytes anchor did, and run 2's kept torchao's through a closure)."""
+    try:
+        dmodel = build()
+        t0 = time.perf_counter()
+        quantize(dmodel)
+        quant_s = time.perf_counter() - t0
+        free()
+        with torch.inference_mode():
+            call = diffusers_call(dmodel, args)
+            rows.append(row(name, call, model_bytes(dmodel) / GIB, call(), ref, quantize_s=quant_s))
+    except Exception as e:
+        rows.append({"name": name, "error": f"{type(e).__name__}: {e}"[:500]})
+        traceback.print_exc()
+    dmodel = call = None
+    free()
+
+
 def run(size: int, out: str | None = None) -> dict:
     result = {"env": env_block(), "preset": PRESET, "size": size, "weights": "synthetic (random)"}
     rows = result["rows"] = _Rows(result, out)
@@ -177,39 +197,11 @@ def run(size: int, out: str | None = None) -> dict:
         free()
         call = diffusers_call(dmodel, args)
         rows.append(row("diffusers bf16", call, model_bytes(dmodel) / GIB, call(), ref))
-    try:
-        t0 = time.perf_counter()
-        quantize_torchao_fp8_row(dmodel)
-        quant_s = time.perf_counter() - t0
-        free()
-        with torch.inference_mode():
-            call = diffusers_call(dmodel, args)
-            rows.append(
-                row("diffusers + torchao fp8-row", call, model_bytes(dmodel) / GIB, call(), ref, quantize_s=quant_s)
-            )
-    except Exception as e:
-        rows.append({"name": "diffusers + torchao fp8-row", "error": f"{type(e).__name__}: {e}"[:500]})
-        traceback.print_exc()
-    dmodel = call = None  # `call` closes over the torchao model: keeping it made the bnb anchor run out of memory
-    free()
-
-    dmodel = None
-    try:
-        dmodel = diffusers_view(synthetic_transformer(PRESET, device="cuda", seed=0))
-        t0 = time.perf_counter()
-        quantize_bnb_nf4(dmodel)
-        quant_s = time.perf_counter() - t0
-        free()
-        with torch.inference_mode():
-            call = diffusers_call(dmodel, args)
-            rows.append(
-                row("diffusers + bitsandbytes nf4", call, model_bytes(dmodel) / GIB, call(), ref, quantize_s=quant_s)
-            )
-    except Exception as e:
-        rows.append({"name": "diffusers + bitsandbytes nf4", "error": f"{type(e).__name__}: {e}"[:500]})
-        traceback.print_exc()
-    dmodel = call = None  # a failed anchor must not keep its model alive into our rows (it once did)
-    free()
+    box = [dmodel]  # handed over: the anchor's model must live only inside anchor_row
+    dmodel = call = None
+    anchor_row(rows, "diffusers + torchao fp8-row", box.pop, quantize_torchao_fp8_row, args, ref)
+    build_bf16 = lambda: diffusers_view(synthetic_transformer(PRESET, device="cuda", seed=0))  # noqa: E731
+    anchor_row(rows, "diffusers + bitsandbytes nf4", build_bf16, quantize_bnb_nf4, args, ref)
 
     for recipe, modes in RECIPES:
         try:
