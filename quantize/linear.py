@@ -37,7 +37,12 @@ from torch import Tensor, nn
 from flux2_bench.quantize import formats as QF
 from flux2_bench.quantize.recipes import Recipe, dequantize_layer, get_recipe, parse_json_bytes, quantize_layer
 
-DEQUANT_MIN_M = 2048  # 4-bit: rows of x from which dequantize + cuBLAS beats the fused kernel
+# 4-bit: rows of x from which dequantize + cuBLAS beats the fused W4A16 kernel. Measured on the H100
+# (reports/quant_runtime/h100_dequant_min_m.json): at FLUX.2's 512 text rows dequantize + cuBLAS wins
+# for nf4 on every text shape (284 vs 453 us on txt.qkv) and for int4 on two of four; the FLUX.2-dev
+# step at 1024² goes 475.0/476.2 -> 470.2/466.9 ms (nf4) and 465.8/468.1 -> 463.3/468.4 ms (int4)
+# from 2048 to 512, at the same peak (the chunks stay <= DEQUANT_CHUNK_BYTES).
+DEQUANT_MIN_M = 512
 # 4-bit, dequantize + cuBLAS: bf16 weight bytes dequantized per GEMM (equal row chunks). Measured on the
 # H100 (reports/quant_runtime/h100_dequant_chunks*.json, FLUX.2-dev 1024² step): 128 MB 477.6 / 484.1 ms
 # (int4 / nf4) at 17.51 / 17.99 GiB peak, 512 MB 467.1 / 479.2 ms at 17.94 / 18.41 GiB: fewer, wider

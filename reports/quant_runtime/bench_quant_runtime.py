@@ -50,7 +50,9 @@ RECIPES = [
     ("int4-g128", (False, True)),
     ("nf4", (False, True)),
 ]
-PROFILED = {"ours bf16", "ours bf16 fused", "ours fp8-row", "ours fp8-row fused", "ours int4-g128 fused", "ours nf4 fused"}
+PROFILED = {
+    "ours bf16", "ours bf16 fused", "ours fp8-row", "ours fp8-row fused", "ours int4-g128 fused", "ours nf4 fused"
+}  # fmt: skip
 
 
 def inputs(cfg, size: int, dev="cuda", dt=torch.bfloat16):
