@@ -48,8 +48,9 @@ Dispatch (measured on the H100, reports/fp8_matmul)
   kernel (one program per SM walking the tiles; block scales with BLOCK_N = 128). Elsewhere (sm_89,
   sm_120, unaligned rows) and for quantization fused into the A load: the classic tiled kernel.
   The persistent kernel is opt-in (``PERSISTENT``, env ``FLUX2_FP8_PERSISTENT=1``): it gave wrong
-  model outputs once autotuned inside the FLUX.2-dev forward (reports/quant_runtime, run 3), which
-  no isolated test reproduced; the classic kernel is the default everywhere.
+  model outputs once autotuned inside the FLUX.2-dev forward (reports/quant_runtime, run 3: after
+  other shapes were autotuned, a third of the output columns of 4096x36864x6144 stay unwritten);
+  the classic kernel is the default everywhere.
 - ``fp8_weight_only_linear``: M < ``WO_DEQUANT_MIN_M`` (1024) runs the fused kernel (e4m3 decoded
   in registers, bf16/fp16 MMA). At M >= 1024 the GEMM is compute-bound and it runs
   ``dequantize_fp8_weight`` (one Triton pass, e4m3 * scale -> x's dtype, rounded once) and then
@@ -77,8 +78,10 @@ _ROW_SINGLE_PASS_MAX_K = 32768  # rows up to this (padded) length are quantized 
 WO_DEQUANT_MIN_M = 1024  # weight-only: from this many rows on, dequantize to bf16 + cuBLAS (measured)
 # fp8 A on sm_90: the persistent TMA kernel. Off by default: inside the FLUX.2-dev forward (run 3 of
 # reports/quant_runtime) the model's output fell to 24 dB / 13 dB SQNR (fp8-row unfused / fp8-tensor)
-# against 37 dB with the classic kernel, while every config pinned alone was exact
-# (reports/quant_runtime/diag_*.json). Until that is understood it is opt-in: FLUX2_FP8_PERSISTENT=1.
+# against 37 dB with the classic kernel, while every config pinned alone was exact. Reproduced by
+# reports/quant_runtime/diag_persistent_pattern.py: after other shapes were autotuned (graph timer),
+# 4096x36864x6144 leaves the last third of the output columns unwritten, as if N were 24576. Cause not
+# found; until it is, the kernel is opt-in: FLUX2_FP8_PERSISTENT=1.
 PERSISTENT = os.environ.get("FLUX2_FP8_PERSISTENT", "0") == "1"
 # Autotuning timer: eager do_bench (what the model-level runs verified) unless FLUX2_AUTOTUNE_GRAPH=1.
 _AUTOTUNE_GRAPH = os.environ.get("FLUX2_AUTOTUNE_GRAPH", "0") == "1"
