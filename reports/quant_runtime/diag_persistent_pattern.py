@@ -9,6 +9,7 @@ per K third. Run with FLUX2_FP8_PERSISTENT=1 FLUX2_AUTOTUNE_GRAPH=1 (set below b
 
 import json
 import os
+import sys
 
 os.environ.setdefault("FLUX2_FP8_PERSISTENT", "1")
 os.environ.setdefault("FLUX2_AUTOTUNE_GRAPH", "1")
@@ -116,11 +117,19 @@ def case(tag, M, N, K, gran, via):
     print(tag, json.dumps(rec)[:1500], flush=True)
 
 
-case("linear row 512x18432x6144", 512, 18432, 6144, "row", "linear")
-case("linear tensor 512x6144x6144", 512, 6144, 6144, "tensor", "linear")
-case("gemm row 4096x6144x6144", 4096, 6144, 6144, "row", "gemm")
-case("linear row 4096x36864x6144", 4096, 36864, 6144, "row", "linear")
-case("linear row 4608x55296x6144", 4608, 55296, 6144, "row", "linear")
-case("gemm row 4096x18432x6144", 4096, 18432, 6144, "row", "gemm")
-with open(os.path.join(os.environ.get("OUT", "/tmp"), "diag_persistent_pattern.json"), "w") as f:
+CASES = [
+    ("linear row 512x18432x6144", 512, 18432, 6144, "row", "linear"),
+    ("linear tensor 512x6144x6144", 512, 6144, 6144, "tensor", "linear"),
+    ("gemm row 4096x6144x6144", 4096, 6144, 6144, "row", "gemm"),
+    ("linear row 4096x36864x6144", 4096, 36864, 6144, "row", "linear"),
+    ("linear row 4608x55296x6144", 4608, 55296, 6144, "row", "linear"),
+    ("gemm row 4096x18432x6144", 4096, 18432, 6144, "row", "gemm"),
+]
+# argv[1]: which cases, in order (comma-separated indices into CASES); default all. argv[2]: JSON name.
+picked = [int(i) for i in sys.argv[1].split(",")] if len(sys.argv) > 1 else range(len(CASES))
+out["env"]["cases"] = list(picked)
+for i in picked:
+    case(*CASES[i])
+name = sys.argv[2] if len(sys.argv) > 2 else "diag_persistent_pattern.json"
+with open(os.path.join(os.environ.get("OUT", "/tmp"), name), "w") as f:
     json.dump(out, f, indent=1)
