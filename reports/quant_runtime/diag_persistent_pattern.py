@@ -82,7 +82,7 @@ def case(tag, M, N, K, gran, via):
             y = fm.fp8_gemm(xq, wq, xs, ws)
         torch.cuda.synchronize()
         c = {"sqnr_vs_quantized_ref": round(sqnr(y.float(), ref_q), 2) if gran == "row" else None}
-        if gran == "row" and not c["sqnr_vs_quantized_ref"] >= 30:  # NaN too
+        if gran == "row" and not c["sqnr_vs_quantized_ref"] >= 45:  # NaN too (exact: 52.5 dB)
             yf = y.float()
             c["tiles_128x256"] = tile_map(yf, ref_q, 128, 256)
             # K thirds: does y match the product over the first 2/3 of K (zero-filled tail)?
