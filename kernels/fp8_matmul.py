@@ -64,6 +64,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -85,9 +86,16 @@ WO_DEQUANT_MIN_M = 1024  # weight-only: from this many rows on, dequantize to bf
 # with the eager timer the same sequence is exact. Cause not found (stale TMA descriptor suspected);
 # until it is, the kernel is opt-in: FLUX2_FP8_PERSISTENT=1, and do not combine it with the graph timer.
 PERSISTENT = os.environ.get("FLUX2_FP8_PERSISTENT", "0") == "1"
-# Autotuning timer: eager do_bench (what the model-level runs verified) unless FLUX2_AUTOTUNE_GRAPH=1
-# (with the persistent kernel that combination gives wrong outputs: see above).
+# Autotuning timer: eager do_bench (what the model-level runs verified) unless FLUX2_AUTOTUNE_GRAPH=1,
+# which `_autotune_bench` ignores while PERSISTENT is on (that pair gives wrong outputs: see above).
 _AUTOTUNE_GRAPH = os.environ.get("FLUX2_AUTOTUNE_GRAPH", "0") == "1"
+if _AUTOTUNE_GRAPH and PERSISTENT:
+    warnings.warn(
+        "FLUX2_AUTOTUNE_GRAPH=1 is ignored with FLUX2_FP8_PERSISTENT=1: autotuning the persistent FP8 GEMM "
+        "with the CUDA-graph timer gave wrong outputs (reports/quant_runtime/README.md); using the eager timer",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2
 _GRANULARITY = {"tensor": SCALE_TENSOR, "row": SCALE_ROW, "block": SCALE_BLOCK}
@@ -693,11 +701,13 @@ def _prune_weight_only(configs, named_args, **kwargs):
 
 
 def _autotune_bench(fn, quantiles=None):
-    """Autotuning timer: kernel time from a CUDA graph replay, 25 ms per config. Measured on the H100
-    (run 3): the M = 512 GEMMs take 40-200 us, and the eager timer's Python launch overhead plus
-    jitter (p90 up to 3x the median) picked 1.45-wave tile shapes at random; a graph times the kernel
-    alone."""
-    if _AUTOTUNE_GRAPH:
+    """Autotuning timer: eager ``do_bench`` (25 ms per config) by default. With FLUX2_AUTOTUNE_GRAPH=1,
+    kernel time from a CUDA graph replay: measured on the H100 (run 3), the M = 512 GEMMs take
+    40-200 us, and the eager timer's Python launch overhead plus jitter (p90 up to 3x the median)
+    picked 1.45-wave tile shapes at random; a graph times the kernel alone. The graph timer is refused
+    while the persistent kernel is on: that pair returned wrong outputs (reports/quant_runtime,
+    diag_persistent_bisect)."""
+    if _AUTOTUNE_GRAPH and not PERSISTENT:
         try:
             return triton.testing.do_bench_cudagraph(fn, rep=25, quantiles=quantiles)
         except Exception:  # noqa: BLE001 (capture refused: fall back to the eager timer)

@@ -459,3 +459,21 @@ def test_gpu_medium_shape_all_paths(M, K, N, granularity):
     bound = _dequant_path_bound(x2, F.dequantize_fp8_weight_ref(wq, ws, x.dtype), ref, x.dtype)
     bad = (out - ref).abs() > bound
     assert not bad.any(), f"gpu weight-only dequant path {granularity}: {int(bad.sum())} beyond the bound"
+
+
+def test_autotune_graph_timer_refused_with_persistent_kernel(monkeypatch):
+    """The CUDA-graph autotune timer together with the persistent kernel returned wrong outputs on the
+    H100 (reports/quant_runtime/diag_persistent_bisect): that pair falls back to the eager timer."""
+    import triton.testing
+
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: calls.append("graph") or 1.0)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: calls.append("eager") or 2.0)
+    monkeypatch.setattr(F, "_AUTOTUNE_GRAPH", True)
+    monkeypatch.setattr(F, "PERSISTENT", True)
+    assert F._autotune_bench(lambda: None) == 2.0
+    monkeypatch.setattr(F, "PERSISTENT", False)
+    assert F._autotune_bench(lambda: None) == 1.0
+    monkeypatch.setattr(F, "_AUTOTUNE_GRAPH", False)
+    assert F._autotune_bench(lambda: None) == 2.0
+    assert calls == ["eager", "graph", "eager"]

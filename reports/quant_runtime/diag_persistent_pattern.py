@@ -7,6 +7,7 @@ tiles never written (fewer programs than NUM_SMS walking the tiles), or a third 
 This replays that process (same four cases in the same order) and maps the error per output tile and
 per K third. Run with FLUX2_FP8_PERSISTENT=1 FLUX2_AUTOTUNE_GRAPH=1 (set below before the import)."""
 
+import contextlib
 import json
 import os
 import sys
@@ -15,12 +16,32 @@ os.environ.setdefault("FLUX2_FP8_PERSISTENT", "1")
 os.environ.setdefault("FLUX2_AUTOTUNE_GRAPH", "1")
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 import flux2_bench.kernels.fp8_matmul as fm  # noqa: E402
 from flux2_bench.quantize.formats import sqnr  # noqa: E402
 
 dev = "cuda"
-out = {"env": {"persistent": fm.PERSISTENT, "graph_timer": fm._AUTOTUNE_GRAPH, "gpu": torch.cuda.get_device_name()}}
+
+
+def _graph_timer(fn, quantiles=None):
+    return triton.testing.do_bench_cudagraph(fn, rep=25, quantiles=quantiles)
+
+
+# fp8_matmul refuses the graph timer while PERSISTENT is on (the pair this script reproduces): force it,
+# unless DIAG_FORCE_GRAPH=0 (then the library's own refusal is what runs)
+if os.environ["FLUX2_AUTOTUNE_GRAPH"] == "1" and os.environ.get("DIAG_FORCE_GRAPH", "1") == "1":
+    for _k in (fm._fp8_gemm_persistent, fm._fp8_gemm):
+        _k._do_bench = _graph_timer
+        with contextlib.suppress(AttributeError):  # triton 3.6: a settable cached property; 3.9: a property
+            _k.do_bench = _graph_timer
+out = {
+    "env": {
+        "persistent": fm.PERSISTENT,
+        "graph_timer": os.environ["FLUX2_AUTOTUNE_GRAPH"] == "1" and os.environ.get("DIAG_FORCE_GRAPH", "1") == "1",
+        "gpu": torch.cuda.get_device_name(),
+    }
+}
 
 
 def tile_order(num_m, num_n, group_m=8):
