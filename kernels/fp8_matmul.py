@@ -77,6 +77,9 @@ QBLOCK = 128  # block-scaling granularity along K (and N for weights)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _ROW_SINGLE_PASS_MAX_K = 32768  # rows up to this (padded) length are quantized from registers in one pass
 WO_DEQUANT_MIN_M = 1024  # weight-only: from this many rows on, dequantize to bf16 + cuBLAS (measured)
+# weight-only, bf16 activations on the GPU: decode e4m3 with 4-byte PTX (``_e4m3_bits_to_bf16``) rather
+# than Triton's 16-bit integer ops; a module global so benchmarks can A/B both in one process
+WO_ASM_DECODE = os.environ.get("FLUX2_WO_ASM_DECODE", "1") == "1"
 # fp8 A on sm_90: the persistent TMA kernel. Off by default: inside the FLUX.2-dev forward (run 3 of
 # reports/quant_runtime) the model's output fell to 24 dB / 13 dB SQNR (fp8-row unfused / fp8-tensor)
 # against 37 dB with the classic kernel, while every config pinned alone was exact. Reproduced by
@@ -450,6 +453,45 @@ def _dequant_fp8_kernel(
 
 
 @triton.jit
+def _e4m3_bits_to_bf16(wb):
+    """uint8 e4m3 bit patterns -> exact bf16 values, four at a time in PTX (GPU only: the interpreter
+    runs no inline assembly).
+
+    PRMT spreads two bytes into the high halves of two 16-bit lanes, s.eeee.mmm.00000000; the sign
+    stays at bit 15 and the magnitude moves to bits 10..4, which reads as bf16 value * 2^-120 for
+    normals and subnormals alike (bf16's exponent field 0000.eeee, bias 127 against e4m3's 7); one
+    packed FMA by 2^120 (0x7B80) restores the value exactly. About 2.5 instructions per weight, where
+    the 16-bit integer path Triton generates for the generic decode below takes about 7 (SASS of the
+    weight-only loop on sm_90, triton 3.6)."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t0, t1, u0, u1, two120, negzero;
+        mov.b32 two120, 0x7B807B80;
+        mov.b32 negzero, 0x80008000;
+        prmt.b32 t0, $2, 0, 0x1404;
+        prmt.b32 t1, $2, 0, 0x3424;
+        and.b32 u0, t0, 0x7FFF7FFF;
+        and.b32 u1, t1, 0x7FFF7FFF;
+        shr.b32 u0, u0, 4;
+        shr.b32 u1, u1, 4;
+        and.b32 t0, t0, 0x80008000;
+        and.b32 t1, t1, 0x80008000;
+        or.b32 u0, u0, t0;
+        or.b32 u1, u1, t1;
+        fma.rn.bf16x2 $0, u0, two120, negzero;
+        fma.rn.bf16x2 $1, u1, two120, negzero;
+        }
+        """,
+        constraints="=r,=r,r",
+        args=[wb],
+        dtype=tl.bfloat16,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
 def _fp8_weight_only_kernel(
     # pointers
     x_ptr,
@@ -479,6 +521,7 @@ def _fp8_weight_only_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_GATE: tl.constexpr,
     DOT_FP32: tl.constexpr,  # interpreter only: its bf16 arithmetic is broken
+    ASM_DECODE: tl.constexpr,  # GPU, bf16 x: decode with _e4m3_bits_to_bf16 (PTX) instead of integer ops
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -507,13 +550,18 @@ def _fp8_weight_only_kernel(
             k_left = K - k * BLOCK_K
             wb = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0)
             x = tl.load(x_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        # e4m3 bits s.eeee.mmm -> fp16 bits s.0eeee.mmm0000000 = value / 2^8, exact for normals and
-        # subnormals alike (both formats' subnormal spacing scales by the same 2^8).
-        wi = wb.to(tl.int16)
-        w = (((wi & 0x7F) << 7) | ((wi & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True)
+        if ASM_DECODE:
+            w = _e4m3_bits_to_bf16(wb)  # exact values (no 2^-8 factor)
+            w_unit = 1.0
+        else:
+            # e4m3 bits s.eeee.mmm -> fp16 bits s.0eeee.mmm0000000 = value / 2^8, exact for normals and
+            # subnormals alike (both formats' subnormal spacing scales by the same 2^8).
+            wi = wb.to(tl.int16)
+            w = (((wi & 0x7F) << 7) | ((wi & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True)
+            w_unit = 256.0
         if SCALE_MODE == 2:
             kb = (k * BLOCK_K) // 128
-            s = tl.load(w_scale_ptr + (offs_wn // 128) * stride_wsn + kb * stride_wsk) * 256.0
+            s = tl.load(w_scale_ptr + (offs_wn // 128) * stride_wsn + kb * stride_wsk) * w_unit
             w = w.to(tl.float32) * s[:, None]
         if DOT_FP32:
             # round the weights to the MMA dtype as the GPU path does (matters for block scales); the
@@ -532,7 +580,7 @@ def _fp8_weight_only_kernel(
         x_ptrs += BLOCK_K * stride_xk
 
     if SCALE_MODE != 2:
-        s = tl.load(w_scale_ptr + offs_wn * stride_wsn) * 256.0
+        s = tl.load(w_scale_ptr + offs_wn * stride_wsn) * (1.0 if ASM_DECODE else 256.0)
         acc = acc * s[:, None]
     acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N): coalesced stores along N
     mask_n = offs_n < N
@@ -732,7 +780,7 @@ _fp8_gemm_persistent = triton.autotune(
 _fp8_weight_only = triton.autotune(
     configs=_WO_CONFIGS,
     do_bench=_autotune_bench,
-    key=["M", "N", "K"],
+    key=["M", "N", "K", "ASM_DECODE"],
     prune_configs_by={"early_config_prune": _prune_weight_only},
 )(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fp8_weight_only_kernel))
 
@@ -740,6 +788,71 @@ _fp8_weight_only = triton.autotune(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+
+# Cached launches. Triton's launch path (autotuner key and pre-hook, the JIT binder's specialization
+# of every argument, the cache-key hash) costs tens of microseconds of Python per call, which the
+# M = 512 text GEMMs (40-110 us of GPU time) cannot hide (reports/fp8_matmul: 88-118 us of host time
+# per call). After the first launch of a specialization, ``_launch`` calls the compiled kernel's
+# launcher directly. The key holds everything Triton specializes on (dtypes, 16-byte alignment of
+# every pointer, the exact integer arguments, the constexpr keywords), so the cached kernel is the
+# one Triton itself would pick. FLUX2_FAST_LAUNCH=0 turns it off.
+FAST_LAUNCH = os.environ.get("FLUX2_FAST_LAUNCH", "1") == "1"
+_FAST_LAUNCHERS: dict[tuple, object] = {}
+
+
+def _spec_key(v):
+    if isinstance(v, torch.Tensor):
+        return (v.dtype, v.device.index, v.data_ptr() % 16 == 0)
+    if isinstance(v, TensorDescriptor):
+        return (_spec_key(v.base), tuple(v.shape), tuple(v.strides))
+    return v
+
+
+def _unwrap(fn):
+    """(Autotuner or None, Heuristics or None, JITFunction) of a possibly decorated kernel."""
+    tuner = fn if isinstance(fn, triton.runtime.Autotuner) else None
+    inner = fn.fn if tuner is not None else fn
+    heur = inner if isinstance(inner, triton.runtime.Heuristics) else None
+    jit = heur.fn if heur is not None else inner
+    return tuner, heur, jit
+
+
+def _make_fast_launcher(fn, grid, compiled, args, meta):
+    """A callable ``f(*args)`` that launches ``compiled`` with the constexprs and grid of this launch."""
+    tuner, heur, jit = _unwrap(fn)
+    full = dict(meta)
+    if tuner is not None:
+        full.update(tuner.best_config.all_kwargs())
+    if heur is not None:
+        named = {**dict(zip(jit.arg_names, args, strict=False)), **full}
+        for name, h in heur.values.items():
+            full[name] = named[name] = h(named)
+    names = jit.arg_names
+    # constexpr parameters come after the runtime ones in every kernel of this file
+    tail = tuple(full.get(n) for n in names[len(args) :])
+    g = grid({**dict(zip(names, args, strict=False)), **full}) if callable(grid) else grid
+    g = tuple(g) + (1,) * (3 - len(g))
+    runner = compiled[g]
+    return lambda *a: runner(*a, *tail)
+
+
+def _launch(fn, grid, *args, **meta):
+    """``fn[grid](*args, **meta)``; the first launch of each specialization goes through Triton
+    (autotuning, compilation), later ones through the cached launcher (see FAST_LAUNCH)."""
+    if _INTERPRET or not FAST_LAUNCH:
+        fn[grid](*args, **meta)
+        return
+    # the autotuner's config list and cache objects are in the key: code that swaps them (tests pinning
+    # one config, diagnostics re-tuning) gets a fresh launch
+    key = (id(fn), id(getattr(fn, "configs", None)), id(getattr(fn, "cache", None)), tuple(map(_spec_key, args)))
+    key += tuple(meta.items())
+    launcher = _FAST_LAUNCHERS.get(key)
+    if launcher is not None:
+        launcher(*args)
+        return
+    compiled = fn[grid](*args, **meta)
+    if compiled is not None and hasattr(compiled, "__getitem__"):
+        _FAST_LAUNCHERS[key] = _make_fast_launcher(fn, grid, compiled, args, meta)
 
 
 def _check_fp8_capable(device: torch.device) -> None:
@@ -844,7 +957,8 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
         b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [16, 16])
         c_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [16, 16])
         grid = lambda meta: (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
-        _fp8_gemm_persistent[grid](
+        _launch(
+            _fp8_gemm_persistent, grid,
             a_desc, b_desc, c_desc, a_scale, b_scale, res, g,
             M, N, K,
             res.stride(0), res.stride(1), g.stride(0),
@@ -854,7 +968,8 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
         )  # fmt: skip
         return out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _fp8_gemm[grid](
+    _launch(
+        _fp8_gemm, grid,
         a, b, out, a_scale, b_scale, res, g,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
@@ -927,7 +1042,8 @@ def _quantize_launch(x2, granularity, scale, store_q=True):
     else:
         block_m, block_k, warps, single = (16 if _INTERPRET else 32), QBLOCK, 4, False
         grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
-    _quantize_fp8_kernel[grid](
+    _launch(
+        _quantize_fp8_kernel, grid,
         x2, q, s,
         M, K,
         x2.stride(0), q.stride(0) if store_q else 0, s.stride(0) if s.ndim else 0,
@@ -1077,7 +1193,8 @@ def _dequant_launch(w, w_scale, mode, s_n, s_k, dtype):
     out = torch.empty((N, K), device=w.device, dtype=dtype)
     block_n, block_k = (32, 64) if _INTERPRET else (64, 256)  # 16 KB of output per program
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
-    _dequant_fp8_kernel[grid](
+    _launch(
+        _dequant_fp8_kernel, grid,
         wu, w_scale, out, N, K, wu.stride(0), out.stride(0), s_n, s_k,
         SCALE_MODE=mode, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )  # fmt: skip
@@ -1157,13 +1274,14 @@ def fp8_weight_only_linear(
         res = residual if residual is not None else out
         g = gate.reshape(-1) if gate is not None else out
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _fp8_weight_only[grid](
+        _launch(
+            _fp8_weight_only, grid,
             x2, wu, out, w_scale, res, g,
             M, N, K,
             x2.stride(0), x2.stride(1), wu.stride(0), wu.stride(1), out.stride(0), out.stride(1),
             res.stride(0), res.stride(1), g.stride(0), s_n, s_k,
             SCALE_MODE=mode, HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None,
-            DOT_FP32=_INTERPRET,
+            DOT_FP32=_INTERPRET, ASM_DECODE=WO_ASM_DECODE and not _INTERPRET and x2.dtype == torch.bfloat16,
         )  # fmt: skip
     return out.reshape(*x.shape[:-1], N)
 

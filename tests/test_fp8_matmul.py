@@ -417,6 +417,7 @@ def one_config_per_kernel(monkeypatch):
     monkeypatch.setattr(F._fp8_weight_only, "configs", [F._cfg(128, 128, 64, 3, 8, names=wo)])
     for kern in (F._fp8_gemm, F._fp8_gemm_persistent, F._fp8_weight_only):
         monkeypatch.setattr(kern, "cache", {})
+    monkeypatch.setattr(F, "_FAST_LAUNCHERS", {})
 
 
 @pytest.mark.gpu
@@ -459,6 +460,57 @@ def test_gpu_medium_shape_all_paths(M, K, N, granularity):
     bound = _dequant_path_bound(x2, F.dequantize_fp8_weight_ref(wq, ws, x.dtype), ref, x.dtype)
     bad = (out - ref).abs() > bound
     assert not bad.any(), f"gpu weight-only dequant path {granularity}: {int(bad.sum())} beyond the bound"
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("one_config_per_kernel")
+@pytest.mark.parametrize("persistent", [False, True])
+def test_gpu_cached_launches_match_ref(monkeypatch, persistent):
+    """Repeated calls on one shape: the first goes through Triton, later ones through the cached
+    launcher (FAST_LAUNCH), with new data each time."""
+    monkeypatch.setattr(F, "PERSISTENT", persistent)
+    M, K, N = 512, 1152, 640
+    for seed in (1, 2, 3):
+        x = act(M, K, seed)
+        for gran in ("row", "block"):
+            _, wq, ws = make_weight(N, K, gran, seed)
+            for fuse in (False, True):
+                kw = dict(granularity=gran, out_dtype=torch.float32, fuse_quant=fuse)
+                out, ref = F.fp8_linear(x, wq, ws, **kw), F.fp8_linear_ref(x, wq, ws, **kw)
+                err = (out - ref).norm().item() / ref.norm().item()
+                assert err < 6e-3, f"seed {seed} {gran} fuse={fuse}: rel L2 {err:.2e} (bound as in the medium test)"
+            out = F.fp8_weight_only_linear(x, wq, ws, out_dtype=torch.float32)
+            ref = F.fp8_weight_only_linear_ref(x, wq, ws, out_dtype=torch.float32)
+            assert_close(out, ref, 1e-5 * ref.abs().max().item(), 1e-5, f"seed {seed} weight-only {gran}")
+    assert F._FAST_LAUNCHERS, "no launch was cached"
+
+
+def test_fast_launcher_hands_the_compiled_kernel_its_grid_and_constexprs(monkeypatch):
+    """The cached launcher bypasses Triton's binder: it must pass the runtime arguments unchanged, then
+    every constexpr in signature order (launch keywords, the autotuned config, the EVEN_K heuristic),
+    under the grid the autotuned config implies. A stub stands in for the compiled kernel."""
+    M, K, N = 33, 145, 81
+    a, b = act(M, K).to(torch.float8_e4m3fn), act(N, K).to(torch.float8_e4m3fn)
+    sa, sb = torch.rand(M, device=DEV) + 0.5, torch.rand(N, device=DEV) + 0.5
+    F.fp8_gemm(a, b, sa, sb)  # the interpreter launch records the autotuner's best config
+    seen = []
+    monkeypatch.setattr(F, "_launch", lambda fn, grid, *args, **meta: seen.append((fn, grid, args, meta)))
+    F.fp8_gemm(a, b, sa, sb)
+    ((fn, grid, args, meta),) = seen
+    calls = []
+
+    class CompiledStub:
+        def __getitem__(self, g):
+            return lambda *all_args: calls.append((g, all_args))
+
+    F._make_fast_launcher(fn, grid, CompiledStub(), args, meta)(*args)
+    ((g, all_args),) = calls
+    cfg = fn.best_config.kwargs
+    assert g == (math.ceil(M / cfg["BLOCK_M"]) * math.ceil(N / cfg["BLOCK_N"]), 1, 1)
+    names = F._unwrap(fn)[2].arg_names
+    assert len(all_args) == len(names) and all_args[: len(args)] == args
+    want = {**meta, **cfg, "EVEN_K": K % cfg["BLOCK_K"] == 0}
+    assert dict(zip(names[len(args) :], all_args[len(args) :], strict=True)) == {n: want[n] for n in names[len(args) :]}
 
 
 def test_autotune_graph_timer_refused_with_persistent_kernel(monkeypatch):

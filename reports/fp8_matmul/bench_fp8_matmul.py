@@ -49,6 +49,7 @@ GRAPH_TIMED = (  # also timed as GPU time alone (CUDA graph), suffix "_graph"
     "scaled_mm_block",
     "ours_gemm_row",
     "ours_gemm_row_classic",
+    "ours_gemm_row_triton_launch",
     "ours_gemm_block",
     "ours_weight_only_row",
     TQ_ROW,
@@ -318,6 +319,11 @@ def correctness(F, name, M, K, N, x, w_bf16, wq):
                 lambda: F.fp8_weight_only_linear_ref(xs_rows, w8, ws, out_dtype=torch.float32),
                 exact,
             )
+    res["weight_only_row_fused_intdecode"] = _compare(
+        lambda: _wo_forced(F, 1 << 62, x, w8, ws, asm=False)[rows],
+        lambda: F.fp8_weight_only_linear_ref(xs_rows, w8, ws, out_dtype=torch.float32),
+        exact,
+    )
     print(name, M, K, N, json.dumps(res), flush=True)
     return res
 
@@ -342,9 +348,24 @@ def _classic(F, fn):
         F.PERSISTENT = True
 
 
-def _wo_forced(F, min_m, *args):
-    with wo_threshold(F, min_m):
-        return F.fp8_weight_only_linear(*args)
+def _wo_forced(F, min_m, *args, asm=True):
+    old = F.WO_ASM_DECODE
+    F.WO_ASM_DECODE = asm
+    try:
+        with wo_threshold(F, min_m):
+            return F.fp8_weight_only_linear(*args)
+    finally:
+        F.WO_ASM_DECODE = old
+
+
+def _no_fast_launch(F, fn):
+    """Run fn through Triton's own launch path (autotuner + JIT binder), not the cached launcher."""
+    old = F.FAST_LAUNCH
+    F.FAST_LAUNCH = False
+    try:
+        return fn()
+    finally:
+        F.FAST_LAUNCH = old
 
 
 def timing(F, name, M, K, N, x, w_bf16, wq):
@@ -375,6 +396,8 @@ def timing(F, name, M, K, N, x, w_bf16, wq):
         "ours_linear_block": lambda: F.fp8_linear(x, w8b, wsb, granularity="block", fuse_quant=False),
         "ours_weight_only_row": lambda: F.fp8_weight_only_linear(x, w8r, wsr),
         "ours_weight_only_row_fused": lambda: _wo_forced(F, 1 << 62, x, w8r, wsr),
+        "ours_weight_only_row_fused_intdecode": lambda: _wo_forced(F, 1 << 62, x, w8r, wsr, asm=False),
+        "ours_gemm_row_triton_launch": lambda: _no_fast_launch(F, lambda: F.fp8_gemm(x8r, w8r, xsr, wsr)),
         "ours_weight_only_row_dequant": lambda: _wo_forced(F, 0, x, w8r, wsr),
         "ours_dequant_weight_row": lambda: F.dequantize_fp8_weight(w8r, wsr),
     }
@@ -453,6 +476,7 @@ def _wo_sweep_times(F, x, w, w8, ws):
     return {
         "bf16_mm": bench(lambda: torch.mm(x, w.t()))["ms"],
         "fused": bench(lambda: _wo_forced(F, 1 << 62, x, w8, ws))["ms"],
+        "fused_intdecode": bench(lambda: _wo_forced(F, 1 << 62, x, w8, ws, asm=False))["ms"],
         "dequant": bench(lambda: _wo_forced(F, 0, x, w8, ws))["ms"],
     }
 
@@ -519,6 +543,8 @@ def run(out_path: Path, budget_s: float, time_2048: bool, run_no: int):
             row["correctness"] = correctness(F, name, M, K, N, x, w, wq)
             if res == 1024 or time_2048:
                 row["times"], row["scaled_mm_block_error"] = timing(F, name, M, K, N, x, w, wq)
+                # again, now that every path runs through the cached launcher (FAST_LAUNCH)
+                row["correctness_after_timing"] = correctness(F, name, M, K, N, x, w, wq)
             data["shapes"].append(row)
             del x, w, wq
             torch.cuda.empty_cache()
@@ -895,7 +921,7 @@ def main(argv=None):
     p.add_argument("--render", type=Path, help="JSON to render into README.md beside it")
     p.add_argument("--budget-s", type=float, default=400.0, help="stop starting new shapes after this")
     p.add_argument("--time-2048", action="store_true", help="also time the 2048^2 shapes")
-    p.add_argument("--run", type=int, default=4, help="run number recorded in the JSON")
+    p.add_argument("--run", type=int, default=5, help="run number recorded in the JSON")
     a = p.parse_args(argv)
     if a.render:
         data = json.loads(a.render.read_text())
