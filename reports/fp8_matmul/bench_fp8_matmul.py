@@ -121,6 +121,17 @@ Written after run 3, before run 4 (the final run of this round):
   by 11-20%; the fused kernel wins at M = 512 by 3-6%): 0.85-0.90x bf16 speed, the four M = 512
   shapes at ~0.6x hold the geomean under 0.91.
 - Block scaling: ~0.6x row-wise (run 3: 0.63x eager), persistent 1.1-1.3x the classic kernel.
+
+Written after run 4, before run 5 (cached launcher, PTX weight decode):
+- Cached launcher: host time per `fp8_gemm` call from 88-118 us to 30-45 us (argument checks,
+  `torch.empty`, three TMA descriptors and the C launcher remain). The eager M = 512 medians then
+  stop paying for Python (the ~85 us L2 flush before each call covers it), so eager ratios approach
+  run 4's GPU-time ratios: txt.qkv 0.47x -> ~0.85x, txt.proj 0.63x -> ~0.9x. Row-wise eager geomean
+  0.94x -> 1.00-1.01x with the persistent kernel (a coin flip around the target).
+- Weight-only decode in PTX (prmt / shift / lop3 / bf16x2 FMA, ~2.5 instructions per weight instead
+  of ~7; SASS loop of the 128x128x64 tile 329 -> 250 instructions): by the issue-slot count the
+  256-wide tiles were already MMA-bound, so the M = 512 gain is uncertain: 0.58-0.64x -> 0.65-0.8x
+  bf16 speed. If it stays near 0.6x, decode issue slots were not the limit.
 """
 
 
