@@ -1,0 +1,351 @@
+"""Block-scaled FP8 GEMM for Hopper (sm_90) in Gluon, with lagged promotion (DeepGEMM's scheme).
+
+What
+----
+``fp8_block_gemm_sm90(a, b, a_scale, b_scale)`` computes the same thing as
+``flux2_bench.kernels.fp8_matmul.fp8_gemm`` with *block* scales (reference: ``fp8_gemm_ref``)::
+
+    out[m, n] = sum_kb a_scale[m, kb] * b_scale[n // 128, kb] * sum_{k in block kb} A[m, k] * B[n, k]
+
+in fp32, then optionally ``out = residual + gate[n] * out``, cast to ``out_dtype``.
+
+- ``a``: (M, K) e4m3, K contiguous; ``a_scale``: (M, ceil(K/128)) fp32 (1x128 activation blocks).
+- ``b``: (N, K) e4m3, K contiguous (``nn.Linear.weight`` layout); ``b_scale``: (ceil(N/128),
+  ceil(K/128)) fp32 (128x128 weight blocks).
+
+Why a Gluon kernel
+------------------
+Block scaling multiplies each 128-wide K step's partial product by its own scales ("promotion").
+In Triton, ``acc += tl.dot(a, b) * scale`` makes the compiler wait for every wgmma right after
+issuing it (``warp_group_dot_wait {pendings = 0}``), so the tensor cores idle while the CUDA cores
+do the FMAs: the Triton block path ran at 0.63x of our row-wise kernel on the H100. Gluon exposes
+the wgmma issue and its wait separately, so each K step here:
+
+1. waits for the TMA load of step k (mbarrier of its ring slot),
+2. issues the async wgmma of step k into a *fresh* accumulator ``part`` (``use_acc=False``),
+3. on the CUDA cores, promotes step k-1: ``acc += part_{k-1} * (a_s[:, None] * b_s)`` and loads
+   the scales of step k, while the tensor cores run step k,
+4. waits for the wgmma (``warpgroup_mma_wait(0)``), then refills the ring slot it read with the
+   TMA load of step k + NUM_STAGES.
+
+Tiles: BLOCK_N = BLOCK_K = 128 (one weight scale per K step and program), BLOCK_M = 128 with
+8 warps (two warpgroups of 64 rows; acc, part and the in-flight part are 64 fp32 registers each per
+thread) or BLOCK_M = 64 with 4 warps for small M. Loads are TMA with zero fill, so ragged M, N and K
+are exact (the K tail multiplies zeros); the epilogue (gate, residual, cast) stores with a mask.
+TMA needs 16-byte aligned base addresses and row strides: K must be a multiple of 16 (e4m3 rows).
+
+Expectations (written before the first GPU measurement)
+-------------------------------------------------------
+Compiled for sm_90 on the CPU (reports/fp8_matmul/compile_block_sm90.py): the loop's SASS has the
+HGMMA issue, then the promotion FFMAs, then the WARPGROUP.DEPBAR wait. With the FMAs hidden
+under the wgmma, the K loop costs about what the row-wise kernel's does; what remains is a
+non-persistent grid (no overlap of the epilogue with the next tile's loads) and one wgmma in
+flight at a time (the tensor cores idle between the wait and the next issue: the mbarrier wait and
+the issue latency). Expected: 0.85-0.95x our row-wise ``fp8_gemm`` on the M >= 4096 FLUX.2-dev
+shapes (against 0.63x for the Triton block path), 0.8-0.9x on the M = 512 text shapes (96-192
+tiles on 132 SMs: wave quantization, no split-K).
+
+Not wired into ``fp8_gemm`` yet: the lead does that after the GPU check.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; its API moves between releases (written against 3.6)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    _GLUON_ERROR: str | None = None
+except Exception as e:  # noqa: BLE001 (any import failure means "not available", with the reason kept)
+    gluon = None
+    _GLUON_ERROR = f"{type(e).__name__}: {e}"
+
+QBLOCK = 128  # block-scaling granularity along K (and N for the weights)
+BLOCK_N = 128
+BLOCK_K = 128
+GROUP_M = 8
+_WARPS = {128: 8, 64: 4}  # BLOCK_M -> num_warps (one warpgroup per 64 rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------
+
+if gluon is not None:
+
+    @gluon.jit
+    def _tile_pids(tile_id, num_pid_m, num_pid_n, GROUP: gl.constexpr):
+        """Grouped tile order: GROUP row-tiles share each B column-tile while it sits in L2."""
+        num_pid_in_group = GROUP * num_pid_n
+        group_id = tile_id // num_pid_in_group
+        first_pid_m = group_id * GROUP
+        group_size_m = gl.minimum(num_pid_m - first_pid_m, GROUP)
+        pid_m = first_pid_m + (tile_id % group_size_m)
+        pid_n = (tile_id % num_pid_in_group) // group_size_m
+        return pid_m, pid_n
+
+    @gluon.jit
+    def _load_step(a_desc, b_desc, a_smem, b_smem, ready, slot, j, k_tiles, off_m, off_n):
+        """TMA loads of K step j into ring slot ``slot`` (nothing past the last step)."""
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        p = j < k_tiles
+        kk = j * BK
+        bar = ready.index(slot)
+        mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=p)
+        tma.async_copy_global_to_shared(a_desc, [off_m, kk], bar, a_smem.index(slot), pred=p)
+        tma.async_copy_global_to_shared(b_desc, [off_n, kk], bar, b_smem.index(slot), pred=p)
+
+    @gluon.jit
+    def _mma_step(a_smem, b_smem, ready, zero, j, NUM_STAGES: gl.constexpr):
+        """Wait for step j's tiles, issue its async wgmma into a fresh accumulator (use_acc=False)."""
+        s = j % NUM_STAGES
+        mbarrier.wait(ready.index(s), (j // NUM_STAGES) & 1)
+        return warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _retire_step(tok, a_smem, b_smem, j, NUM_STAGES: gl.constexpr):
+        """Wait for step j's wgmma: its product is ready and its ring slot free."""
+        s = j % NUM_STAGES
+        part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_smem.index(s), b_smem.index(s)))
+        return part
+
+    @gluon.jit
+    def _step_scale(sa_ptrs, sb_ptr, mask_m, j, k_tiles, stride_ask, stride_bsk):
+        """a_scale[m, j] * b_scale[pid_n, j] for the rows of the tile (0 for rows past M)."""
+        a_s = gl.load(sa_ptrs + j * stride_ask, mask=mask_m, other=0.0)
+        b_s = gl.load(sb_ptr + j * stride_bsk)
+        return a_s * b_s
+
+    @gluon.jit
+    def _fp8_block_gemm_sm90_kernel(
+        a_desc,  # (M, K) e4m3, block [BLOCK_M, BLOCK_K]
+        b_desc,  # (N, K) e4m3, block [BLOCK_N, BLOCK_K]
+        a_scale_ptr,
+        b_scale_ptr,
+        out_ptr,
+        res_ptr,
+        gate_ptr,
+        M,
+        N,
+        K,
+        stride_asm,
+        stride_ask,
+        stride_bsn,
+        stride_bsk,
+        stride_om,
+        stride_rm,
+        stride_gn,
+        HAS_RESIDUAL: gl.constexpr,
+        HAS_GATE: gl.constexpr,
+        NUM_STAGES: gl.constexpr,
+        GROUP: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[0]
+        gl.static_assert(BK == 128)
+        gl.static_assert(BN == 128)
+        gl.static_assert(16 * num_warps == BM)  # warps stacked along M: 16 rows per warp
+
+        pid_m, pid_n = _tile_pids(gl.program_id(0), gl.cdiv(M, BM), gl.cdiv(N, BN), GROUP)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+
+        # wgmma accumulator layout: m16 x n128 x k32 (fp8) instructions, warps along M
+        mma: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 32]
+        )
+        row_l: gl.constexpr = gl.SliceLayout(1, mma)
+        col_l: gl.constexpr = gl.SliceLayout(0, mma)
+
+        # shared-memory ring of A and B tiles, one "ready" mbarrier per slot (TMA arrival)
+        a_smem = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES, BM, BK], a_desc.layout)
+        b_smem = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES, BN, BK], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=1)
+        fence_async_shared()
+
+        k_tiles = gl.cdiv(K, BK)
+        for i in gl.static_range(NUM_STAGES):  # prologue: the first NUM_STAGES K steps in flight
+            _load_step(a_desc, b_desc, a_smem, b_smem, ready, i, i, k_tiles, off_m, off_n)
+
+        offs_m = off_m + gl.arange(0, BM, layout=row_l)
+        mask_m = offs_m < M
+        sa_ptrs = a_scale_ptr + offs_m * stride_asm
+        sb_ptr = b_scale_ptr + pid_n * stride_bsn
+
+        zero = gl.zeros([BM, BN], gl.float32, layout=mma)
+        acc = gl.zeros([BM, BN], gl.float32, layout=mma)
+        # Lagged promotion: the FMAs of step j-1 run on the CUDA cores between the issue of step j's
+        # wgmma and the wait for it. (Unrolling by two so that two products take turns instead of
+        # the copy into `part` was tried: ptxas then moves the FMAs out of the issue-wait window,
+        # because they read registers a wgmma wrote; reading a copy, it leaves them inside.)
+        part = gl.zeros([BM, BN], gl.float32, layout=mma)  # step j-1's product (none before step 0)
+        scale = gl.zeros([BM], gl.float32, layout=row_l)  # its a_s * b_s
+        for j in range(k_tiles):
+            tok = _mma_step(a_smem, b_smem, ready, zero, j, NUM_STAGES)
+            acc = acc + part * scale[:, None]
+            scale = _step_scale(sa_ptrs, sb_ptr, mask_m, j, k_tiles, stride_ask, stride_bsk)
+            part = _retire_step(tok, a_smem, b_smem, j, NUM_STAGES)
+            _load_step(a_desc, b_desc, a_smem, b_smem, ready, j % NUM_STAGES, j + NUM_STAGES, k_tiles, off_m, off_n)
+        acc = acc + part * scale[:, None]
+
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(ready.index(i))
+
+        # epilogue: gate, residual, cast, masked store
+        offs_n = off_n + gl.arange(0, BN, layout=col_l)
+        mask_n = offs_n < N
+        if HAS_GATE:
+            g = gl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(gl.float32)
+            acc = acc * g[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        rows = offs_m.to(gl.int64)[:, None]
+        if HAS_RESIDUAL:
+            r = gl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+            acc = acc + r.to(gl.float32)
+        gl.store(out_ptr + rows * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def is_available(device: torch.device | str | int | None = None) -> bool:
+    """True when Gluon imports and ``device`` (default: the current CUDA device) is an sm_90 GPU."""
+    if gluon is None:
+        return False
+    if device is None:
+        if not torch.cuda.is_available():
+            return False
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) == (9, 0)
+
+
+def _check_tma(t: torch.Tensor, name: str) -> None:
+    """TMA descriptors need a 16-byte aligned base address and 16-byte aligned row strides."""
+    if t.data_ptr() % 16 != 0:
+        raise ValueError(
+            f"{name} must start at a 16-byte aligned address for TMA, got data_ptr % 16 = {t.data_ptr() % 16}"
+        )
+    row_bytes = t.stride(0) * t.element_size()
+    if row_bytes % 16 != 0:
+        raise ValueError(
+            f"{name}'s row stride must be a multiple of 16 bytes for TMA, got {t.stride(0)} elements x "
+            f"{t.element_size()} B = {row_bytes} B (for e4m3 rows: K a multiple of 16)"
+        )
+
+
+def fp8_block_gemm_sm90(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    block_m: int = 128,
+    num_stages: int = 4,
+) -> torch.Tensor:
+    """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` with 1x128 (A) and 128x128 (B) block
+    scales on Hopper: e4m3 ``a`` (M, K), ``b`` (N, K); fp32 ``a_scale`` (M, ceil(K/128)), ``b_scale``
+    (ceil(N/128), ceil(K/128)); returns ``out_dtype`` (M, N). Same maths as ``fp8_gemm`` with block
+    scales (module docstring). ``block_m``: 128 (8 warps) or 64 (4 warps, small M); ``num_stages``:
+    depth of the TMA ring (2-6; each stage holds (block_m + 128) x 128 bytes)."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float8_e4m3fn:
+            raise TypeError(f"{name} must be a torch.float8_e4m3fn tensor, got {getattr(t, 'dtype', type(t))}")
+        if t.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.stride(1) != 1:
+            raise ValueError(f"{name} must be contiguous along K, got strides {t.stride()}")
+    M, K = a.shape
+    N = b.shape[0]
+    if b.shape[1] != K:
+        raise ValueError(f"K mismatch: a is {tuple(a.shape)}, b is {tuple(b.shape)} (b is (N, K))")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
+    kb, nb = -(-K // QBLOCK), -(-N // QBLOCK)
+    for name, s, shape in (("a_scale", a_scale, (M, kb)), ("b_scale", b_scale, (nb, kb))):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(s).__name__}")
+        if s.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {s.dtype}")
+        if tuple(s.shape) != shape:
+            raise ValueError(
+                f"{name} must have the block-scale shape {shape} for M={M}, N={N}, K={K}, got {tuple(s.shape)}"
+            )
+    if residual is not None:
+        if tuple(residual.shape) != (M, N):
+            raise ValueError(f"residual must have shape ({M}, {N}), got {tuple(residual.shape)}")
+        if residual.stride(1) != 1:
+            raise ValueError(f"residual must be contiguous along N, got strides {residual.stride()}")
+    if gate is not None and tuple(gate.shape) not in ((N,), (1, N)):
+        raise ValueError(f"gate must have shape ({N},) or (1, {N}), got {tuple(gate.shape)}")
+    if block_m not in _WARPS:
+        raise ValueError(f"block_m must be one of {sorted(_WARPS)}, got {block_m}")
+    if not 2 <= num_stages <= 6:
+        raise ValueError(f"num_stages must be in 2..6, got {num_stages}")
+    devs = {t.device for t in (a, b, a_scale, b_scale, residual, gate) if t is not None}
+    if len(devs) > 1:
+        raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devs))}")
+    if a.device.type != "cuda":
+        raise ValueError(f"fp8_block_gemm_sm90 needs CUDA tensors, got {a.device}")
+    if gluon is None:
+        raise RuntimeError(f"fp8_block_gemm_sm90 needs triton.experimental.gluon (Triton >= 3.6): {_GLUON_ERROR}")
+    if not is_available(a.device):
+        major, minor = _capability(a.device.index if a.device.index is not None else torch.cuda.current_device())
+        raise RuntimeError(
+            f"fp8_block_gemm_sm90 needs sm_90 (Hopper); {torch.cuda.get_device_name(a.device)} is sm_{major}{minor}"
+        )
+    _check_tma(a, "a")
+    _check_tma(b, "b")
+
+    out = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        out.zero_()
+        if residual is not None:
+            out.copy_(residual)
+        return out
+    res = residual if residual is not None else out
+    g = gate.reshape(-1) if gate is not None else out.view(-1)
+    a_layout = gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float8e4nv)
+    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [block_m, BLOCK_K], a_layout)
+    b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [BLOCK_N, BLOCK_K], b_layout)
+    grid = (-(-M // block_m) * -(-N // BLOCK_N),)
+    _fp8_block_gemm_sm90_kernel[grid](
+        a_desc, b_desc, a_scale, b_scale, out, res, g,
+        M, N, K,
+        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+        out.stride(0), res.stride(0), g.stride(0),
+        HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None,
+        NUM_STAGES=num_stages, GROUP=GROUP_M, num_warps=_WARPS[block_m],
+    )  # fmt: skip
+    return out

@@ -1,0 +1,138 @@
+"""fp8_block_gemm_sm90 (Gluon, Hopper): launcher validation on CPU, maths against fp8_gemm_ref on sm_90."""
+
+import pytest
+import torch
+
+from flux2_bench.kernels import fp8_block_gemm_sm90 as G
+from flux2_bench.kernels.fp8_matmul import fp8_gemm_ref
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _operands(M, N, K, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(M, K, generator=g) * 2).clamp(-448, 448).to(E4M3)
+    b = (torch.randn(N, K, generator=g) * 2).clamp(-448, 448).to(E4M3)
+    kb, nb = -(-K // 128), -(-N // 128)
+    sa = torch.rand(M, kb, generator=g) + 0.5  # scales differ per block: a wrong block index shows
+    sb = torch.rand(nb, kb, generator=g) + 0.5
+    return a.to(device), b.to(device), sa.to(device), sb.to(device)
+
+
+# --- CPU: validation and availability (no GPU needed) ------------------------------------------
+
+
+def test_is_available_false_off_cuda():
+    assert G.is_available("cpu") is False
+
+
+def test_rejects_non_fp8_and_shape_errors():
+    a, b, sa, sb = _operands(32, 128, 256)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        G.fp8_block_gemm_sm90(a.float(), b, sa, sb)
+    with pytest.raises(ValueError, match="K mismatch"):
+        G.fp8_block_gemm_sm90(a, b[:, :128], sa, sb)
+    with pytest.raises(ValueError, match=r"a_scale must have the block-scale shape \(32, 2\)"):
+        G.fp8_block_gemm_sm90(a, b, sa[:, :1], sb)
+    with pytest.raises(ValueError, match=r"b_scale must have the block-scale shape \(1, 2\)"):
+        G.fp8_block_gemm_sm90(a, b, sa, sb.expand(2, 2))
+    with pytest.raises(TypeError, match="float32"):
+        G.fp8_block_gemm_sm90(a, b, sa.double(), sb)
+    with pytest.raises(TypeError, match="out_dtype"):
+        G.fp8_block_gemm_sm90(a, b, sa, sb, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"residual must have shape \(32, 128\)"):
+        G.fp8_block_gemm_sm90(a, b, sa, sb, residual=torch.zeros(32, 64))
+    with pytest.raises(ValueError, match=r"gate must have shape \(128,\)"):
+        G.fp8_block_gemm_sm90(a, b, sa, sb, gate=torch.zeros(64))
+    with pytest.raises(ValueError, match="block_m must be one of"):
+        G.fp8_block_gemm_sm90(a, b, sa, sb, block_m=96)
+    with pytest.raises(ValueError, match="num_stages"):
+        G.fp8_block_gemm_sm90(a, b, sa, sb, num_stages=1)
+    with pytest.raises(ValueError, match="contiguous along K"):
+        G.fp8_block_gemm_sm90(a.t().contiguous().t(), b, sa, sb)
+
+
+def test_rejects_cpu_tensors():
+    a, b, sa, sb = _operands(32, 128, 256)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        G.fp8_block_gemm_sm90(a, b, sa, sb)
+
+
+@pytest.mark.gpu
+def test_rejects_unaligned_rows_for_tma():
+    if not G.is_available():
+        pytest.skip("needs sm_90 and Gluon")
+    a, b, sa, sb = _operands(64, 128, 264, "cuda")  # K = 264: rows of 264 B, not a multiple of 16
+    with pytest.raises(ValueError, match="multiple of 16 bytes"):
+        G.fp8_block_gemm_sm90(a[:, :260], b[:, :260], sa[:, :3], sb[:, :3])
+    with pytest.raises(ValueError, match="16-byte aligned address"):
+        G.fp8_block_gemm_sm90(a.view(-1)[1 : 1 + 64 * 256].view(64, 256), b[:, :256], sa[:, :2], sb[:, :2])
+
+
+@pytest.mark.gpu
+def test_refuses_other_architectures():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() == (9, 0):
+        pytest.skip("needs a CUDA GPU other than sm_90")
+    a, b, sa, sb = _operands(64, 128, 256, "cuda")
+    with pytest.raises(RuntimeError, match=r"needs sm_90 \(Hopper\)"):
+        G.fp8_block_gemm_sm90(a, b, sa, sb)
+
+
+# --- GPU: maths against the fp32 reference ------------------------------------------------------
+
+needs_sm90 = pytest.mark.skipif(not G.is_available(), reason="needs an sm_90 GPU and triton.experimental.gluon")
+
+
+# Hopper's FP8 MMA keeps about 14 bits while it accumulates inside one 128-wide K block (DeepSeek-V3
+# report, 3.3.2); the kernel adds each block in fp32. Bound: 2^-12 of sum |a*b*scales| (4x margin) plus
+# the output rounding (bf16: 2^-8 relative). A wrong scale block or K step errs by O(sum |terms|).
+MMA_REL = 2.0**-12
+OUT_REL = {torch.float32: 1e-6, torch.bfloat16: 2.0**-8}
+
+
+def _check(out, ref, abs_sum, out_dtype, what):
+    err = (out.float() - ref.float()).abs()
+    bound = MMA_REL * abs_sum + OUT_REL[out_dtype] * ref.float().abs() + 1e-6
+    bad = err > bound
+    n = int(bad.sum())
+    assert n == 0 and not out.isnan().any(), (
+        f"{what}: {n} of {out.numel()} beyond the bound, first at {bad.nonzero()[:5].tolist()}, "
+        f"max err/bound {(err / bound).max().item():.3g}, NaNs {int(out.isnan().sum())}"
+    )
+
+
+def _abs_sum(a, b, sa, sb, gate):
+    g = gate.float().abs() if gate is not None else None
+    return fp8_gemm_ref(a.float().abs().to(E4M3), b.float().abs().to(E4M3), sa, sb, out_dtype=torch.float32, gate=g)
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("M, N, K", [(256, 512, 384), (1000, 1111, 768), (64, 128, 128), (77, 300, 1040)])
+@pytest.mark.parametrize("block_m", [128, 64])
+@pytest.mark.parametrize(
+    "out_dtype, epilogue", [(torch.bfloat16, False), (torch.float32, True), (torch.bfloat16, True)]
+)
+def test_matches_reference(M, N, K, block_m, out_dtype, epilogue):
+    a, b, sa, sb = _operands(M, N, K, "cuda")
+    res = (torch.randn(M, N, device="cuda") * 10).to(out_dtype) if epilogue else None
+    gate = torch.randn(N, device="cuda").to(torch.bfloat16) if epilogue else None
+    out = G.fp8_block_gemm_sm90(a, b, sa, sb, out_dtype=out_dtype, residual=res, gate=gate, block_m=block_m)
+    ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32, residual=res, gate=gate)
+    _check(
+        out, ref, _abs_sum(a, b, sa, sb, gate), out_dtype, f"{M}x{N}x{K} block_m={block_m} {out_dtype} ep={epilogue}"
+    )
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_flux2_shape_sampled_rows():
+    """FLUX.2-dev double.img.qkv at 1024^2 (4096 x 6144 -> 18432); the ref on 256 sampled rows."""
+    M, N, K = 4096, 18432, 6144
+    a, b, sa, sb = _operands(M, N, K, "cuda", seed=1)
+    out = G.fp8_block_gemm_sm90(a, b, sa, sb, out_dtype=torch.float32)
+    rows = torch.randperm(M, generator=torch.Generator().manual_seed(0))[:256].cuda()
+    ref = fp8_gemm_ref(a[rows], b, sa[rows], sb, out_dtype=torch.float32)
+    _check(out[rows], ref, _abs_sum(a[rows], b, sa[rows], sb, None), torch.float32, "4096x18432x6144 sampled rows")
+    rel = ((out[rows] - ref).norm() / ref.norm()).item()
+    assert rel < 1e-3, f"rel L2 error {rel:.3g} on 256 sampled rows"
