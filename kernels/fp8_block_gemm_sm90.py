@@ -36,14 +36,17 @@ TMA needs 16-byte aligned base addresses and row strides: K must be a multiple o
 
 Expectations (written before the first GPU measurement)
 -------------------------------------------------------
-Compiled for sm_90 on the CPU (reports/fp8_matmul/compile_block_sm90.py): the loop's SASS has the
-HGMMA issue, then the promotion FFMAs, then the WARPGROUP.DEPBAR wait. With the FMAs hidden
-under the wgmma, the K loop costs about what the row-wise kernel's does; what remains is a
-non-persistent grid (no overlap of the epilogue with the next tile's loads) and one wgmma in
-flight at a time (the tensor cores idle between the wait and the next issue: the mbarrier wait and
-the issue latency). Expected: 0.85-0.95x our row-wise ``fp8_gemm`` on the M >= 4096 FLUX.2-dev
-shapes (against 0.63x for the Triton block path), 0.8-0.9x on the M = 512 text shapes (96-192
-tiles on 132 SMs: wave quantization, no split-K).
+Compiled for sm_90 on the CPU (reports/fp8_matmul/compile_block_sm90.py, output in
+compile_block_sm90.txt): 220 registers, no spills, 128 KB shared memory (4 stages, BLOCK_M 128); in the
+K loop the 64 promotion FFMAs sit between the last QGMMA (fp8 HGMMA) and WARPGROUP.DEPBAR. Still
+serial with the tensor cores, per 128-wide K step: 64 register moves (the product copied into the
+lagged registers: unrolling by two to avoid them made ptxas move the FFMAs out of the window), four
+CTA barriers around the ring refill, and the mbarrier wait + wgmma issue; the grid is not persistent
+(no overlap of the epilogue with the next tile's loads). Expected: 0.8-0.9x our row-wise ``fp8_gemm``
+on the M >= 4096 FLUX.2-dev shapes (against 0.63x for the Triton block path), 0.75-0.9x on the
+M = 512 text shapes (96-192 tiles on 132 SMs: wave quantization, no split-K). Next step if short:
+warp_specialize (a TMA producer warp, two consumer warpgroups synchronized by mbarriers instead of
+CTA barriers, so one warpgroup's FMAs and moves run under the other's wgmma).
 
 Not wired into ``fp8_gemm`` yet: the lead does that after the GPU check.
 """
