@@ -47,10 +47,12 @@ Dispatch (measured on the H100, reports/fp8_matmul)
 - fp8 A (``fp8_gemm``, unfused ``fp8_linear``) on sm_90 with 16-byte-aligned rows: a persistent TMA
   kernel (one program per SM walking the tiles; block scales with BLOCK_N = 128). Elsewhere (sm_89,
   sm_120, unaligned rows) and for quantization fused into the A load: the classic tiled kernel.
-  The persistent kernel is opt-in (``PERSISTENT``, env ``FLUX2_FP8_PERSISTENT=1``): it gave wrong
-  model outputs once autotuned inside the FLUX.2-dev forward (reports/quant_runtime, run 3: after
-  other shapes were autotuned, a third of the output columns of 4096x36864x6144 stay unwritten);
-  the classic kernel is the default everywhere.
+  ``PERSISTENT`` (env ``FLUX2_FP8_PERSISTENT``, default 1) switches the persistent kernel; it is never
+  autotuned with the CUDA-graph timer, the pair that left output columns unwritten inside the
+  FLUX.2-dev forward (reports/quant_runtime, run 3 and diag_persistent_bisect).
+- Launches: after the first launch of a specialization, the compiled kernel's launcher is called
+  directly (``FAST_LAUNCH``, env ``FLUX2_FAST_LAUNCH``, default 1), skipping Triton's autotuner and
+  binder in Python.
 - ``fp8_weight_only_linear``: M < ``WO_DEQUANT_MIN_M`` (1024) runs the fused kernel (e4m3 decoded
   in registers, bf16/fp16 MMA). At M >= 1024 the GEMM is compute-bound and it runs
   ``dequantize_fp8_weight`` (one Triton pass, e4m3 * scale -> x's dtype, rounded once) and then
@@ -86,16 +88,20 @@ WO_ASM_DECODE = os.environ.get("FLUX2_WO_ASM_DECODE", "1") == "1"
 # reports/quant_runtime/diag_persistent_pattern.py: after other shapes were autotuned (graph timer),
 # 4096x36864x6144 leaves the last third of the output columns unwritten, as if N were 24576. Bisected
 # (reports/quant_runtime/diag_persistent_bisect): it needs this kernel AND the CUDA-graph autotune timer;
-# with the eager timer the same sequence is exact. Cause not found (stale TMA descriptor suspected);
-# until it is, the kernel is opt-in: FLUX2_FP8_PERSISTENT=1, and do not combine it with the graph timer.
-PERSISTENT = os.environ.get("FLUX2_FP8_PERSISTENT", "0") == "1"
+# with the eager timer the same sequence is exact. Cause not found (stale TMA descriptor suspected), so
+# the graph timer is refused while this kernel is on. Default on since session 4: with the eager timer,
+# the FLUX.2-dev fp8-row forward gives the classic kernel's bits exactly, 1.3 % faster per step
+# (reports/quant_runtime/fp8_launch_ab.json), and the GEMM alone is 1.04x the classic kernel
+# (reports/fp8_matmul, run 5). FLUX2_FP8_PERSISTENT=0 turns it off.
+PERSISTENT = os.environ.get("FLUX2_FP8_PERSISTENT", "1") == "1"
 # Autotuning timer: eager do_bench (what the model-level runs verified) unless FLUX2_AUTOTUNE_GRAPH=1,
 # which `_autotune_bench` ignores while PERSISTENT is on (that pair gives wrong outputs: see above).
 _AUTOTUNE_GRAPH = os.environ.get("FLUX2_AUTOTUNE_GRAPH", "0") == "1"
 if _AUTOTUNE_GRAPH and PERSISTENT:
     warnings.warn(
-        "FLUX2_AUTOTUNE_GRAPH=1 is ignored with FLUX2_FP8_PERSISTENT=1: autotuning the persistent FP8 GEMM "
-        "with the CUDA-graph timer gave wrong outputs (reports/quant_runtime/README.md); using the eager timer",
+        "FLUX2_AUTOTUNE_GRAPH=1 is ignored while the persistent FP8 GEMM is on (the default; "
+        "FLUX2_FP8_PERSISTENT=0 turns it off): autotuning it with the CUDA-graph timer gave wrong outputs "
+        "(reports/quant_runtime/README.md); using the eager timer",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -798,6 +804,7 @@ _fp8_weight_only = triton.autotune(
 # one Triton itself would pick. FLUX2_FAST_LAUNCH=0 turns it off.
 FAST_LAUNCH = os.environ.get("FLUX2_FAST_LAUNCH", "1") == "1"
 _FAST_LAUNCHERS: dict[tuple, object] = {}
+_DESC_TEMPLATES: dict[tuple, tuple] = {}  # persistent kernel: the first launch's TMA descriptors, re-pointed later
 
 
 def _spec_key(v):
@@ -815,6 +822,22 @@ def _unwrap(fn):
     heur = inner if isinstance(inner, triton.runtime.Heuristics) else None
     jit = heur.fn if heur is not None else inner
     return tuner, heur, jit
+
+
+def _launch_key(fn, args, meta):
+    # the autotuner's config list and cache objects are in the key: code that swaps them (tests pinning
+    # one config, diagnostics re-tuning) gets a fresh launch
+    key = (id(fn), id(getattr(fn, "configs", None)), id(getattr(fn, "cache", None)), tuple(map(_spec_key, args)))
+    return key + tuple(meta.items())
+
+
+def _rebased(desc: TensorDescriptor, base: torch.Tensor) -> TensorDescriptor:
+    """``desc`` pointing at ``base`` (same dtype, shape and strides), without TensorDescriptor's
+    constructor checks (about 4 us each on the H100's host; the launch that built ``desc`` ran them)."""
+    new = object.__new__(TensorDescriptor)
+    new.__dict__.update(desc.__dict__)
+    new.base = base
+    return new
 
 
 def _make_fast_launcher(fn, grid, compiled, args, meta):
@@ -836,16 +859,14 @@ def _make_fast_launcher(fn, grid, compiled, args, meta):
     return lambda *a: runner(*a, *tail)
 
 
-def _launch(fn, grid, *args, **meta):
+def _launch(fn, grid, *args, _key=None, **meta):
     """``fn[grid](*args, **meta)``; the first launch of each specialization goes through Triton
-    (autotuning, compilation), later ones through the cached launcher (see FAST_LAUNCH)."""
+    (autotuning, compilation), later ones through the cached launcher (see FAST_LAUNCH). ``_key``: a
+    caller-built key that determines Triton's specialization, instead of the generic one."""
     if _INTERPRET or not FAST_LAUNCH:
         fn[grid](*args, **meta)
         return
-    # the autotuner's config list and cache objects are in the key: code that swaps them (tests pinning
-    # one config, diagnostics re-tuning) gets a fresh launch
-    key = (id(fn), id(getattr(fn, "configs", None)), id(getattr(fn, "cache", None)), tuple(map(_spec_key, args)))
-    key += tuple(meta.items())
+    key = _key if _key is not None else _launch_key(fn, args, meta)
     launcher = _FAST_LAUNCHERS.get(key)
     if launcher is not None:
         launcher(*args)
@@ -951,6 +972,20 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
     res = residual if residual is not None else out
     g = gate.reshape(-1) if gate is not None else out
     if not a_bf16 and _use_persistent(a, b, out):
+        ints = (M, N, K, res.stride(0), res.stride(1), g.stride(0), s_asm, s_ask, s_bsn, s_bsk)
+        kern = _fp8_gemm_persistent
+        key = None
+        if FAST_LAUNCH and not _INTERPRET:
+            # everything the persistent kernel specializes on: the descriptors' row strides and dtypes, the
+            # integer arguments, the pointers' 16-byte alignment, the constexprs (and the autotuner's state)
+            key = ("persistent", mode, id(kern.configs), id(kern.cache), a.device.index, a.stride(0), b.stride(0),
+                   out.stride(0), out_dtype, res.dtype, g.dtype, *ints, fast_accum, residual is None, gate is None,
+                   *(t.data_ptr() % 16 == 0 for t in (a_scale, b_scale, res, g)))  # fmt: skip
+            hit = _FAST_LAUNCHERS.get(key)
+            if hit is not None:
+                a_desc, b_desc, c_desc = _DESC_TEMPLATES[key]
+                hit(_rebased(a_desc, a), _rebased(b_desc, b), _rebased(c_desc, out), a_scale, b_scale, res, g, *ints)
+                return out
         num_sms = _num_sms(a.device)
         # block shapes are placeholders: the autotuner's pre-hook sets them per config
         a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [16, 16])
@@ -958,14 +993,13 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
         c_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [16, 16])
         grid = lambda meta: (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
         _launch(
-            _fp8_gemm_persistent, grid,
-            a_desc, b_desc, c_desc, a_scale, b_scale, res, g,
-            M, N, K,
-            res.stride(0), res.stride(1), g.stride(0),
-            s_asm, s_ask, s_bsn, s_bsk,
-            SCALE_MODE=mode, PROMOTE=not fast_accum, HAS_RESIDUAL=residual is not None,
+            kern, grid,
+            a_desc, b_desc, c_desc, a_scale, b_scale, res, g, *ints,
+            _key=key, SCALE_MODE=mode, PROMOTE=not fast_accum, HAS_RESIDUAL=residual is not None,
             HAS_GATE=gate is not None, C_BYTES=out.element_size(), NUM_SMS=num_sms,
         )  # fmt: skip
+        if key in _FAST_LAUNCHERS:
+            _DESC_TEMPLATES[key] = (a_desc, b_desc, c_desc)
         return out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _launch(

@@ -540,3 +540,13 @@ def test_autotune_graph_timer_refused_with_persistent_kernel(monkeypatch):
     monkeypatch.setattr(F, "_AUTOTUNE_GRAPH", False)
     assert F._autotune_bench(lambda: None) == 2.0
     assert calls == ["eager", "graph", "eager"]
+
+
+def test_rebased_descriptor_points_at_the_new_tensor_and_keeps_the_rest():
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    a, b = torch.zeros(32, 64, dtype=torch.float8_e4m3fn), torch.ones(32, 64, dtype=torch.float8_e4m3fn)
+    d = TensorDescriptor(a, [32, 64], [64, 1], [16, 32])
+    r = F._rebased(d, b)
+    assert r.base is b and d.base is a, "the template must keep its own base"
+    assert {k: v for k, v in vars(r).items() if k != "base"} == {k: v for k, v in vars(d).items() if k != "base"}
