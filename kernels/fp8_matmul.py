@@ -90,9 +90,9 @@ WO_ASM_DECODE = os.environ.get("FLUX2_WO_ASM_DECODE", "1") == "1"
 # (reports/quant_runtime/diag_persistent_bisect): it needs this kernel AND the CUDA-graph autotune timer;
 # with the eager timer the same sequence is exact. Cause not found (stale TMA descriptor suspected), so
 # the graph timer is refused while this kernel is on. Default on since session 4: with the eager timer,
-# the FLUX.2-dev fp8-row forward gives the classic kernel's bits exactly, 1.3 % faster per step
-# (reports/quant_runtime/fp8_launch_ab.json), and the GEMM alone is 1.04x the classic kernel
-# (reports/fp8_matmul, run 5). FLUX2_FP8_PERSISTENT=0 turns it off.
+# the FLUX.2-dev fp8-row forward gives the classic kernel's bits exactly, at the same step time within
+# noise (reports/quant_runtime/fp8_launch_ab_run*.json), and the GEMM alone is 1.01-1.04x the classic
+# kernel (reports/fp8_matmul, runs 5 and 6). FLUX2_FP8_PERSISTENT=0 turns it off.
 PERSISTENT = os.environ.get("FLUX2_FP8_PERSISTENT", "1") == "1"
 # Autotuning timer: eager do_bench (what the model-level runs verified) unless FLUX2_AUTOTUNE_GRAPH=1,
 # which `_autotune_bench` ignores while PERSISTENT is on (that pair gives wrong outputs: see above).
