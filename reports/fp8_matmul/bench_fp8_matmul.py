@@ -825,6 +825,50 @@ def render(data: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def _ncu_metrics(path: Path) -> dict:
+    """A few metrics of an `ncu` text report (SpeedOfLight / Scheduler / Compute sections)."""
+    want = {
+        "Elapsed Cycles": "elapsed",
+        "SM Active Cycles": "active",
+        "Issue Slots Busy": "issue_busy_pct",
+        "Eligible Warps Per Scheduler": "eligible",
+        "Active Warps Per Scheduler": "active_warps",
+    }
+    out = {}
+    for line in path.read_text().splitlines():
+        for label, key in want.items():
+            if line.strip().startswith(label):
+                out[key] = float(line.split()[-1].replace(",", ""))
+        if "Tensor is the highest-utilized pipeline" in line:
+            out["tensor_pct"] = float(line.split("(")[1].split("%")[0])
+    return out
+
+
+def _wo_decode_note(data, wo_small, over) -> str:
+    """Why the M = 512 weight-only kernel stays slow: the decode A/B of this run, and an ncu report."""
+    note = ""
+    fused, intdec = "ours_weight_only_row_fused", "ours_weight_only_row_fused_intdecode"
+    r = over(wo_small, fused, intdec)
+    if r == r:  # not NaN: this run timed both decodes
+        note += (
+            "The PTX decode (four weights per 32-bit register, instead of Triton's 16-bit integer ops) runs "
+            f"{r:.3f}x as fast as the integer decode on these shapes, so decode instructions are not what "
+            "limits them. "
+        )
+    ncu = Path(data.get("_dir", ".")) / "ncu_wo_m512.txt"
+    if ncu.exists():
+        m = _ncu_metrics(ncu)
+        if {"elapsed", "active", "eligible", "active_warps"} <= m.keys():
+            note += (
+                f"Nsight Compute on txt.qkv (`{ncu.name}`): SMs active {100 * m['active'] / m['elapsed']:.0f}% "
+                "of the kernel (288 tiles of 128x256 on 132 SMs: 2.2 waves), the tensor pipe at "
+                f"{m.get('tensor_pct', float('nan')):.0f}% of the elapsed cycles, {m['active_warps']:.0f} warps per "
+                f"scheduler of which {m['eligible']:.2f} eligible per cycle: latency-bound inside a tile and "
+                "wave-quantized across tiles. "
+            )
+    return note
+
+
 def analysis(data: dict, timed: list) -> str:
     """Explanations of hits and misses, with every figure computed from the JSON."""
     ceil = data["ceiling"]["fp8_scaled_mm_tensor_8192_tflops"]
@@ -892,8 +936,14 @@ def analysis(data: dict, timed: list) -> str:
         "time; two things missed it. (1) On the M = 512 shapes the eager timer measures our Python launch path: "
         f"{host(small, row + g)} of host time per `fp8_gemm` call against {host(small, smf + g)} for `_scaled_mm` "
         "(argument checks, three TMA descriptors, the autotuner's dispatch and pre-hook, Triton's launcher), so "
-        "these 40-200 us kernels run host-bound. In the model the fix is CUDA graphs or a cached launcher "
-        "that skips the checks. (2) In GPU time the M = 512 shapes remain below cuBLAS: "
+        "these 40-200 us kernels run host-bound"
+        + (
+            f"; Triton's own launch path took {host(small, 'ours_gemm_row_triton_launch' + g)} in the same run, "
+            "the cached launcher (`FAST_LAUNCH`) removes the autotuner and binder but not the rest. "
+            if any("host_us" in s["times"].get("ours_gemm_row_triton_launch" + g, {}) for s in small)
+            else ". In the model the fix is CUDA graphs or a cached launcher that skips the checks. "
+        )
+        + "(2) In GPU time the M = 512 shapes remain below cuBLAS: "
         f"{', '.join(f'{k} {v}' for k, v in tiles.items())} tiles of 128x256 for 132 SMs. The autotuner, timing "
         f"CUDA graphs, still picked {picks}: "
         "where it kept 128x256, the smaller tiles that would fill the waves measured slower (less MMA work "
@@ -912,7 +962,8 @@ def analysis(data: dict, timed: list) -> str:
         "before the next MMA can start. That serializes the asynchronous wgmma chain, which the row-wise "
         "kernel keeps full across K. The second accumulator also caps tiles at 128x128. Closing the gap needs "
         "warp specialization: two consumer warpgroups taking turns, one promotes while the other multiplies "
-        "(DeepGEMM). `tl.range(warp_specialize=True)` is documented for Blackwell only, so it was left there.",
+        "(DeepGEMM). `tl.range(warp_specialize=True)` is documented for Blackwell only; the Gluon kernels of "
+        "`kernels/fp8_block_gemm_sm90.py` are the attempt below Triton's language (section below).",
         f'- **fp8_linear: target >= 1.15 met.** Row-wise against torch "quantize then `_scaled_mm`": geomean '
         f"{_geo(lin):.2f}x eager (min {min(lin):.2f}, max {max(lin):.2f}), "
         f"{over(timed, 'ours_linear_row' + g, TQ_ROW + g):.2f}x in GPU time. The eager minimum is an M = 512 "
@@ -929,11 +980,10 @@ def analysis(data: dict, timed: list) -> str:
         "(written before the run; see Expectations). In the sweep, dequantize + cuBLAS wins at M in "
         f"{cross} and the fused kernel at the smaller M, hence `WO_DEQUANT_MIN_M` = {wo_min}. Below it the "
         "fused kernel wins, but only at "
-        f"{min(small_fused, default=0):.2f}-{max(small_fused, default=0):.2f}x bf16 speed. Its integer decode and "
-        "fp16 -> bf16 conversion sit in the same warps as the MMA: the wgmma A operand comes from registers, "
-        "and the decode cannot overlap it. Next step for M = 512: decode each weight tile once per CTA into "
-        "shared memory and reuse it for 2-4 M tiles (BLOCK_M = 512 split across two consumer warpgroups). "
-        "Alternatively, dequantize the text-stream weights once per step and reuse them across the "
+        f"{min(small_fused, default=0):.2f}-{max(small_fused, default=0):.2f}x bf16 speed. "
+        + _wo_decode_note(data, wo_small, over)
+        + "Next step for M = 512: warp specialization (decode and MMA in different warpgroups) and stream-K "
+        "over the 2.2 waves; or dequantize the text-stream weights once per step and reuse them across the "
         "guidance passes.",
     ]
     if data.get("skipped"):
@@ -955,6 +1005,7 @@ def main(argv=None):
     if a.render:
         data = json.loads(a.render.read_text())
         data["_source"] = a.render.name
+        data["_dir"] = str(a.render.parent)
         tests = a.render.parent / f"pytest_gpu_run{data['meta'].get('run', 2)}.txt"
         if tests.exists():  # `pytest -m gpu tests/test_fp8_matmul.py` from the same device call
             data["_pytest"] = [ln for ln in tests.read_text().splitlines() if " passed" in ln or " failed" in ln]
