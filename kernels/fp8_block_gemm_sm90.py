@@ -79,6 +79,13 @@ BLOCK_N = 128
 BLOCK_K = 128
 GROUP_M = 8
 _WARPS = {128: 8, 64: 4}  # BLOCK_M -> num_warps (one warpgroup per 64 rows)
+# Warp-specialized kernel: 4 (default partition, consumer 0) + 4 (consumer 1) + 1 (producer) warps,
+# rounded up to 12 (registers are handed out per warpgroup): 12 x 32 threads x 168 = 64512 of the
+# 65536 registers; setmaxnreg then gives the producer's warpgroup 40 and each consumer 232
+# (4 x 32 x (232 + 232 + 40) = 64512).
+WS_MAXNREG = 168
+WS_CONSUMER_REGS = 232
+WS_PRODUCER_REGS = 40
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +229,207 @@ if gluon is not None:
             acc = acc + r.to(gl.float32)
         gl.store(out_ptr + rows * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
+    # ------------------------------------------------------------------------------------------
+    # Warp-specialized variant: one TMA producer warp, two independent consumer warpgroups
+    # ------------------------------------------------------------------------------------------
+
+    @gluon.jit
+    def _ws_producer(a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP: gl.constexpr):
+        """1 warp: fill the ring for every tile of this program. Slot s is refilled once both
+        consumers arrived on ``empty[s]``.
+
+        Phases: the partitions walk the same tiles and K steps, counting steps ``it`` over all
+        tiles; step ``it`` uses slot it % S for the (it // S)-th time. A fresh mbarrier counts as
+        having completed the phase before phase 0, so waiting ``empty`` with parity
+        ((it // S) & 1) ^ 1 passes at once for the first S steps and then waits for the release
+        of step it - S."""
+        NUM_STAGES: gl.constexpr = a_smem.shape[0]
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[0]
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        num_pid_m = gl.cdiv(M, BM)
+        num_pid_n = gl.cdiv(N, BN)
+        k_tiles = gl.cdiv(K, BK)
+        it = 0
+        for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_pids(tile_id, num_pid_m, num_pid_n, GROUP)
+            off_m = pid_m * BM
+            off_n = pid_n * BN
+            for j in range(k_tiles):
+                s = it % NUM_STAGES
+                mbarrier.wait(empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
+                bar = ready.index(s)
+                mbarrier.expect(bar, nbytes)
+                tma.async_copy_global_to_shared(a_desc, [off_m, j * BK], bar, a_smem.index(s))
+                tma.async_copy_global_to_shared(b_desc, [off_n, j * BK], bar, b_smem.index(s))
+                it += 1
+
+    @gluon.jit
+    def _ws_consumer(
+        a_smem, b_smem, ready, empty,
+        a_scale_ptr, b_scale_ptr, out_ptr, res_ptr, gate_ptr,
+        M, N, K,
+        stride_asm, stride_ask, stride_bsn, stride_bsk, stride_om, stride_rm, stride_gn,
+        HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
+    ):  # fmt: skip
+        """One warpgroup (4 warps): rows [WG * 64, WG * 64 + 64) of each tile, lagged promotion
+        as in the non-specialized kernel, no barrier shared with the other consumer: it waits
+        ``ready[s]``, issues its m64n128 wgmma on its half of the A tile, promotes the previous
+        step while the wgmma runs, waits for it and releases the slot (``empty[s]``, count 2).
+        The epilogue (gate, residual, cast, masked store) of its 64 rows runs while the producer
+        already loads the next tile."""
+        NUM_STAGES: gl.constexpr = a_smem.shape[0]
+        BM_TILE: gl.constexpr = a_smem.shape[1]
+        BM: gl.constexpr = 64
+        BK: gl.constexpr = a_smem.shape[2]
+        BN: gl.constexpr = b_smem.shape[1]
+        gl.static_assert(gl.num_warps() == 4)
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
+        row_l: gl.constexpr = gl.SliceLayout(1, mma)
+        col_l: gl.constexpr = gl.SliceLayout(0, mma)
+
+        num_pid_m = gl.cdiv(M, BM_TILE)
+        num_pid_n = gl.cdiv(N, BN)
+        k_tiles = gl.cdiv(K, BK)
+        zero = gl.zeros([BM, BN], gl.float32, layout=mma)
+        it = 0
+        for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_pids(tile_id, num_pid_m, num_pid_n, GROUP)
+            offs_m = pid_m * BM_TILE + WG * BM + gl.arange(0, BM, layout=row_l)
+            mask_m = offs_m < M
+            sa_ptrs = a_scale_ptr + offs_m * stride_asm
+            sb_ptr = b_scale_ptr + pid_n * stride_bsn
+
+            acc = gl.zeros([BM, BN], gl.float32, layout=mma)
+            part = gl.zeros([BM, BN], gl.float32, layout=mma)  # step j-1's product
+            scale = gl.zeros([BM], gl.float32, layout=row_l)  # its a_s * b_s
+            for j in range(k_tiles):
+                s = it % NUM_STAGES
+                mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
+                a_s = a_smem.index(s).slice(WG * BM, BM, dim=0)
+                b_s = b_smem.index(s)
+                tok = warpgroup_mma(a_s, b_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+                acc = acc + part * scale[:, None]
+                scale = _step_scale(sa_ptrs, sb_ptr, mask_m, j, k_tiles, stride_ask, stride_bsk)
+                part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
+                mbarrier.arrive(empty.index(s), count=1)
+                it += 1
+            acc = acc + part * scale[:, None]
+
+            offs_n = pid_n * BN + gl.arange(0, BN, layout=col_l)
+            mask_n = offs_n < N
+            if HAS_GATE:
+                g = gl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(gl.float32)
+                acc = acc * g[None, :]
+            mask = mask_m[:, None] & mask_n[None, :]
+            rows = offs_m.to(gl.int64)[:, None]
+            if HAS_RESIDUAL:
+                r = gl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+                acc = acc + r.to(gl.float32)
+            gl.store(out_ptr + rows * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def _fp8_block_gemm_sm90_ws_kernel(
+        a_desc,  # (M, K) e4m3, block [128, BLOCK_K]
+        b_desc,  # (N, K) e4m3, block [BLOCK_N, BLOCK_K]
+        a_scale_ptr, b_scale_ptr, out_ptr, res_ptr, gate_ptr,
+        M, N, K,
+        stride_asm, stride_ask, stride_bsn, stride_bsk, stride_om, stride_rm, stride_gn,
+        HAS_RESIDUAL: gl.constexpr,
+        HAS_GATE: gl.constexpr,
+        NUM_STAGES: gl.constexpr,
+        GROUP: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):  # fmt: skip
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[0]
+        gl.static_assert(BM == 128)
+        gl.static_assert(BK == 128)
+        gl.static_assert(BN == 128)
+        gl.static_assert(num_warps == 4)  # the default partition is consumer 0 (one warpgroup)
+
+        a_smem = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES, BM, BK], a_desc.layout)
+        b_smem = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES, BN, BK], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=1)  # the producer's expect; TMA bytes complete it
+            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+        fence_async_shared()
+
+        # Partition arguments: the worker partitions take no tensors (scalars, descriptors,
+        # shared-memory views and constexprs only); a constexpr in an argument tuple must be a
+        # named constexpr (a literal in a concatenated tuple reaches the builder as a plain int).
+        WG0: gl.constexpr = 0
+        WG1: gl.constexpr = 1
+        gl.warp_specialize(
+            [
+                (  # default partition: the kernel's num_warps = 4 warps, consumer of rows 0..63
+                    _ws_consumer,
+                    (
+                        a_smem,
+                        b_smem,
+                        ready,
+                        empty,
+                        a_scale_ptr,
+                        b_scale_ptr,
+                        out_ptr,
+                        res_ptr,
+                        gate_ptr,
+                        M,
+                        N,
+                        K,
+                        stride_asm,
+                        stride_ask,
+                        stride_bsn,
+                        stride_bsk,
+                        stride_om,
+                        stride_rm,
+                        stride_gn,
+                        HAS_RESIDUAL,
+                        HAS_GATE,
+                        GROUP,
+                        WG0,
+                    ),
+                ),  # fmt: skip
+                (  # worker 0: 4 warps, consumer of rows 64..127
+                    _ws_consumer,
+                    (
+                        a_smem,
+                        b_smem,
+                        ready,
+                        empty,
+                        a_scale_ptr,
+                        b_scale_ptr,
+                        out_ptr,
+                        res_ptr,
+                        gate_ptr,
+                        M,
+                        N,
+                        K,
+                        stride_asm,
+                        stride_ask,
+                        stride_bsn,
+                        stride_bsk,
+                        stride_om,
+                        stride_rm,
+                        stride_gn,
+                        HAS_RESIDUAL,
+                        HAS_GATE,
+                        GROUP,
+                        WG1,
+                    ),
+                ),  # fmt: skip
+                (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),  # worker 1: 1 warp
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
+
 
 # ----------------------------------------------------------------------------------------------
 # Launcher
@@ -231,6 +439,11 @@ if gluon is not None:
 @functools.cache
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def is_available(device: torch.device | str | int | None = None) -> bool:
@@ -273,12 +486,15 @@ def fp8_block_gemm_sm90(
     gate: torch.Tensor | None = None,
     block_m: int = 128,
     num_stages: int = 4,
+    warp_specialized: bool = False,
 ) -> torch.Tensor:
     """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` with 1x128 (A) and 128x128 (B) block
     scales on Hopper: e4m3 ``a`` (M, K), ``b`` (N, K); fp32 ``a_scale`` (M, ceil(K/128)), ``b_scale``
     (ceil(N/128), ceil(K/128)); returns ``out_dtype`` (M, N). Same maths as ``fp8_gemm`` with block
     scales (module docstring). ``block_m``: 128 (8 warps) or 64 (4 warps, small M); ``num_stages``:
-    depth of the TMA ring (2-6; each stage holds (block_m + 128) x 128 bytes)."""
+    depth of the TMA ring (2-6; each stage holds (block_m + 128) x 128 bytes). ``warp_specialized``:
+    the persistent warp-specialized kernel (one TMA producer warp, two consumer warpgroups of 64
+    rows; block_m must be 128)."""
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float8_e4m3fn:
             raise TypeError(f"{name} must be a torch.float8_e4m3fn tensor, got {getattr(t, 'dtype', type(t))}")
@@ -313,6 +529,8 @@ def fp8_block_gemm_sm90(
         raise ValueError(f"block_m must be one of {sorted(_WARPS)}, got {block_m}")
     if not 2 <= num_stages <= 6:
         raise ValueError(f"num_stages must be in 2..6, got {num_stages}")
+    if warp_specialized and block_m != 128:
+        raise ValueError(f"warp_specialized needs block_m=128 (two consumer warpgroups of 64 rows), got {block_m}")
     devs = {t.device for t in (a, b, a_scale, b_scale, residual, gate) if t is not None}
     if len(devs) > 1:
         raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devs))}")
@@ -342,8 +560,21 @@ def fp8_block_gemm_sm90(
     b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float8e4nv)
     a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [block_m, BLOCK_K], a_layout)
     b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [BLOCK_N, BLOCK_K], b_layout)
-    grid = (-(-M // block_m) * -(-N // BLOCK_N),)
-    _fp8_block_gemm_sm90_kernel[grid](
+    num_tiles = -(-M // block_m) * -(-N // BLOCK_N)
+    if warp_specialized:
+        index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+        _fp8_block_gemm_sm90_ws_kernel[(min(num_tiles, _num_sms(index)),)](
+            a_desc, b_desc, a_scale, b_scale, out, res, g,
+            M, N, K,
+            a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+            out.stride(0), res.stride(0), g.stride(0),
+            HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None,
+            NUM_STAGES=num_stages, GROUP=GROUP_M,
+            PRODUCER_REGS=WS_PRODUCER_REGS, CONSUMER_REGS=WS_CONSUMER_REGS,
+            num_warps=4, maxnreg=WS_MAXNREG,
+        )  # fmt: skip
+        return out
+    _fp8_block_gemm_sm90_kernel[(num_tiles,)](
         a_desc, b_desc, a_scale, b_scale, out, res, g,
         M, N, K,
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
@@ -352,3 +583,21 @@ def fp8_block_gemm_sm90(
         NUM_STAGES=num_stages, GROUP=GROUP_M, num_warps=_WARPS[block_m],
     )  # fmt: skip
     return out
+
+
+def fp8_block_gemm_sm90_ws(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    num_stages: int = 4,
+) -> torch.Tensor:
+    """``fp8_block_gemm_sm90(..., block_m=128, warp_specialized=True)``: same arguments and maths."""
+    return fp8_block_gemm_sm90(
+        a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate,
+        block_m=128, num_stages=num_stages, warp_specialized=True,
+    )  # fmt: skip

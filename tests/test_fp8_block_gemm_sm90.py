@@ -48,6 +48,10 @@ def test_rejects_non_fp8_and_shape_errors():
         G.fp8_block_gemm_sm90(a, b, sa, sb, block_m=96)
     with pytest.raises(ValueError, match="num_stages"):
         G.fp8_block_gemm_sm90(a, b, sa, sb, num_stages=1)
+    with pytest.raises(ValueError, match="warp_specialized needs block_m=128"):
+        G.fp8_block_gemm_sm90(a, b, sa, sb, block_m=64, warp_specialized=True)
+    with pytest.raises(ValueError, match="num_stages"):
+        G.fp8_block_gemm_sm90_ws(a, b, sa, sb, num_stages=7)
     with pytest.raises(ValueError, match="contiguous along K"):
         G.fp8_block_gemm_sm90(a.t().contiguous().t(), b, sa, sb)
 
@@ -56,6 +60,8 @@ def test_rejects_cpu_tensors():
     a, b, sa, sb = _operands(32, 128, 256)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         G.fp8_block_gemm_sm90(a, b, sa, sb)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        G.fp8_block_gemm_sm90_ws(a, b, sa, sb)
 
 
 @pytest.mark.gpu
@@ -106,33 +112,57 @@ def _abs_sum(a, b, sa, sb, gate):
     return fp8_gemm_ref(a.float().abs().to(E4M3), b.float().abs().to(E4M3), sa, sb, out_dtype=torch.float32, gate=g)
 
 
+# the kernels under test: (block_m, warp_specialized)
+VARIANTS = {"bm128": (128, False), "bm64": (64, False), "ws": (128, True)}
+
+
 @pytest.mark.gpu
 @needs_sm90
-@pytest.mark.parametrize("M, N, K", [(256, 512, 384), (1000, 1111, 768), (64, 128, 128), (77, 300, 1040)])
-@pytest.mark.parametrize("block_m", [128, 64])
+@pytest.mark.parametrize(
+    "M, N, K",
+    # (40, 384, 640): the WS kernel's second consumer warpgroup (rows 64..127) has no valid row
+    [(256, 512, 384), (1000, 1111, 768), (64, 128, 128), (77, 300, 1040), (40, 384, 640)],
+)
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize(
     "out_dtype, epilogue", [(torch.bfloat16, False), (torch.float32, True), (torch.bfloat16, True)]
 )
-def test_matches_reference(M, N, K, block_m, out_dtype, epilogue):
+def test_matches_reference(M, N, K, variant, out_dtype, epilogue):
+    block_m, ws = VARIANTS[variant]
     a, b, sa, sb = _operands(M, N, K, "cuda")
     res = (torch.randn(M, N, device="cuda") * 10).to(out_dtype) if epilogue else None
     gate = torch.randn(N, device="cuda").to(torch.bfloat16) if epilogue else None
-    out = G.fp8_block_gemm_sm90(a, b, sa, sb, out_dtype=out_dtype, residual=res, gate=gate, block_m=block_m)
-    ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32, residual=res, gate=gate)
-    _check(
-        out, ref, _abs_sum(a, b, sa, sb, gate), out_dtype, f"{M}x{N}x{K} block_m={block_m} {out_dtype} ep={epilogue}"
+    out = G.fp8_block_gemm_sm90(
+        a, b, sa, sb, out_dtype=out_dtype, residual=res, gate=gate, block_m=block_m, warp_specialized=ws
     )
+    ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32, residual=res, gate=gate)
+    _check(out, ref, _abs_sum(a, b, sa, sb, gate), out_dtype, f"{M}x{N}x{K} {variant} {out_dtype} ep={epilogue}")
 
 
 @pytest.mark.gpu
 @needs_sm90
-def test_flux2_shape_sampled_rows():
+@pytest.mark.parametrize("num_stages", [2, 3, 6])
+def test_ws_ring_depths(num_stages):
+    """The WS kernel's ready/empty phases with other ring depths, K steps not a multiple of the depth,
+    and more tiles than SMs (each persistent program walks several tiles through one ring)."""
+    M, N, K = 1100, 2 * 1024 + 40, 7 * 128 + 32
+    a, b, sa, sb = _operands(M, N, K, "cuda", seed=2)
+    out = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, out_dtype=torch.float32, num_stages=num_stages)
+    ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)
+    _check(out, ref, _abs_sum(a, b, sa, sb, None), torch.float32, f"ws num_stages={num_stages}")
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("variant", ["bm128", "ws"])
+def test_flux2_shape_sampled_rows(variant):
     """FLUX.2-dev double.img.qkv at 1024^2 (4096 x 6144 -> 18432); the ref on 256 sampled rows."""
+    block_m, ws = VARIANTS[variant]
     M, N, K = 4096, 18432, 6144
     a, b, sa, sb = _operands(M, N, K, "cuda", seed=1)
-    out = G.fp8_block_gemm_sm90(a, b, sa, sb, out_dtype=torch.float32)
+    out = G.fp8_block_gemm_sm90(a, b, sa, sb, out_dtype=torch.float32, block_m=block_m, warp_specialized=ws)
     rows = torch.randperm(M, generator=torch.Generator().manual_seed(0))[:256].cuda()
     ref = fp8_gemm_ref(a[rows], b, sa[rows], sb, out_dtype=torch.float32)
-    _check(out[rows], ref, _abs_sum(a[rows], b, sa[rows], sb, None), torch.float32, "4096x18432x6144 sampled rows")
+    _check(out[rows], ref, _abs_sum(a[rows], b, sa[rows], sb, None), torch.float32, f"{variant} 4096x18432x6144 rows")
     rel = ((out[rows] - ref).norm() / ref.norm()).item()
-    assert rel < 1e-3, f"rel L2 error {rel:.3g} on 256 sampled rows"
+    assert rel < 1e-3, f"{variant}: rel L2 error {rel:.3g} on 256 sampled rows"

@@ -1,9 +1,10 @@
 """Compile kernels/fp8_block_gemm_sm90.py's Gluon kernel for sm_90 on a machine without a GPU.
 
 Run with Triton 3.6 (the device's version) first on the path, e.g. ``/tmp/py36 reports/fp8_matmul/
-compile_block_sm90.py [--dump DIR]``. For each config it prints registers / spills (ptxas) / shared
-memory, and the SASS of the K loop: the opcode histogram and the order of the HGMMA issue, the
-promotion FFMAs/FMULs and the WARPGROUP.DEPBAR wait (the overlap this kernel exists for: the FMAs
+compile_block_sm90.py [--dump DIR]``. For each config (``ws_*``: the warp-specialized kernel) it
+prints registers / spills (ptxas) / shared memory, and the SASS of the K loop (of each consumer
+partition for ``ws_*``): the opcode histogram and the order of the HGMMA issue, the promotion
+FFMAs/FMULs and the WARPGROUP.DEPBAR wait (the overlap this kernel exists for: the FMAs
 of step k-1 must sit between the HGMMA of step k and its wait).
 """
 
@@ -40,9 +41,9 @@ def desc_sig(rows: int) -> str:
     return mangle_type(TensorDescriptor(t, [256, 512], [512, 1], [rows, 128], lay))
 
 
-def compile_cfg(block_m: int, num_stages: int, has_res: bool, has_gate: bool, out: str):
-    fn = G._fp8_block_gemm_sm90_kernel
-    num_warps = G._WARPS[block_m]
+def compile_cfg(block_m: int, num_stages: int, has_res: bool, has_gate: bool, out: str, ws: bool = False):
+    fn = G._fp8_block_gemm_sm90_ws_kernel if ws else G._fp8_block_gemm_sm90_kernel
+    num_warps = 4 if ws else G._WARPS[block_m]
     sig = {
         "a_desc": desc_sig(block_m),
         "b_desc": desc_sig(G.BLOCK_N),
@@ -62,8 +63,10 @@ def compile_cfg(block_m: int, num_stages: int, has_res: bool, has_gate: bool, ou
         "stride_rm": "i32",
         "stride_gn": "i32",
     }
-    const = {"HAS_RESIDUAL": has_res, "HAS_GATE": has_gate, "NUM_STAGES": num_stages, "GROUP": G.GROUP_M,
-             "num_warps": num_warps}  # fmt: skip
+    const = {"HAS_RESIDUAL": has_res, "HAS_GATE": has_gate, "NUM_STAGES": num_stages, "GROUP": G.GROUP_M}
+    if ws:
+        const.update(PRODUCER_REGS=G.WS_PRODUCER_REGS, CONSUMER_REGS=G.WS_CONSUMER_REGS)
+    const["num_warps"] = num_warps
     for c in const:
         sig[c] = "constexpr"
     names = list(sig)
@@ -72,7 +75,8 @@ def compile_cfg(block_m: int, num_stages: int, has_res: bool, has_gate: bool, ou
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in div16}
     attrs[(names.index("stride_ask"),)] = []  # a_scale (M, kb) row-major: stride 1 along kb
     src = GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    opts = dict(num_warps=num_warps, maxnreg=G.WS_MAXNREG) if ws else dict(num_warps=num_warps)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def ptxas_report(ptx: Path, cubin: Path) -> str:
@@ -122,12 +126,16 @@ def main():
     ap.add_argument("--dump", default=None, help="folder for ttgir/ptx/sass of each config")
     args = ap.parse_args()
     print("triton", triton.__version__)
-    cfgs = [(128, 4, False, False, "bf16"), (128, 4, True, True, "bf16"), (128, 3, False, False, "fp32"),
-            (64, 6, False, False, "bf16"), (64, 4, True, True, "fp32")]  # fmt: skip
-    for block_m, stages, res, gate, out in cfgs:
+    cfgs = [(128, 4, False, False, "bf16", False), (128, 4, True, True, "bf16", False),
+            (128, 3, False, False, "fp32", False), (64, 6, False, False, "bf16", False),
+            (64, 4, True, True, "fp32", False),
+            (128, 4, False, False, "bf16", True), (128, 4, True, True, "bf16", True),
+            (128, 3, False, False, "fp32", True), (128, 5, True, True, "fp32", True)]  # fmt: skip
+    for block_m, stages, res, gate, out, ws in cfgs:
         tag = f"bm{block_m}_s{stages}_{'res' if res else 'nores'}_{'gate' if gate else 'nogate'}_{out}"
+        tag = "ws_" + tag if ws else tag
         try:
-            ck = compile_cfg(block_m, stages, res, gate, out)
+            ck = compile_cfg(block_m, stages, res, gate, out, ws)
         except Exception as e:  # noqa: BLE001 (report every config)
             print(f"== {tag}: COMPILE FAILED {type(e).__name__}: {str(e)[:2000]}")
             continue
@@ -153,27 +161,44 @@ def main():
             ptx.count("cp.async.bulk.tensor"),
         )
         mma_loops = [lp for lp in loops(sass) if any(opcode(x).startswith(("HGMMA", "QGMMA")) for _, x in lp[2])]
-        for start, end, body in sorted(mma_loops, key=lambda lp: len(lp[2]))[:1]:  # the innermost: the K loop
-            ops = collections.Counter(opcode(x).split(".")[0] for _, x in body)
-            print(
-                f"   K loop {start:#x}-{end:#x}: {len(body)} instrs:",
-                ", ".join(f"{k} {v}" for k, v in ops.most_common(18)),
-            )
-            print("   order:", order_summary(body))
-            first_hgmma = next(i for i, (_, x) in enumerate(body) if opcode(x).startswith(("HGMMA", "QGMMA")))
-            last_hgmma = max(i for i, (_, x) in enumerate(body) if opcode(x).startswith(("HGMMA", "QGMMA")))
-            waits = [i for i, (_, x) in enumerate(body) if opcode(x).startswith("WARPGROUP.DEPBAR")]
-            wait_after = [w for w in waits if w > last_hgmma]
-            if wait_after:
-                between = [opcode(x).split(".")[0] for _, x in body[last_hgmma + 1 : wait_after[0]]]
-                c = collections.Counter(between)
-                print(f"   between the last QGMMA ({last_hgmma}) and its wait ({wait_after[0]}): FFMA {c['FFMA']}, "
-                      f"FMUL {c['FMUL']}, FADD {c['FADD']}, LDG {c['LDG']}, of {len(between)} instrs")  # fmt: skip
-            print(f"   QGMMA (fp8 HGMMA) at loop positions {first_hgmma}..{last_hgmma}, WARPGROUP.DEPBAR at {waits}")
-            movs = sum(
-                1 for _, x in body[wait_after[0] if wait_after else 0 :] if opcode(x).startswith(("IMAD.MOV", "MOV"))
-            )
-            print(f"   register moves after the wait (copy of the product into the lagged registers): {movs}")
+        if ws:  # one K loop per consumer partition (innermost loops holding a QGMMA), plus the register plan
+            # (a K loop holds no STG: backward branches from the out-of-line mbarrier retry stubs span
+            # the epilogue too)
+            k_loops = [lp for lp in mma_loops if not any(opcode(x).startswith("STG") for _, x in lp[2])]
+            inner = [lp for lp in k_loops if not any(lp[0] <= o[0] and o[1] <= lp[1] for o in k_loops if o != lp)]
+            regs = re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)
+            print("   setmaxnreg in the PTX (in order):", " ".join(f"{d}{n}" for d, n in regs))
+            print("   USETMAXREG in the SASS:", " ".join(re.findall(r"USETMAXREG\.(\S+ \S+ ?\S*?) ;", sass)))
+            tma_loops = [lp for lp in loops(sass) if any(opcode(x).startswith("UTMALDG") for _, x in lp[2])]
+            for start, end, body in tma_loops[:1]:
+                print(f"   producer loop {start:#x}-{end:#x}: {len(body)} instrs, order: {order_summary(body)}")
+        else:
+            inner = sorted(mma_loops, key=lambda lp: len(lp[2]))[:1]  # the innermost: the K loop
+        for start, end, body in inner:
+            analyse_k_loop(start, end, body)
+
+
+def analyse_k_loop(start, end, body):
+    """Opcode histogram, order, barriers and the FFMA window of one K loop."""
+    ops = collections.Counter(opcode(x).split(".")[0] for _, x in body)
+    print(f"   K loop {start:#x}-{end:#x}: {len(body)} instrs:", ", ".join(f"{k} {v}" for k, v in ops.most_common(18)))
+    print("   order:", order_summary(body))
+    bars = [x for _, x in body if opcode(x).startswith("BAR")]
+    cta = [x for x in bars if not re.search(r"BAR\.\S+\s+\S+,\s*0x", x)]  # no thread count: the whole CTA
+    kinds = sorted({re.sub(r"^@!?U?P\w+\s+", "", x) for x in bars})
+    print(f"   barriers: {len(bars)} ({len(cta)} CTA-wide, {len(bars) - len(cta)} named with a thread count): {kinds}")
+    first_hgmma = next(i for i, (_, x) in enumerate(body) if opcode(x).startswith(("HGMMA", "QGMMA")))
+    last_hgmma = max(i for i, (_, x) in enumerate(body) if opcode(x).startswith(("HGMMA", "QGMMA")))
+    waits = [i for i, (_, x) in enumerate(body) if opcode(x).startswith("WARPGROUP.DEPBAR")]
+    wait_after = [w for w in waits if w > last_hgmma]
+    if wait_after:
+        between = [opcode(x).split(".")[0] for _, x in body[last_hgmma + 1 : wait_after[0]]]
+        c = collections.Counter(between)
+        print(f"   between the last QGMMA ({last_hgmma}) and its wait ({wait_after[0]}): FFMA {c['FFMA']}, "
+              f"FMUL {c['FMUL']}, FADD {c['FADD']}, LDG {c['LDG']}, of {len(between)} instrs")  # fmt: skip
+    print(f"   QGMMA (fp8 HGMMA) at loop positions {first_hgmma}..{last_hgmma}, WARPGROUP.DEPBAR at {waits}")
+    movs = sum(1 for _, x in body[wait_after[0] if wait_after else 0 :] if opcode(x).startswith(("IMAD.MOV", "MOV")))
+    print(f"   register moves after the wait (copy of the product into the lagged registers): {movs}")
 
 
 if __name__ == "__main__":
