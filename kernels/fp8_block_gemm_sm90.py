@@ -48,6 +48,44 @@ M = 512 text shapes (96-192 tiles on 132 SMs: wave quantization, no split-K). Ne
 warp_specialize (a TMA producer warp, two consumer warpgroups synchronized by mbarriers instead of
 CTA barriers, so one warpgroup's FMAs and moves run under the other's wgmma).
 
+Measured (run 1, reports/fp8_matmul/block_sm90_run1.json): 0.53-0.65x row-wise, exact.
+
+Warp-specialized variant (``warp_specialized=True`` / ``fp8_block_gemm_sm90_ws``)
+---------------------------------------------------------------------------------
+DeepGEMM's structure with ``gl.warp_specialize`` (Triton 3.6: the default partition runs in the
+kernel's ``num_warps`` warps and may be a consumer; workers take no tensors, only scalars,
+descriptors, shared-memory views and constexprs; ``worker_num_regs`` becomes setmaxnreg):
+
+- default partition (4 warps) = consumer 0, rows 0..63 of the 128-row tile; worker 0 (4 warps) =
+  consumer 1, rows 64..127; worker 1 (1 warp) = TMA producer. 12 warps (rounded up to whole
+  warpgroups), launched with maxnreg 168; setmaxnreg gives the consumers 232 registers each and
+  the producer's warpgroup 40 (4 x 32 x (232 + 232 + 40) = 64512 of 65536).
+- ring of NUM_STAGES slots, each one A tile (128 x 128) and one B tile (128 x 128); per slot a
+  ``ready`` mbarrier (count 1: the producer's expect-tx, completed by the TMA bytes) and an
+  ``empty`` mbarrier (count 2: one arrival per consumer warpgroup, made by one thread after a
+  128-thread named barrier of that warpgroup).
+- each consumer: wait ready[s] -> async wgmma m64n128k128 on its half (``slice`` of the A tile)
+  into a fresh accumulator -> 64 promotion FFMAs of the previous step -> wgmma wait -> arrive
+  empty[s]. The two consumers share no barrier, so one's promotion, register moves and mbarrier
+  traffic run under the other's wgmma.
+- persistent: grid = min(tiles, SMs), grouped tile order; every partition walks the same tiles
+  and counts K steps over all of them (slot = it % S, phase = (it // S) & 1), so the producer
+  loads the next tile while the consumers run their epilogue (gate, residual, cast, masked
+  store, no TMA store).
+
+Compiled on the CPU with Triton 3.6 (compile_block_sm90.txt, ``ws_*``): no spills, 128 KB shared
+memory at 4 stages; each consumer's K loop is ~197 SASS instructions with two 128-thread named
+barriers (BAR.SYNC 0x0/0x2, 0x80) and no CTA-wide one, 64 FFMAs between the last QGMMA and
+WARPGROUP.DEPBAR; the 64 moves of the product into the lagged registers remain (per consumer, now
+under the other consumer's wgmma). The producer loop is 36 instructions (wait empty, expect, 2 TMA).
+
+Expectation for the WS variant (written before its first GPU run): 0.80-0.95x our row-wise
+``fp8_gemm`` on the M >= 4096 FLUX.2-dev shapes (about 1000-1150 TFLOPS; cuBLAS's block-scaled
+``_scaled_mm`` measured 0.87-0.95x row-wise in run 1), 0.7-0.9x on the M = 512 text shapes
+(txt.proj: 192 tiles on 132 SMs, 1.45 waves, is the weakest). Risks: both consumers waiting on the
+same ``ready`` may issue their wgmmas together and stall together (no explicit ping-pong order);
+the scale loads are LDGs inside the loop (DeepGEMM stages them through shared memory).
+
 Not wired into ``fp8_gemm`` yet: the lead does that after the GPU check.
 """
 
@@ -86,6 +124,9 @@ _WARPS = {128: 8, 64: 4}  # BLOCK_M -> num_warps (one warpgroup per 64 rows)
 WS_MAXNREG = 168
 WS_CONSUMER_REGS = 232
 WS_PRODUCER_REGS = 40
+WS_EXPECTATION = (
+    "0.80-0.95x ours_gemm_row on M >= 4096, 0.7-0.9x on M = 512 (txt.proj weakest); written before the first WS run"
+)
 
 
 # ----------------------------------------------------------------------------------------------
