@@ -31,6 +31,7 @@ flushed); under TRITON_INTERPRET=1 the kernels round to the e4m3 grid in fp32 be
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -41,6 +42,8 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 P_SHIFT = 8.0  # P is computed as 2**8 * softmax numerator: max 256, smallest normal e4m3 2**-6 -> 2**-14
 LOG2E = 1.4426950408889634
 PAD = 128  # quantized copies are padded to a multiple of this many tokens (>= every block size)
+# fp8 P·V: half of each tile's exp2 on the FMA pipe (`_exp2_fma`); FLUX2_ATTN_EXP2_SPLIT=1 turns it on
+EXP2_SPLIT = os.environ.get("FLUX2_ATTN_EXP2_SPLIT", "0") == "1"
 
 
 @triton.jit
@@ -149,10 +152,26 @@ def _quant_kernel(
 
 
 @triton.jit
+def _exp2_fma(x):
+    """2**x on the FMA and integer pipes instead of the MUFU unit (FA4's trick), for x <= 8.
+
+    x = n + f with n = round(x) (the 1.5 * 2**23 shift leaves n in the low mantissa bits of t) and
+    f in [-0.5, 0.5]; 2**f from a degree-2 polynomial (relative error 1.7e-3, fitted for the minimax
+    relative error), then n is added to the exponent field: bits(t) << 23 == n << 23 (mod 2**32) because
+    the shift constant's low 9 bits are zero. Ample for P, which is rounded to e4m3 (3 mantissa bits)
+    next; results below 2**-126 come out as 0 or tiny denormals."""
+    x = tl.maximum(x, -127.0)
+    t = x + 12582912.0
+    f = x - (t - 12582912.0)
+    p = (0.2384257 * f + 0.7034428) * f + 1.000443
+    return (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _attn_tile(
     acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_base, start_n, offs_n, L, stride_vn,
     D: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr, PV_FP8: tl.constexpr,
-    MASK: tl.constexpr, EMULATE_CAST: tl.constexpr,
+    MASK: tl.constexpr, EMULATE_CAST: tl.constexpr, EXP_SPLIT: tl.constexpr,
 ):  # fmt: skip
     k = tl.load(k_ptrs + start_n * D)  # (D, BLOCK_N) fp8
     qk = tl.dot(q, k).to(tl.float32)  # fp8 x fp8 -> fp32, or int8 x int8 -> int32 (exact)
@@ -171,7 +190,14 @@ def _attn_tile(
         shift = m_new - 8.0  # p in [0, 256]; the 256 cancels in l_i
     else:
         shift = m_new
-    p = tl.math.exp2(qk * c[:, None] - shift[:, None])
+    s = qk * c[:, None] - shift[:, None]
+    if EXP_SPLIT and PV_FP8 and not MASK:
+        # half the columns through MUFU.EX2, half through _exp2_fma: the softmax no longer waits on
+        # the 16-per-clock MUFU alone (each thread holds adjacent column pairs: the split is in registers)
+        s_mufu, s_fma = tl.split(tl.reshape(s, (s.shape[0], s.shape[1] // 2, 2)))
+        p = tl.reshape(tl.join(tl.math.exp2(s_mufu), _exp2_fma(s_fma)), (s.shape[0], s.shape[1]))
+    else:
+        p = tl.math.exp2(s)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
     if PV_FP8:
@@ -193,7 +219,7 @@ def _attn_fwd(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_ol,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-    PV_FP8: tl.constexpr, EMULATE_CAST: tl.constexpr,
+    PV_FP8: tl.constexpr, EMULATE_CAST: tl.constexpr, EXP_SPLIT: tl.constexpr,
 ):  # fmt: skip
     """One BLOCK_M tile of queries of one head against all keys, online softmax in the exp2 domain."""
     pid_m = tl.program_id(0)
@@ -221,12 +247,12 @@ def _attn_fwd(
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_base, start_n, offs_n, L, stride_vn,
-            D, BLOCK_N, SCALE_BLOCK, PV_FP8, False, EMULATE_CAST,
+            D, BLOCK_N, SCALE_BLOCK, PV_FP8, False, EMULATE_CAST, EXP_SPLIT,
         )  # fmt: skip
     if n_full < L:
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_base, n_full, offs_n, L, stride_vn,
-            D, BLOCK_N, SCALE_BLOCK, PV_FP8, True, EMULATE_CAST,
+            D, BLOCK_N, SCALE_BLOCK, PV_FP8, True, EMULATE_CAST, EXP_SPLIT,
         )  # fmt: skip
 
     o = acc * (1.0 / l_i)[:, None]
@@ -361,6 +387,7 @@ def fp8_attention_quantized(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    exp_split: bool | None = None,
 ) -> Tensor:
     """The attention kernel alone, on the output of `quantize_qkv` (v: the original V, for shape,
     dtype and the bf16 P·V path). Split out so the pre-pass and the main kernel can be timed apart."""
@@ -390,7 +417,7 @@ def fp8_attention_quantized(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         D=D, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], SCALE_BLOCK=scale_block,
-        PV_FP8=pv_fp8, EMULATE_CAST=v.device.type == "cpu",
+        PV_FP8=pv_fp8, EMULATE_CAST=v.device.type == "cpu", EXP_SPLIT=EXP2_SPLIT if exp_split is None else exp_split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
