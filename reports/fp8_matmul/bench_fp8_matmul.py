@@ -963,7 +963,9 @@ def analysis(data: dict, timed: list) -> str:
         "kernel keeps full across K. The second accumulator also caps tiles at 128x128. Closing the gap needs "
         "warp specialization: two consumer warpgroups taking turns, one promotes while the other multiplies "
         "(DeepGEMM). `tl.range(warp_specialize=True)` is documented for Blackwell only; the Gluon kernels of "
-        "`kernels/fp8_block_gemm_sm90.py` are the attempt below Triton's language (section below).",
+        "`kernels/fp8_block_gemm_sm90.py` are the attempt below Triton's language: lagged promotion, then "
+        "a warp-specialized persistent kernel (TMA producer warp, two consumer warpgroups); both exact, neither "
+        "near 0.9x row-wise, measured in `block_sm90.md`. They are not wired into `fp8_gemm`.",
         f'- **fp8_linear: target >= 1.15 met.** Row-wise against torch "quantize then `_scaled_mm`": geomean '
         f"{_geo(lin):.2f}x eager (min {min(lin):.2f}, max {max(lin):.2f}), "
         f"{over(timed, 'ours_linear_row' + g, TQ_ROW + g):.2f}x in GPU time. The eager minimum is an M = 512 "
