@@ -262,16 +262,17 @@ def test_exp2_split_matches_mufu_path(L):
 
 @pytest.mark.parametrize("pv", ["fp8", "bf16"])
 def test_lazy_rescaling_matches_eager_rescaling(pv):
-    """Lazy rescaling (FA4) keeps a stale row maximum while it grows by <= tau: softmax is unchanged, only
-    P's rounding differs (fp8: P up to 2**8.8 instead of 2**8; bf16: up to 2**8 instead of 1)."""
+    """Lazy rescaling (FA4) keeps a stale row maximum while it grows by <= tau: the softmax is the same,
+    only P's rounding differs (fp8: P up to 2**8.8 instead of 2**8; bf16: up to 2**8 instead of 1), so
+    it must be as close to exact attention as eager rescaling."""
     from flux2_bench.kernels.fp8_attention import fp8_attention_quantized
 
-    q, k, v = flux_like(1, 2, 512, 64, seed=5, gain=1.5)
+    q, k, v = flux_like(1, 2, 1024, 64, seed=5)
     quant = quantize_qkv(q, k, v, pv=pv)
     eager = fp8_attention_quantized(quant, v, lazy_rescale=False)
     lazy = fp8_attention_quantized(quant, v, lazy_rescale=True)
-    # (fp32, rel L2 1e-2): identical maths, different e4m3 rounding of some P elements (one e4m3 step is
-    # 6-12 %); bf16 P differs by its rounding only (2**-9)
-    bound = 1e-2 if pv == "fp8" else 2e-3
-    assert not lazy.isnan().any() and rel_l2(lazy, eager) < bound, describe(lazy, eager, 0.05)
     assert not torch.equal(lazy, eager), "no rescale was skipped: the lazy branch was not exercised"
+    exact = attention_fp32_ref(q, k, v)
+    # (fp32 ref, 10 % margin): re-rounding P is fresh noise of the same size, not extra error
+    err_lazy, err_eager = rel_l2(lazy, exact), rel_l2(eager, exact)
+    assert not lazy.isnan().any() and err_lazy < 1.1 * err_eager, f"lazy {err_lazy:.4f} vs eager {err_eager:.4f}"
