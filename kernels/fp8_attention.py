@@ -42,16 +42,11 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 P_SHIFT = 8.0  # P is computed as 2**8 * softmax numerator: max 256, smallest normal e4m3 2**-6 -> 2**-14
 LOG2E = 1.4426950408889634
 PAD = 128  # quantized copies are padded to a multiple of this many tokens (>= every block size)
-# fp8 P·V: half of each tile's exp2 on the FMA pipe (`_exp2_fma`); FLUX2_ATTN_EXP2_SPLIT=1 turns it on
+# fp8 P·V: half of each tile's exp2 on the FMA pipe (`_exp2_fma`); FLUX2_ATTN_EXP2_SPLIT=1 turns it on.
+# Off: measured slower on the H100 (reports/fp8_attention/exp2_split.md) because this kernel is
+# issue-bound, not MUFU-bound; kept for a warp-specialized kernel, where the MUFU becomes the limit (FA4).
+# (FA4's lazy rescaling was measured there too, slower still, and removed: see the same report.)
 EXP2_SPLIT = os.environ.get("FLUX2_ATTN_EXP2_SPLIT", "0") == "1"
-# lazy rescaling of the running softmax (FA4): the accumulator is rescaled only when a row maximum grows
-# by more than tau log2 units. fp8 P·V: tau = 0.8 keeps P <= 2**8.8 < 448 (e4m3's largest) with P's
-# usual 2**8 shift, so P's precision is unchanged; bf16 P·V: tau = 8 (FA4's value).
-LAZY_RESCALE = os.environ.get("FLUX2_ATTN_LAZY_RESCALE", "0") == "1"
-
-
-def _lazy_tau(pv_fp8: bool, on: bool) -> float:
-    return (0.8 if pv_fp8 else 8.0) if on else 0.0
 
 
 @triton.jit
@@ -179,7 +174,7 @@ def _exp2_fma(x):
 def _attn_tile(
     acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_base, start_n, offs_n, L, stride_vn,
     D: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr, PV_FP8: tl.constexpr,
-    MASK: tl.constexpr, EMULATE_CAST: tl.constexpr, EXP_SPLIT: tl.constexpr, LAZY_TAU: tl.constexpr,
+    MASK: tl.constexpr, EMULATE_CAST: tl.constexpr, EXP_SPLIT: tl.constexpr,
 ):  # fmt: skip
     k = tl.load(k_ptrs + start_n * D)  # (D, BLOCK_N) fp8
     qk = tl.dot(q, k).to(tl.float32)  # fp8 x fp8 -> fp32, or int8 x int8 -> int32 (exact)
@@ -193,23 +188,9 @@ def _attn_tile(
     # c > 0, so max(qk * c) = max(qk) * c: the scale then rides in the exp2 argument's FMA
     # (one FP op per logit instead of a multiply and a subtract; softmax is exp2-bound in FP8)
     m_new = tl.maximum(m_i, tl.max(qk, axis=1) * c)
-    if LAZY_TAU > 0:
-        # FA4's lazy rescaling: keep the old row maxima (and skip the accumulator's rescale, one
-        # multiply per accumulator element) unless some row's maximum grew by more than LAZY_TAU (log2
-        # units). P may then exceed its usual top value by up to 2**LAZY_TAU; softmax is exact either
-        # way because l_i and acc share the same (stale) reference.
-        if tl.max(m_new - m_i, axis=0) > LAZY_TAU:
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        m_new = m_i
-    else:
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha
-        acc = acc * alpha[:, None]
+    alpha = tl.math.exp2(m_i - m_new)
     if PV_FP8:
-        shift = m_new - 8.0  # p in [0, 256] (2**(8 + LAZY_TAU) with lazy rescaling); cancels in l_i
+        shift = m_new - 8.0  # p in [0, 256]; the 256 cancels in l_i
     else:
         shift = m_new
     s = qk * c[:, None] - shift[:, None]
@@ -220,7 +201,8 @@ def _attn_tile(
         p = tl.reshape(tl.join(tl.math.exp2(s_mufu), _exp2_fma(s_fma)), (s.shape[0], s.shape[1]))
     else:
         p = tl.math.exp2(s)
-    l_i = l_i + tl.sum(p, axis=1)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
     if PV_FP8:
         vt = tl.load(v_ptrs + start_n)  # (D, BLOCK_N) fp8, sequence contiguous
         acc = tl.dot(_to_fp8(p, False, EMULATE_CAST), tl.trans(vt), acc)
@@ -240,7 +222,7 @@ def _attn_fwd(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_ol,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-    PV_FP8: tl.constexpr, EMULATE_CAST: tl.constexpr, EXP_SPLIT: tl.constexpr, LAZY_TAU: tl.constexpr,
+    PV_FP8: tl.constexpr, EMULATE_CAST: tl.constexpr, EXP_SPLIT: tl.constexpr,
 ):  # fmt: skip
     """One BLOCK_M tile of queries of one head against all keys, online softmax in the exp2 domain."""
     pid_m = tl.program_id(0)
@@ -268,12 +250,12 @@ def _attn_fwd(
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_base, start_n, offs_n, L, stride_vn,
-            D, BLOCK_N, SCALE_BLOCK, PV_FP8, False, EMULATE_CAST, EXP_SPLIT, LAZY_TAU,
+            D, BLOCK_N, SCALE_BLOCK, PV_FP8, False, EMULATE_CAST, EXP_SPLIT,
         )  # fmt: skip
     if n_full < L:
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_base, n_full, offs_n, L, stride_vn,
-            D, BLOCK_N, SCALE_BLOCK, PV_FP8, True, EMULATE_CAST, EXP_SPLIT, LAZY_TAU,
+            D, BLOCK_N, SCALE_BLOCK, PV_FP8, True, EMULATE_CAST, EXP_SPLIT,
         )  # fmt: skip
 
     o = acc * (1.0 / l_i)[:, None]
@@ -409,7 +391,6 @@ def fp8_attention_quantized(
     num_warps: int | None = None,
     num_stages: int | None = None,
     exp_split: bool | None = None,
-    lazy_rescale: bool | None = None,
 ) -> Tensor:
     """The attention kernel alone, on the output of `quantize_qkv` (v: the original V, for shape,
     dtype and the bf16 P·V path). Split out so the pre-pass and the main kernel can be timed apart."""
@@ -440,7 +421,6 @@ def fp8_attention_quantized(
         out.stride(0), out.stride(1), out.stride(2),
         D=D, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], SCALE_BLOCK=scale_block,
         PV_FP8=pv_fp8, EMULATE_CAST=v.device.type == "cpu", EXP_SPLIT=EXP2_SPLIT if exp_split is None else exp_split,
-        LAZY_TAU=_lazy_tau(pv_fp8, LAZY_RESCALE if lazy_rescale is None else lazy_rescale),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out

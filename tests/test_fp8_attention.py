@@ -258,21 +258,3 @@ def test_exp2_split_matches_mufu_path(L):
     # (fp32, rel L2 1e-2): a P element near an e4m3 rounding boundary may round the other way (one
     # e4m3 step is 6-12 %); on random inputs ~2e-3 of the output norm
     assert not split.isnan().any() and rel_l2(split, base) < 1e-2, describe(split, base, 0.05)
-
-
-@pytest.mark.parametrize("pv", ["fp8", "bf16"])
-def test_lazy_rescaling_matches_eager_rescaling(pv):
-    """Lazy rescaling (FA4) keeps a stale row maximum while it grows by <= tau: the softmax is the same,
-    only P's rounding differs (fp8: P up to 2**8.8 instead of 2**8; bf16: up to 2**8 instead of 1), so
-    it must be as close to exact attention as eager rescaling."""
-    from flux2_bench.kernels.fp8_attention import fp8_attention_quantized
-
-    q, k, v = flux_like(1, 2, 1024, 64, seed=5)
-    quant = quantize_qkv(q, k, v, pv=pv)
-    eager = fp8_attention_quantized(quant, v, lazy_rescale=False)
-    lazy = fp8_attention_quantized(quant, v, lazy_rescale=True)
-    assert not torch.equal(lazy, eager), "no rescale was skipped: the lazy branch was not exercised"
-    exact = attention_fp32_ref(q, k, v)
-    # (fp32 ref, 10 % margin): re-rounding P is fresh noise of the same size, not extra error
-    err_lazy, err_eager = rel_l2(lazy, exact), rel_l2(eager, exact)
-    assert not lazy.isnan().any() and err_lazy < 1.1 * err_eager, f"lazy {err_lazy:.4f} vs eager {err_eager:.4f}"
