@@ -95,6 +95,8 @@ import functools
 
 import torch
 
+from flux2_bench.kernels.fp8_matmul import QBLOCK, _as_fp32_scale, _check_epilogue, _check_fp8_operands
+
 try:  # Gluon ships with Triton >= 3.5; its API moves between releases (written against 3.6)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -112,7 +114,6 @@ except Exception as e:  # noqa: BLE001 (any import failure means "not available"
     gluon = None
     _GLUON_ERROR = f"{type(e).__name__}: {e}"
 
-QBLOCK = 128  # block-scaling granularity along K (and N for the weights)
 BLOCK_N = 128
 BLOCK_K = 128
 GROUP_M = 8
@@ -536,36 +537,22 @@ def fp8_block_gemm_sm90(
     depth of the TMA ring (2-6; each stage holds (block_m + 128) x 128 bytes). ``warp_specialized``:
     the persistent warp-specialized kernel (one TMA producer warp, two consumer warpgroups of 64
     rows; block_m must be 128)."""
+    _check_fp8_operands(a, b, out_dtype)  # fp8_gemm's own checks, then what TMA adds
     for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float8_e4m3fn:
-            raise TypeError(f"{name} must be a torch.float8_e4m3fn tensor, got {getattr(t, 'dtype', type(t))}")
-        if t.ndim != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
         if t.stride(1) != 1:
             raise ValueError(f"{name} must be contiguous along K, got strides {t.stride()}")
     M, K = a.shape
     N = b.shape[0]
-    if b.shape[1] != K:
-        raise ValueError(f"K mismatch: a is {tuple(a.shape)}, b is {tuple(b.shape)} (b is (N, K))")
-    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
     kb, nb = -(-K // QBLOCK), -(-N // QBLOCK)
     for name, s, shape in (("a_scale", a_scale, (M, kb)), ("b_scale", b_scale, (nb, kb))):
-        if not isinstance(s, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(s).__name__}")
-        if s.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {s.dtype}")
+        _as_fp32_scale(s, name)
         if tuple(s.shape) != shape:
             raise ValueError(
                 f"{name} must have the block-scale shape {shape} for M={M}, N={N}, K={K}, got {tuple(s.shape)}"
             )
-    if residual is not None:
-        if tuple(residual.shape) != (M, N):
-            raise ValueError(f"residual must have shape ({M}, {N}), got {tuple(residual.shape)}")
-        if residual.stride(1) != 1:
-            raise ValueError(f"residual must be contiguous along N, got strides {residual.stride()}")
-    if gate is not None and tuple(gate.shape) not in ((N,), (1, N)):
-        raise ValueError(f"gate must have shape ({N},) or (1, {N}), got {tuple(gate.shape)}")
+    _check_epilogue(residual, gate, M, N)
+    if residual is not None and residual.stride(1) != 1:
+        raise ValueError(f"residual must be contiguous along N, got strides {residual.stride()}")
     if block_m not in _WARPS:
         raise ValueError(f"block_m must be one of {sorted(_WARPS)}, got {block_m}")
     if not 2 <= num_stages <= 6:

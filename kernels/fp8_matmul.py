@@ -1015,6 +1015,21 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
     return out
 
 
+def _check_fp8_operands(a, b, out_dtype) -> None:
+    """e4m3 2-D operands, K contiguous (K of 1 may have any stride), matching K, a float output dtype."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float8_e4m3fn:
+            raise TypeError(f"{name} must be a torch.float8_e4m3fn tensor, got {getattr(t, 'dtype', type(t))}")
+        if t.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name} must be contiguous along K, got strides {t.stride()}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"K mismatch: a is {tuple(a.shape)}, b is {tuple(b.shape)} (b is (N, K))")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
+
+
 def fp8_gemm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -1034,17 +1049,7 @@ def fp8_gemm(
     its reduced-precision internal accumulation across K, ``False`` adds every 128-wide K step to the
     accumulator in full fp32 (block scaling always does). On sm_90 with 16-byte-aligned rows this runs
     the persistent TMA kernel, elsewhere the classic tiled kernel (module docstring, "Dispatch")."""
-    for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float8_e4m3fn:
-            raise TypeError(f"{name} must be a torch.float8_e4m3fn tensor, got {getattr(t, 'dtype', type(t))}")
-        if t.ndim != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            raise ValueError(f"{name} must be contiguous along K, got strides {t.stride()}")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"K mismatch: a is {tuple(a.shape)}, b is {tuple(b.shape)} (b is (N, K))")
-    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
+    _check_fp8_operands(a, b, out_dtype)
     _as_fp32_scale(a_scale, "a_scale")
     _as_fp32_scale(b_scale, "b_scale")
     _check_epilogue(residual, gate, a.shape[0], b.shape[0])

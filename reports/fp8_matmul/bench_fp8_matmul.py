@@ -349,43 +349,38 @@ def correctness(F, name, M, K, N, x, w_bf16, wq):
 
 
 @contextlib.contextmanager
-def wo_threshold(F, min_m):
-    """Force the weight-only dispatch (fused kernel / dequantize + cuBLAS) for a measurement."""
-    old = F.WO_DEQUANT_MIN_M
-    F.WO_DEQUANT_MIN_M = min_m
+def patched(F, **values):
+    """Set module globals of fp8_matmul (dispatch switches) for a measurement, then restore them."""
+    old = {k: getattr(F, k) for k in values}
+    for k, v in values.items():
+        setattr(F, k, v)
     try:
         yield
     finally:
-        F.WO_DEQUANT_MIN_M = old
+        for k, v in old.items():
+            setattr(F, k, v)
+
+
+def wo_threshold(F, min_m):
+    """Force the weight-only dispatch (fused kernel / dequantize + cuBLAS) for a measurement."""
+    return patched(F, WO_DEQUANT_MIN_M=min_m)
 
 
 def _classic(F, fn):
     """Run fn with the persistent kernel switched off (the classic tiled kernel, run 2's)."""
-    F.PERSISTENT = False
-    try:
+    with patched(F, PERSISTENT=False):
         return fn()
-    finally:
-        F.PERSISTENT = True
 
 
 def _wo_forced(F, min_m, *args, asm=True):
-    old = F.WO_ASM_DECODE
-    F.WO_ASM_DECODE = asm
-    try:
-        with wo_threshold(F, min_m):
-            return F.fp8_weight_only_linear(*args)
-    finally:
-        F.WO_ASM_DECODE = old
+    with patched(F, WO_DEQUANT_MIN_M=min_m, WO_ASM_DECODE=asm):
+        return F.fp8_weight_only_linear(*args)
 
 
 def _no_fast_launch(F, fn):
     """Run fn through Triton's own launch path (autotuner + JIT binder), not the cached launcher."""
-    old = F.FAST_LAUNCH
-    F.FAST_LAUNCH = False
-    try:
+    with patched(F, FAST_LAUNCH=False):
         return fn()
-    finally:
-        F.FAST_LAUNCH = old
 
 
 def timing(F, name, M, K, N, x, w_bf16, wq):
