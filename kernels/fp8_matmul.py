@@ -331,6 +331,81 @@ def _fp8_gemm_kernel(
 
 
 @triton.jit
+def _persistent_k_range(acc, a_desc, b_desc, off_m, off_n, pid_n, k_lo, k_hi, sa_ptrs, b_scale_ptr,
+                        stride_ask, stride_bsn, stride_bsk,
+                        SCALE_MODE: tl.constexpr, PROMOTE: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """``acc`` plus the tile's product over K steps [k_lo, k_hi) (TMA loads, fp8 wgmma)."""
+    for ki in range(k_lo, k_hi):
+        a = a_desc.load([off_m, ki * BLOCK_K])
+        b = b_desc.load([off_n, ki * BLOCK_K])
+        if SCALE_MODE == 2:
+            # promotion: this 128-wide K slice's product scaled by its 1x128 and 128x128 scales
+            a_sb = tl.load(sa_ptrs + ki * stride_ask)
+            b_sb = tl.load(b_scale_ptr + pid_n * stride_bsn + ki * stride_bsk)
+            acc += tl.dot(a, b.T) * (a_sb * b_sb)[:, None]
+        elif PROMOTE:
+            acc += tl.dot(a, b.T)
+        else:
+            acc = tl.dot(a, b.T, acc)
+    return acc
+
+
+@triton.jit
+def _epilogue_math(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr,
+                   stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
+                   SCALE_MODE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr):  # fmt: skip
+    """``residual + gate * (a_scale * b_scale * acc)`` for output rows ``offs_m`` and columns ``offs_n``
+    (tensor / row scales; block scales were applied in the K loop)."""
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if SCALE_MODE != 2:
+        a_s = tl.load(a_scale_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
+        b_s = tl.load(b_scale_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
+        acc = acc * (a_s[:, None] * b_s[None, :])
+    if HAS_GATE:
+        g = tl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc * g[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        acc += tl.load(r_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _persistent_epilogue(acc, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr, pid_m, pid_n, M, N,
+                         stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
+                         SCALE_MODE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
+                         EPILOGUE_SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Scales, FLUX.2 gated residual, cast and TMA store of one finished output tile."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _epilogue_math(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr,
+                         stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn, SCALE_MODE, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
+    out_ty = c_desc.dtype
+    if EPILOGUE_SUBTILE:
+        # two half-width stores: half the shared-memory staging buffer, one more pipeline stage
+        acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        acc0, acc1 = tl.split(acc)
+        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc0.to(out_ty))
+        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], acc1.to(out_ty))
+    else:
+        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_ty))
+
+
+@triton.jit
+def _tile_offsets(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Element offsets of a row-major BLOCK_M x BLOCK_N tile (a stream-K workspace slot)."""
+    return tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+
+
+@triton.jit
+def _streamk_first_cta(it, W, NUM_SMS: tl.constexpr):
+    """The program whose share of the W stream-K iterations holds iteration ``it`` (program c owns
+    [c * W // NUM_SMS, (c + 1) * W // NUM_SMS))."""
+    return ((it + 1) * NUM_SMS + W - 1) // W - 1
+
+
+@triton.jit
 def _fp8_gemm_persistent_kernel(
     # tensor descriptors (TMA on sm_90) and pointers
     a_desc,  # (M, K) e4m3, block [BLOCK_M, BLOCK_K]
@@ -340,11 +415,15 @@ def _fp8_gemm_persistent_kernel(
     b_scale_ptr,
     res_ptr,
     gate_ptr,
+    c_ptr,  # the output again, for the stream-K fixup's row-chunk stores
+    ws_ptr,  # stream-K: fp32 partial tiles, 2 * NUM_SMS slots of BLOCK_M * BLOCK_N
+    cnt_ptr,  # stream-K: int32 arrival counters, one per stream-K tile, zero between launches
     # sizes
     M,
     N,
     K,
     # strides
+    stride_cm,
     stride_rm,
     stride_rn,
     stride_gn,
@@ -360,6 +439,8 @@ def _fp8_gemm_persistent_kernel(
     C_BYTES: tl.constexpr,  # output element size: autotune key (the staging tile's shared memory)
     NUM_SMS: tl.constexpr,
     EPILOGUE_SUBTILE: tl.constexpr,
+    STREAM_K: tl.constexpr,
+    FIX_ROWS: tl.constexpr,  # stream-K fixup chunk height
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -368,7 +449,15 @@ def _fp8_gemm_persistent_kernel(
     """Same maths as ``_fp8_gemm_kernel`` for fp8 A, as a persistent kernel (one program per SM
     walking the tiles, Triton tutorial 09): TMA loads (no address arithmetic, out-of-bounds rows and
     K columns read as zeros), the flattened tile loop lets the next tile's loads start during this
-    tile's epilogue, and the output goes out through a TMA store (clipped at the edges)."""
+    tile's epilogue, and the output goes out through a TMA store (clipped at the edges).
+
+    STREAM_K (the "data-parallel + one-tile stream-K" hybrid of Osama et al., 2023): when the tile
+    count is not a multiple of NUM_SMS, the last partial wave would leave SMs idle (txt.qkv at M = 512:
+    288 tiles of 128x256 are 2.2 waves on 132 SMs, run like 3). The tiles of the last full wave and
+    the partial one are instead cut along K into equal shares of iterations, one per program. A
+    program that ends inside a tile stores its fp32 partial tile in ``ws_ptr`` and counts itself in
+    that tile's counter; the last program to arrive adds the other partials and runs the epilogue,
+    then zeroes the counter for the next launch. No program waits for another."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -376,54 +465,71 @@ def _fp8_gemm_persistent_kernel(
     num_tiles = num_pid_m * num_pid_n
     if SCALE_MODE == 2:
         tl.static_assert(BLOCK_N == 128 and BLOCK_K == 128)
+    n_dp = num_tiles  # tiles run whole, one per program and wave
+    if STREAM_K and num_tiles % NUM_SMS != 0:  # the last full wave and the partial one are shared out
+        n_dp = tl.maximum(num_tiles // NUM_SMS - 1, 0) * NUM_SMS
 
     tile_id_c = start_pid - NUM_SMS  # the epilogue recomputes its tile: shorter live ranges
-    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
+    for tile_id in tl.range(start_pid, n_dp, NUM_SMS, flatten=True):
         pid_m, pid_n = _tile_pids(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        if SCALE_MODE == 2:
-            offs_am = off_m + tl.arange(0, BLOCK_M)
-            sa_ptrs = a_scale_ptr + (offs_am % M) * stride_asm
+        sa_ptrs = a_scale_ptr + ((off_m + tl.arange(0, BLOCK_M)) % M) * stride_asm  # block scales
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
-            a = a_desc.load([off_m, ki * BLOCK_K])
-            b = b_desc.load([off_n, ki * BLOCK_K])
-            if SCALE_MODE == 2:
-                # promotion: this 128-wide K slice's product scaled by its 1x128 and 128x128 scales
-                a_sb = tl.load(sa_ptrs + ki * stride_ask)
-                b_sb = tl.load(b_scale_ptr + pid_n * stride_bsn + ki * stride_bsk)
-                acc += tl.dot(a, b.T) * (a_sb * b_sb)[:, None]
-            elif PROMOTE:
-                acc += tl.dot(a, b.T)
-            else:
-                acc = tl.dot(a, b.T, acc)
-
+        acc = _persistent_k_range(acc, a_desc, b_desc, off_m, pid_n * BLOCK_N, pid_n, 0, k_tiles, sa_ptrs,
+                                  b_scale_ptr, stride_ask, stride_bsn, stride_bsk, SCALE_MODE, PROMOTE, BLOCK_K)  # fmt: skip
         tile_id_c += NUM_SMS
         pid_m, pid_n = _tile_pids(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        if SCALE_MODE != 2:
-            a_s = tl.load(a_scale_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
-            b_s = tl.load(b_scale_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
-            acc = acc * (a_s[:, None] * b_s[None, :])
-        if HAS_GATE:
-            g = tl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(tl.float32)
-            acc = acc * g[None, :]
-        if HAS_RESIDUAL:
-            r_ptrs = res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn
-            acc += tl.load(r_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        out_ty = c_desc.dtype
-        if EPILOGUE_SUBTILE:
-            # two half-width stores: half the shared-memory staging buffer, one more pipeline stage
-            acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-            acc0, acc1 = tl.split(acc)
-            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc0.to(out_ty))
-            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], acc1.to(out_ty))
-        else:
-            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_ty))
+        _persistent_epilogue(acc, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr, pid_m, pid_n, M, N,
+                             stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
+                             SCALE_MODE, HAS_RESIDUAL, HAS_GATE, EPILOGUE_SUBTILE, BLOCK_M, BLOCK_N)  # fmt: skip
+
+    if STREAM_K:
+        W = (num_tiles - n_dp) * k_tiles  # stream-K iterations, shared out evenly
+        first = (start_pid * W) // NUM_SMS
+        it = first
+        end = ((start_pid + 1) * W) // NUM_SMS
+        while it < end:
+            t = it // k_tiles  # stream-K tile index
+            k_lo = it - t * k_tiles
+            k_hi = tl.minimum(k_tiles, k_lo + end - it)
+            pid_m, pid_n = _tile_pids(n_dp + t, num_pid_m, num_pid_n, GROUP_M)
+            off_m = pid_m * BLOCK_M
+            sa_ptrs = a_scale_ptr + ((off_m + tl.arange(0, BLOCK_M)) % M) * stride_asm
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = _persistent_k_range(acc, a_desc, b_desc, off_m, pid_n * BLOCK_N, pid_n, k_lo, k_hi, sa_ptrs,
+                                      b_scale_ptr, stride_ask, stride_bsn, stride_bsk, SCALE_MODE, PROMOTE, BLOCK_K)  # fmt: skip
+            whole = (k_lo == 0) & (k_hi == k_tiles)
+            if not whole:
+                # slot 2c holds program c's first share, 2c + 1 its last (a program has at most two partials)
+                slot = 2 * start_pid + (it != first).to(tl.int32)
+                tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + _tile_offsets(BLOCK_M, BLOCK_N), acc)
+                tl.debug_barrier()  # every thread's partial is written before the counter says so
+                c_lo = _streamk_first_cta(t * k_tiles, W, NUM_SMS)
+                c_hi = _streamk_first_cta(t * k_tiles + k_tiles - 1, W, NUM_SMS)
+                arrived = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel", scope="gpu")
+                if arrived == c_hi - c_lo:
+                    # the last share of this tile to arrive adds all partials (its own included) in
+                    # FIX_ROWS-row chunks: loading whole partials into the MMA layout spilled registers
+                    for r0 in tl.static_range(0, BLOCK_M, FIX_ROWS):
+                        tot = tl.zeros((FIX_ROWS, BLOCK_N), dtype=tl.float32)
+                        chunk = r0 * BLOCK_N + _tile_offsets(FIX_ROWS, BLOCK_N)
+                        for c in range(c_lo, c_hi + 1):
+                            c_slot = 2 * c + ((c * W) // NUM_SMS < t * k_tiles).to(tl.int32)
+                            tot += tl.load(ws_ptr + c_slot * (BLOCK_M * BLOCK_N) + chunk, cache_modifier=".cg")
+                        offs_m = pid_m * BLOCK_M + r0 + tl.arange(0, FIX_ROWS)
+                        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                        tot = _epilogue_math(tot, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr,
+                                             stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
+                                             SCALE_MODE, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
+                        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+                        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+                        tl.store(c_ptrs, tot.to(c_ptr.dtype.element_ty), mask=mask)
+                    tl.atomic_xchg(cnt_ptr + t, 0)
+            else:
+                _persistent_epilogue(acc, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr, pid_m, pid_n, M, N,
+                                     stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
+                                     SCALE_MODE, HAS_RESIDUAL, HAS_GATE, EPILOGUE_SUBTILE, BLOCK_M, BLOCK_N)  # fmt: skip
+            it += k_hi - k_lo
 
 
 @triton.jit
@@ -612,9 +718,17 @@ def _cfg(bm, bn, bk, stages, warps, group=8, names=("BLOCK_M", "BLOCK_N", "BLOCK
     )
 
 
-def _pcfg(bm, bn, stages, warps, subtile, group=8):
+def _pcfg(bm, bn, stages, warps, subtile, group=8, stream_k=False):
     return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": group, "EPILOGUE_SUBTILE": subtile},
+        {
+            "BLOCK_M": bm,
+            "BLOCK_N": bn,
+            "BLOCK_K": 128,
+            "GROUP_M": group,
+            "EPILOGUE_SUBTILE": subtile,
+            "STREAM_K": stream_k,
+            "FIX_ROWS": 32 if bm >= 32 else bm,
+        },  # fmt: skip
         num_stages=stages,
         num_warps=warps,
         pre_hook=_set_desc_blocks,
@@ -663,6 +777,10 @@ else:
         _pcfg(128, 128, 4, 4, False),
         _pcfg(64, 256, 4, 4, True),
         _pcfg(64, 128, 5, 4, False),
+        # stream-K for tile counts that are not a multiple of the SM count (pruned otherwise)
+        _pcfg(128, 256, 3, 8, True, stream_k=True),
+        _pcfg(128, 256, 4, 8, True, stream_k=True),
+        _pcfg(128, 128, 4, 8, False, stream_k=True),
     ]
     _wo = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "GROUP_N")
     _WO_CONFIGS = [
@@ -721,11 +839,15 @@ def _prune_persistent(configs, named_args, **kwargs):
     c_bytes = kwargs.get("C_BYTES", 2)
     a = named_args["a_desc"].base
     limit = None if (_INTERPRET or a.device.type != "cuda") else _smem_limit(a.device)
+    num_sms = kwargs.get("NUM_SMS", 1)
     kept = []
     for c in configs:
         kw = c.kwargs
         if block and kw["BLOCK_N"] != 128:
             continue
+        tiles = triton.cdiv(named_args["M"], kw["BLOCK_M"]) * triton.cdiv(named_args["N"], kw["BLOCK_N"])
+        if kw["STREAM_K"] and tiles % num_sms == 0:
+            continue  # whole waves: nothing for stream-K to balance
         if limit is None:
             kept.append(c)
             break  # interpreter: one config, no benchmarking
@@ -736,7 +858,7 @@ def _prune_persistent(configs, named_args, **kwargs):
         acc_regs = kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * c.num_warps)
         if smem + 1024 <= limit and (not two_acc or acc_regs <= 64):  # + barriers
             kept.append(c)
-    return kept or [c for c in configs if not block or c.kwargs["BLOCK_N"] == 128][-1:]
+    return kept or [c for c in configs if (not block or c.kwargs["BLOCK_N"] == 128) and not c.kwargs["STREAM_K"]][-1:]
 
 
 def _prune_weight_only(configs, named_args, **kwargs):
@@ -881,7 +1003,8 @@ def _check_fp8_capable(device: torch.device) -> None:
         if not _INTERPRET:
             raise ValueError(f"FP8 kernels need a CUDA tensor (or TRITON_INTERPRET=1 on CPU); got {device}")
         return
-    major, minor = torch.cuda.get_device_capability(device)
+    props = _props(device.index if device.index is not None else torch.cuda.current_device())
+    major, minor = props.major, props.minor
     if (major, minor) < (8, 9):
         raise RuntimeError(
             f"FP8 GEMM needs FP8 tensor cores (sm_89 or newer); {torch.cuda.get_device_name(device)} is "
@@ -942,6 +1065,30 @@ def _num_sms(device: torch.device) -> int:
     return _props(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
 
 
+_STREAMK_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _streamk_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The persistent kernel's stream-K workspace (fp32, 2 partial-tile slots per SM, sized for the
+    largest tile) and arrival counters (int32, zero between launches: each launch's last
+    arrival resets its tile's counter). One pair per device and stream, so that launches on
+    different streams never share counters; allocated once (34.6 MB on a 132-SM H100)."""
+    configs = _fp8_gemm_persistent.configs  # (tests and diagnostics swap the list)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, torch.cuda.current_stream(index).cuda_stream, id(configs))
+    else:
+        key = (device.type, None, id(configs))
+    bufs = _STREAMK_BUFFERS.get(key)
+    if bufs is None:
+        tile = max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs)
+        slots = 2 * _num_sms(device)
+        bufs = (torch.empty(slots * tile, device=device, dtype=torch.float32),
+                torch.zeros(slots, device=device, dtype=torch.int32))  # fmt: skip
+        _STREAMK_BUFFERS[key] = bufs
+    return bufs
+
+
 def _use_persistent(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool:
     """The persistent TMA kernel runs on sm_90 (measured there; sm_89 has no TMA, sm_100/sm_120 are
     untested) when TMA's 16-byte alignment holds for every row stride and base address. Everything
@@ -972,7 +1119,8 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
     res = residual if residual is not None else out
     g = gate.reshape(-1) if gate is not None else out
     if not a_bf16 and _use_persistent(a, b, out):
-        ints = (M, N, K, res.stride(0), res.stride(1), g.stride(0), s_asm, s_ask, s_bsn, s_bsk)
+        ws, cnt = _streamk_buffers(a.device)
+        ints = (M, N, K, out.stride(0), res.stride(0), res.stride(1), g.stride(0), s_asm, s_ask, s_bsn, s_bsk)
         kern = _fp8_gemm_persistent
         key = None
         if FAST_LAUNCH and not _INTERPRET:
@@ -980,21 +1128,27 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
             # integer arguments, the pointers' 16-byte alignment, the constexprs (and the autotuner's state)
             key = ("persistent", mode, id(kern.configs), id(kern.cache), a.device.index, a.stride(0), b.stride(0),
                    out.stride(0), out_dtype, res.dtype, g.dtype, *ints, fast_accum, residual is None, gate is None,
-                   *(t.data_ptr() % 16 == 0 for t in (a_scale, b_scale, res, g)))  # fmt: skip
+                   *(t.data_ptr() % 16 == 0 for t in (a_scale, b_scale, res, g, out)))  # fmt: skip
             hit = _FAST_LAUNCHERS.get(key)
             if hit is not None:
                 a_desc, b_desc, c_desc = _DESC_TEMPLATES[key]
-                hit(_rebased(a_desc, a), _rebased(b_desc, b), _rebased(c_desc, out), a_scale, b_scale, res, g, *ints)
+                hit(_rebased(a_desc, a), _rebased(b_desc, b), _rebased(c_desc, out), a_scale, b_scale, res, g, out,
+                    ws, cnt, *ints)  # fmt: skip
                 return out
         num_sms = _num_sms(a.device)
         # block shapes are placeholders: the autotuner's pre-hook sets them per config
         a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [16, 16])
         b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [16, 16])
         c_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [16, 16])
-        grid = lambda meta: (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        # one program per SM, fewer for few tiles (stream-K shares iterations, not tiles: all SMs)
+        grid = lambda meta: (
+            num_sms
+            if meta["STREAM_K"]
+            else min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),
+        )
         _launch(
             kern, grid,
-            a_desc, b_desc, c_desc, a_scale, b_scale, res, g, *ints,
+            a_desc, b_desc, c_desc, a_scale, b_scale, res, g, out, ws, cnt, *ints,
             _key=key, SCALE_MODE=mode, PROMOTE=not fast_accum, HAS_RESIDUAL=residual is not None,
             HAS_GATE=gate is not None, C_BYTES=out.element_size(), NUM_SMS=num_sms,
         )  # fmt: skip

@@ -220,6 +220,79 @@ def test_fp8_gemm_persistent_epilogue_and_unaligned_fallback(monkeypatch):
     assert not F._use_persistent(xq[:, :120].contiguous(), wq[:, :120].contiguous(), out)
 
 
+# stream-K (persistent kernel, STREAM_K configs) over the interpreter's 4 "SMs":
+# (81, 640, 136) in 32x64 tiles: 9 tiles, 4 run whole, 5 x 5 K steps shared out (tiles split in two);
+# (81, 640, 64): 3 tiles, all shared; (48, 1280, 64) in 16x32 tiles: 6 tiles of 10 K steps
+STREAMK_CASES = [((81, 640, 136), (32, 64)), ((81, 640, 64), (32, 64)), ((48, 1280, 64), (16, 32))]
+
+
+@pytest.mark.parametrize("case", STREAMK_CASES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fp8_gemm_stream_k_matches_ref(case, granularity, monkeypatch):
+    (M, K, N), (bm, bn) = case
+    bn = 128 if granularity == "block" else bn  # block scales: one weight scale per tile column
+    monkeypatch.setattr(F, "PERSISTENT", True)
+    cfg = F._pcfg(bm, bn, 1, 4, bn == 64, group=2, stream_k=True)
+    monkeypatch.setattr(F._fp8_gemm_persistent, "configs", [cfg])
+    monkeypatch.setattr(F._fp8_gemm_persistent, "cache", {})
+    monkeypatch.setattr(F, "_FAST_LAUNCHERS", {})
+    x = act(M, K)
+    static = torch.tensor(0.05, device=DEV)
+    xq, xs = F.quantize_fp8_ref(x, granularity, static if granularity == "tensor" else None)
+    _, wq, ws = make_weight(N, K, granularity)
+    residual = torch.randn(M, N, device=DEV).to(torch.bfloat16)
+    gate = torch.randn(N, device=DEV).to(torch.bfloat16)
+    work, counters = F._streamk_buffers(xq.device)
+    work.fill_(float("nan"))  # a partial tile read before this launch wrote it would put NaN in the output
+    kw = dict(out_dtype=torch.float32, residual=residual, gate=gate)
+    out = F.fp8_gemm(xq, wq, xs, ws, **kw)
+    assert F._use_persistent(xq, wq, out) and F._fp8_gemm_persistent.best_config is cfg
+    ref = F.fp8_gemm_ref(xq, wq, xs, ws, **kw)
+    assert_close(out, ref, FP32_TOL * ref.abs().max().item(), FP32_TOL, f"stream-K {granularity} {M}x{K}x{N}")
+    if DEV == "cpu":  # 4 programs: the shape shares tiles between programs (on a GPU it may not)
+        assert not work.isnan().all(), "no partial tile was written: the case does not exercise the fixup"
+    assert not counters.any(), f"arrival counters not reset: {counters.tolist()}"
+    again = F.fp8_gemm(xq, wq, xs, ws, **kw)
+    assert torch.equal(again, out), "second launch on reset counters differs"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N", [(512, 6144, 18432), (512, 6144, 6144), (512, 18432, 6144)])
+@pytest.mark.parametrize("granularity", ["row", "block"])
+def test_gpu_stream_k_flux_text_shapes(M, K, N, granularity, monkeypatch):
+    """FLUX.2's M = 512 text GEMMs, where stream-K is meant to pay: 288, 96 and 96 tiles of 128x256
+    (block: 128x128) on the GPU's SMs, against the fp32 reference and the data-parallel kernel."""
+    bn = 128 if granularity == "block" else 256
+    monkeypatch.setattr(F, "PERSISTENT", True)
+    monkeypatch.setattr(F, "_FAST_LAUNCHERS", {})
+    x = act(M, K)
+    _, wq, ws = make_weight(N, K, granularity)
+    xq, xs = F.quantize_fp8(x, granularity)
+    residual = torch.randn(M, N, device=DEV).to(torch.bfloat16)
+    gate = torch.randn(N, device=DEV).to(torch.bfloat16)
+    outs = {}
+    for sk in (False, True):
+        cfg = F._pcfg(128, bn, 3, 8, bn == 256, stream_k=sk)
+        monkeypatch.setattr(F._fp8_gemm_persistent, "configs", [cfg])
+        monkeypatch.setattr(F._fp8_gemm_persistent, "cache", {})
+        for fast in (True, False):
+            out = F.fp8_gemm(xq, wq, xs, ws, out_dtype=torch.float32, fast_accum=fast)
+            ref = F.fp8_gemm_ref(xq, wq, xs, ws, out_dtype=torch.float32)
+            err = (out - ref).norm().item() / ref.norm().item()
+            bound = 6e-3 if fast and granularity != "block" else 1e-3  # as test_gpu_medium_shape_all_paths
+            assert not torch.isnan(out).any() and err < bound, f"stream-K={sk} fast={fast}: rel L2 {err:.2e}"
+            outs[sk, fast] = out
+        gated = F.fp8_gemm(xq, wq, xs, ws, residual=residual, gate=gate, fast_accum=False)
+        ref = F.fp8_gemm_ref(xq, wq, xs, ws, residual=residual, gate=gate, out_dtype=torch.float32)
+        err = (gated.float() - ref).norm().item() / ref.norm().item()
+        assert err < 4e-3, f"stream-K={sk} gated residual: rel L2 {err:.2e}"
+        assert torch.equal(F.fp8_gemm(xq, wq, xs, ws, out_dtype=torch.float32, fast_accum=False), outs[sk, False])
+    assert not F._streamk_buffers(xq.device)[1].any(), "arrival counters not reset"
+    # promoted accumulation sums the same fp32 K-step products; stream-K only regroups the sum
+    err = (outs[True, False] - outs[False, False]).norm().item() / outs[False, False].norm().item()
+    assert err < 1e-6, f"stream-K vs data-parallel (promoted accumulation): rel L2 {err:.2e}"
+
+
 # ---------------------------------------------------------------------------------------------
 # fp8_linear
 
@@ -375,7 +448,9 @@ def test_bad_inputs_raise_with_values():
 
 
 def test_unsupported_gpu_names_capability_and_weight_only_path(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(F, "_props", lambda index: SimpleNamespace(major=8, minor=6))  # cached device properties
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
     with pytest.raises(RuntimeError, match=r"sm_86.*fp8_weight_only_linear"):
         F._check_fp8_capable(torch.device("cuda", 0))
@@ -400,10 +475,16 @@ def test_gpu_prune_fits_shared_memory():
 def test_gpu_prune_persistent(mode, promote):
     a = torch.empty(16, 16, device="cuda", dtype=torch.float8_e4m3fn)
     desc = F.TensorDescriptor(a, [16, 16], [16, 1], [16, 16])
-    kept = F._prune_persistent(F._PERSISTENT_CONFIGS, {"a_desc": desc}, SCALE_MODE=mode, PROMOTE=promote, C_BYTES=2)
-    assert kept, "no persistent config fits this GPU"
-    if mode == F.SCALE_BLOCK:
-        assert all(c.kwargs["BLOCK_N"] == 128 for c in kept), [str(c) for c in kept]
+    sms = F._num_sms(a.device)
+    for M, N in ((512, 18432), (128 * sms, 256)):  # 288 tiles of 128x256: stream-K kept; whole waves: not
+        args = {"a_desc": desc, "M": M, "N": N}
+        kw = dict(SCALE_MODE=mode, PROMOTE=promote, C_BYTES=2, NUM_SMS=sms)
+        kept = F._prune_persistent(F._PERSISTENT_CONFIGS, args, **kw)
+        assert kept, "no persistent config fits this GPU"
+        if mode == F.SCALE_BLOCK:
+            assert all(c.kwargs["BLOCK_N"] == 128 for c in kept), [str(c) for c in kept]
+        whole = [c for c in kept if c.kwargs["STREAM_K"] and c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 256]
+        assert bool(whole) == (N == 18432 and mode != F.SCALE_BLOCK), [str(c) for c in kept]
 
 
 @pytest.fixture

@@ -49,6 +49,7 @@ GRAPH_TIMED = (  # also timed as GPU time alone (CUDA graph), suffix "_graph"
     "scaled_mm_block",
     "ours_gemm_row",
     "ours_gemm_row_classic",
+    "ours_gemm_row_dp",
     "ours_gemm_row_triton_launch",
     "ours_gemm_block",
     "ours_weight_only_row",
@@ -141,6 +142,16 @@ Written after run 5, before run 6 (persistent kernel default, cheaper persistent
   txt.proj eager moves toward its GPU time (~1.15x `_scaled_mm`), row-wise eager geomean 0.99-1.01x.
 - The PTX decode left the M = 512 weight-only kernel at 0.59-0.62x (no decode limit); every tile config
   tried at M = 512 stays at <= 0.62x (probe). Weight-only stays ~0.82x: missed.
+
+Written after run 6, before run 7 (stream-K in the persistent kernel, autotuned per shape):
+- Run 6 in GPU time, txt.qkv: 107 us = 3 waves of a 128x256 tile for 288 tiles (2.18 waves of work).
+  DP for one wave, then the last 156 tiles' 7488 K steps shared evenly (56.7 per SM, ~2 fragments per
+  tile, a 128 KB fp32 partial through L2 per fragment): expect 88-95 us, 0.97-1.05x `_scaled_mm` (run 6:
+  0.87x). txt.mlp_in (4.36 waves): +5-8 %. txt.proj and txt.mlp_out (96 tiles of 128x256, fewer than
+  the SMs): all-stream-K, +10-20 % unless the autotuner keeps a smaller data-parallel tile. M >= 4096
+  (17-59 waves): 0-3 %, the autotuner's choice.
+- Row-wise geomean: GPU time 0.976 -> 1.02-1.05x, eager 0.966 -> 1.00-1.03x (txt.proj eager stays
+  host-bound). Block / row stays ~0.6 (both gain). Weight-only unchanged (no stream-K there).
 """
 
 
@@ -372,6 +383,19 @@ def _classic(F, fn):
         return fn()
 
 
+_DP_ONLY: dict = {}
+
+
+def _data_parallel(F, fn):
+    """Run fn with the persistent kernel's stream-K configs left out (run 6's tile loop), through an
+    autotuner cache of its own."""
+    kern = F._fp8_gemm_persistent
+    if not _DP_ONLY:
+        _DP_ONLY.update(configs=[c for c in kern.configs if not c.kwargs["STREAM_K"]], cache={})
+    with patched(kern, configs=_DP_ONLY["configs"], cache=_DP_ONLY["cache"]):
+        return fn()
+
+
 def _wo_forced(F, min_m, *args, asm=True):
     with patched(F, WO_DEQUANT_MIN_M=min_m, WO_ASM_DECODE=asm):
         return F.fp8_weight_only_linear(*args)
@@ -400,6 +424,8 @@ def timing(F, name, M, K, N, x, w_bf16, wq):
         "ours_gemm_block": lambda: F.fp8_gemm(x8b, w8b, xsb, wsb),
         "ours_gemm_row_classic": lambda: _classic(F, lambda: F.fp8_gemm(x8r, w8r, xsr, wsr)),
         "ours_gemm_block_classic": lambda: _classic(F, lambda: F.fp8_gemm(x8b, w8b, xsb, wsb)),
+        "ours_gemm_row_dp": lambda: _data_parallel(F, lambda: F.fp8_gemm(x8r, w8r, xsr, wsr)),
+        "ours_gemm_block_dp": lambda: _data_parallel(F, lambda: F.fp8_gemm(x8b, w8b, xsb, wsb)),
         "ours_gemm_row_precise": lambda: F.fp8_gemm(x8r, w8r, xsr, wsr, fast_accum=False),
         "torch_quant_row": lambda: torch_quant_row(x),
         "ours_quantize_row": lambda: F.quantize_fp8(x, "row"),
