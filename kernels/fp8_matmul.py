@@ -66,6 +66,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 import warnings
 
 import torch
@@ -97,6 +98,7 @@ PERSISTENT = os.environ.get("FLUX2_FP8_PERSISTENT", "1") == "1"
 # Autotuning timer: eager do_bench (what the model-level runs verified) unless FLUX2_AUTOTUNE_GRAPH=1,
 # which `_autotune_bench` ignores while PERSISTENT is on (that pair gives wrong outputs: see above).
 _AUTOTUNE_GRAPH = os.environ.get("FLUX2_AUTOTUNE_GRAPH", "0") == "1"
+_AUTOTUNE_QUEUED = os.environ.get("FLUX2_AUTOTUNE_QUEUED", "1") == "1"  # see _queued_gpu_time
 if _AUTOTUNE_GRAPH and PERSISTENT:
     warnings.warn(
         "FLUX2_AUTOTUNE_GRAPH=1 is ignored while the persistent FP8 GEMM is on (the default; "
@@ -876,18 +878,57 @@ def _prune_weight_only(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+_FLUSH: dict[int, torch.Tensor] = {}
+
+
+def _queued_gpu_time(fn, quantiles=None, reps: int = 20):
+    """Median GPU time (ms) of ``fn``, L2 flushed before each call, with every launch queued behind a
+    sleep kernel: the events then bracket the kernel alone, however slow the host launch is.
+
+    Triton's eager ``do_bench`` records an event, launches, records again; when the Python launch
+    (~200 us through the autotuner) outlasts the kernel (40-110 us for the M = 512 GEMMs), the GPU
+    idles between the events and every config measures the host. Measured on the H100 (run 7): the
+    autotuner then kept data-parallel tiles that lose to stream-K by up to 20 % in GPU time."""
+    fn()  # compile, warm up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    per_call = (time.perf_counter() - t0) / 3  # host + GPU: an upper bound on the host's share
+    dev = torch.cuda.current_device()
+    flush = _FLUSH.get(dev)
+    if flush is None:
+        flush = _FLUSH[dev] = torch.empty(64 << 20, dtype=torch.int32, device="cuda")  # 256 MB > L2
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    # long enough for the host to queue every call (2 GHz bounds the H100's clock: a longer sleep is harmless)
+    torch.cuda._sleep(int(min(reps * (1.5 * per_call + 50e-6), 0.5) * 2e9))
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = torch.tensor([s.elapsed_time(e) for s, e in events])
+    if quantiles is None:
+        return times.median().item()
+    return torch.quantile(times, torch.tensor(quantiles)).tolist()
+
+
 def _autotune_bench(fn, quantiles=None):
-    """Autotuning timer: eager ``do_bench`` (25 ms per config) by default. With FLUX2_AUTOTUNE_GRAPH=1,
-    kernel time from a CUDA graph replay: measured on the H100 (run 3), the M = 512 GEMMs take
-    40-200 us, and the eager timer's Python launch overhead plus jitter (p90 up to 3x the median)
-    picked 1.45-wave tile shapes at random; a graph times the kernel alone. The graph timer is refused
-    while the persistent kernel is on: that pair returned wrong outputs (reports/quant_runtime,
-    diag_persistent_bisect)."""
+    """Autotuning timer: GPU time of launches queued behind a sleep (``_queued_gpu_time``) by default;
+    FLUX2_AUTOTUNE_QUEUED=0 selects Triton's eager ``do_bench`` (25 ms per config). With
+    FLUX2_AUTOTUNE_GRAPH=1, kernel time from a CUDA graph replay, refused while the persistent kernel
+    is on: that pair returned wrong outputs (reports/quant_runtime, diag_persistent_bisect). Measured
+    on the H100 (run 3): with the eager timer the M = 512 GEMMs (40-200 us) were timed with their Python
+    launch overhead and jitter (p90 up to 3x the median), and 1.45-wave tile shapes won at random."""
     if _AUTOTUNE_GRAPH and not PERSISTENT:
         try:
             return triton.testing.do_bench_cudagraph(fn, rep=25, quantiles=quantiles)
         except Exception:  # noqa: BLE001 (capture refused: fall back to the eager timer)
             pass
+    if _AUTOTUNE_QUEUED and torch.cuda.is_available():
+        return _queued_gpu_time(fn, quantiles)
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 

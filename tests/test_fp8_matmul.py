@@ -613,6 +613,7 @@ def test_autotune_graph_timer_refused_with_persistent_kernel(monkeypatch):
     calls = []
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: calls.append("graph") or 1.0)
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: calls.append("eager") or 2.0)
+    monkeypatch.setattr(F, "_AUTOTUNE_QUEUED", False)  # (on a GPU the queued timer would take the eager case)
     monkeypatch.setattr(F, "_AUTOTUNE_GRAPH", True)
     monkeypatch.setattr(F, "PERSISTENT", True)
     assert F._autotune_bench(lambda: None) == 2.0
@@ -631,3 +632,28 @@ def test_rebased_descriptor_points_at_the_new_tensor_and_keeps_the_rest():
     r = F._rebased(d, b)
     assert r.base is b and d.base is a, "the template must keep its own base"
     assert {k: v for k, v in vars(r).items() if k != "base"} == {k: v for k, v in vars(d).items() if k != "base"}
+
+
+@pytest.mark.gpu
+def test_gpu_queued_timer_measures_the_kernel_not_the_launch():
+    """The autotuner's queued timer against a CUDA-graph replay of the same call: a short GEMM behind a
+    slow Python launch (1 ms of host work per call, 10x the kernel) must still time as the kernel."""
+    import time as _time
+
+    import triton.testing
+
+    a = torch.randn(512, 6144, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(6144, 6144, device="cuda", dtype=torch.bfloat16)
+
+    def slow_launch():
+        t0 = _time.perf_counter()
+        while _time.perf_counter() - t0 < 1e-3:
+            pass
+        torch.mm(a, b)
+
+    graph = triton.testing.do_bench_cudagraph(lambda: torch.mm(a, b), rep=50)
+    med, lo, hi = F._queued_gpu_time(slow_launch, quantiles=(0.5, 0.2, 0.8))
+    assert lo <= med <= hi
+    # the graph replays back to back with L2 warm; the queued timer flushes L2 before every call
+    assert 0.8 * graph < med < 1.3 * graph, f"queued {med * 1e3:.0f} us vs graph {graph * 1e3:.0f} us"
+    assert med < 0.5, f"queued timer measured the 1 ms host launch: {med * 1e3:.0f} us"

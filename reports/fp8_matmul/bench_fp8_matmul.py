@@ -152,6 +152,15 @@ Written after run 6, before run 7 (stream-K in the persistent kernel, autotuned 
   (17-59 waves): 0-3 %, the autotuner's choice.
 - Row-wise geomean: GPU time 0.976 -> 1.02-1.05x, eager 0.966 -> 1.00-1.03x (txt.proj eager stays
   host-bound). Block / row stays ~0.6 (both gain). Weight-only unchanged (no stream-K there).
+
+Written after run 7, before run 8 (autotuning on GPU time):
+- Run 7 chose no stream-K config for any row-wise M = 512 shape: the autotuner's eager timer measured
+  the ~200 us Python launch of its own benchmarking path, not the 40-110 us kernels, so the configs tied
+  and the first listed won. The autotuner now times launches queued behind a sleep kernel (GPU time
+  alone, L2 flushed). Expect stream-K picked on txt.qkv (107 -> 88-95 us) and on one or both of
+  txt.proj / txt.mlp_out, data-parallel 128x256 kept on the M >= 4096 shapes; probe_stream_k.json gives
+  every config's GPU time on the four text shapes. Row-wise geomean in GPU time 1.00-1.04x, eager
+  0.98-1.02x.
 """
 
 
