@@ -401,10 +401,10 @@ def _tile_offsets(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _streamk_first_cta(it, W, NUM_SMS: tl.constexpr):
-    """The program whose share of the W stream-K iterations holds iteration ``it`` (program c owns
-    [c * W // NUM_SMS, (c + 1) * W // NUM_SMS))."""
-    return ((it + 1) * NUM_SMS + W - 1) // W - 1
+def _streamk_first_cta(it, W, n):
+    """The program (of ``n`` sharing W stream-K iterations) whose share holds iteration ``it``;
+    program j owns [j * W // n, (j + 1) * W // n)."""
+    return ((it + 1) * n + W - 1) // W - 1
 
 
 @triton.jit
@@ -419,7 +419,7 @@ def _fp8_gemm_persistent_kernel(
     gate_ptr,
     c_ptr,  # the output again, for the stream-K fixup's row-chunk stores
     ws_ptr,  # stream-K: fp32 partial tiles, 2 * NUM_SMS slots of BLOCK_M * BLOCK_N
-    cnt_ptr,  # stream-K: int32 arrival counters, one per stream-K tile, zero between launches
+    cnt_ptr,  # stream-K: int32 arrival counters, one per tile, zero between launches
     # sizes
     M,
     N,
@@ -453,13 +453,12 @@ def _fp8_gemm_persistent_kernel(
     K columns read as zeros), the flattened tile loop lets the next tile's loads start during this
     tile's epilogue, and the output goes out through a TMA store (clipped at the edges).
 
-    STREAM_K (the "data-parallel + one-tile stream-K" hybrid of Osama et al., 2023): when the tile
-    count is not a multiple of NUM_SMS, the last partial wave would leave SMs idle (txt.qkv at M = 512:
-    288 tiles of 128x256 are 2.2 waves on 132 SMs, run like 3). The tiles of the last full wave and
-    the partial one are instead cut along K into equal shares of iterations, one per program. A
-    program that ends inside a tile stores its fp32 partial tile in ``ws_ptr`` and counts itself in
-    that tile's counter; the last program to arrive adds the other partials and runs the epilogue,
-    then zeroes the counter for the next launch. No program waits for another."""
+    STREAM_K (stream-K, Osama et al. 2023, along N x K within each row of tiles): for tile counts that
+    leave a partial last wave (txt.qkv at M = 512: 288 tiles of 128x256 on 132 SMs run as 3 waves for
+    2.2 waves of work), every program gets an equal share of its row's K iterations instead of whole
+    tiles. A program that ends inside a tile stores its fp32 partial tile in ``ws_ptr`` and counts
+    itself in that tile's counter; the last to arrive adds the partials, runs the epilogue and zeroes
+    the counter for the next launch. No program waits for another."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -467,58 +466,65 @@ def _fp8_gemm_persistent_kernel(
     num_tiles = num_pid_m * num_pid_n
     if SCALE_MODE == 2:
         tl.static_assert(BLOCK_N == 128 and BLOCK_K == 128)
-    n_dp = num_tiles  # tiles run whole, one per program and wave
-    if STREAM_K and num_tiles % NUM_SMS != 0:  # the last full wave and the partial one are shared out
-        n_dp = tl.maximum(num_tiles // NUM_SMS - 1, 0) * NUM_SMS
-
-    tile_id_c = start_pid - NUM_SMS  # the epilogue recomputes its tile: shorter live ranges
-    for tile_id in tl.range(start_pid, n_dp, NUM_SMS, flatten=True):
-        pid_m, pid_n = _tile_pids(tile_id, num_pid_m, num_pid_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        sa_ptrs = a_scale_ptr + ((off_m + tl.arange(0, BLOCK_M)) % M) * stride_asm  # block scales
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _persistent_k_range(acc, a_desc, b_desc, off_m, pid_n * BLOCK_N, pid_n, 0, k_tiles, sa_ptrs,
-                                  b_scale_ptr, stride_ask, stride_bsn, stride_bsk, SCALE_MODE, PROMOTE, BLOCK_K)  # fmt: skip
-        tile_id_c += NUM_SMS
-        pid_m, pid_n = _tile_pids(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
-        _persistent_epilogue(acc, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr, pid_m, pid_n, M, N,
-                             stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
-                             SCALE_MODE, HAS_RESIDUAL, HAS_GATE, EPILOGUE_SUBTILE, BLOCK_M, BLOCK_N)  # fmt: skip
-
-    if STREAM_K:
-        W = (num_tiles - n_dp) * k_tiles  # stream-K iterations, shared out evenly
-        first = (start_pid * W) // NUM_SMS
-        it = first
-        end = ((start_pid + 1) * W) // NUM_SMS
-        while it < end:
-            t = it // k_tiles  # stream-K tile index
-            k_lo = it - t * k_tiles
-            k_hi = tl.minimum(k_tiles, k_lo + end - it)
-            pid_m, pid_n = _tile_pids(n_dp + t, num_pid_m, num_pid_n, GROUP_M)
+    if not STREAM_K:  # data-parallel: whole tiles, one per program and wave
+        tile_id_c = start_pid - NUM_SMS  # the epilogue recomputes its tile: shorter live ranges
+        for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
+            pid_m, pid_n = _tile_pids(tile_id, num_pid_m, num_pid_n, GROUP_M)
             off_m = pid_m * BLOCK_M
-            sa_ptrs = a_scale_ptr + ((off_m + tl.arange(0, BLOCK_M)) % M) * stride_asm
+            sa_ptrs = a_scale_ptr + ((off_m + tl.arange(0, BLOCK_M)) % M) * stride_asm  # block scales
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = _persistent_k_range(acc, a_desc, b_desc, off_m, pid_n * BLOCK_N, pid_n, 0, k_tiles, sa_ptrs,
+                                      b_scale_ptr, stride_ask, stride_bsn, stride_bsk, SCALE_MODE, PROMOTE, BLOCK_K)  # fmt: skip
+            tile_id_c += NUM_SMS
+            pid_m, pid_n = _tile_pids(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+            _persistent_epilogue(acc, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr, pid_m, pid_n, M, N,
+                                 stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
+                                 SCALE_MODE, HAS_RESIDUAL, HAS_GATE, EPILOGUE_SUBTILE, BLOCK_M, BLOCK_N)  # fmt: skip
+    else:
+        # One lane of NUM_SMS // num_pid_m programs per row of tiles (the autotuner's pruning keeps
+        # stream-K where the rows divide the SMs; otherwise the leftover programs idle), each lane
+        # sharing its row's num_pid_n * k_tiles iterations out evenly, N-tile major.
+        # Program j of every lane covers the same (pid_n, K) range at the same time, so the weight
+        # slices, the big operand at M = 512, are read from HBM once and from L2 by the other lanes
+        # (a tile-major split over all programs read them once per row of tiles: 2x slower, run 8).
+        lane_size = NUM_SMS // num_pid_m
+        pid_m = start_pid % num_pid_m
+        j = start_pid // num_pid_m
+        W = num_pid_n * k_tiles
+        first = (j * W) // lane_size
+        it = first
+        end = ((j + 1) * W) // lane_size
+        off_m = pid_m * BLOCK_M
+        sa_ptrs = a_scale_ptr + ((off_m + tl.arange(0, BLOCK_M)) % M) * stride_asm
+        while (it < end) & (j < lane_size):
+            pid_n = it // k_tiles
+            k_lo = it - pid_n * k_tiles
+            k_hi = tl.minimum(k_tiles, k_lo + end - it)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc = _persistent_k_range(acc, a_desc, b_desc, off_m, pid_n * BLOCK_N, pid_n, k_lo, k_hi, sa_ptrs,
                                       b_scale_ptr, stride_ask, stride_bsn, stride_bsk, SCALE_MODE, PROMOTE, BLOCK_K)  # fmt: skip
             whole = (k_lo == 0) & (k_hi == k_tiles)
             if not whole:
-                # slot 2c holds program c's first share, 2c + 1 its last (a program has at most two partials)
+                # slot 2p holds program p's first share, 2p + 1 its last (a program has at most two partials)
                 slot = 2 * start_pid + (it != first).to(tl.int32)
                 tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + _tile_offsets(BLOCK_M, BLOCK_N), acc)
                 tl.debug_barrier()  # every thread's partial is written before the counter says so
-                c_lo = _streamk_first_cta(t * k_tiles, W, NUM_SMS)
-                c_hi = _streamk_first_cta(t * k_tiles + k_tiles - 1, W, NUM_SMS)
+                j_lo = _streamk_first_cta(pid_n * k_tiles, W, lane_size)
+                j_hi = _streamk_first_cta(pid_n * k_tiles + k_tiles - 1, W, lane_size)
+                t = pid_m * num_pid_n + pid_n
                 arrived = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel", scope="gpu")
-                if arrived == c_hi - c_lo:
+                if arrived == j_hi - j_lo:
                     # the last share of this tile to arrive adds all partials (its own included) in
                     # FIX_ROWS-row chunks: loading whole partials into the MMA layout spilled registers
                     for r0 in tl.static_range(0, BLOCK_M, FIX_ROWS):
                         tot = tl.zeros((FIX_ROWS, BLOCK_N), dtype=tl.float32)
                         chunk = r0 * BLOCK_N + _tile_offsets(FIX_ROWS, BLOCK_N)
-                        for c in range(c_lo, c_hi + 1):
-                            c_slot = 2 * c + ((c * W) // NUM_SMS < t * k_tiles).to(tl.int32)
-                            tot += tl.load(ws_ptr + c_slot * (BLOCK_M * BLOCK_N) + chunk, cache_modifier=".cg")
-                        offs_m = pid_m * BLOCK_M + r0 + tl.arange(0, FIX_ROWS)
+                        for jj in range(j_lo, j_hi + 1):
+                            p_slot = 2 * (jj * num_pid_m + pid_m) + ((jj * W) // lane_size < pid_n * k_tiles).to(
+                                tl.int32
+                            )
+                            tot += tl.load(ws_ptr + p_slot * (BLOCK_M * BLOCK_N) + chunk, cache_modifier=".cg")
+                        offs_m = off_m + r0 + tl.arange(0, FIX_ROWS)
                         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
                         tot = _epilogue_math(tot, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr,
                                              stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
@@ -847,9 +853,12 @@ def _prune_persistent(configs, named_args, **kwargs):
         kw = c.kwargs
         if block and kw["BLOCK_N"] != 128:
             continue
-        tiles = triton.cdiv(named_args["M"], kw["BLOCK_M"]) * triton.cdiv(named_args["N"], kw["BLOCK_N"])
-        if kw["STREAM_K"] and tiles % num_sms == 0:
-            continue  # whole waves: nothing for stream-K to balance
+        rows = triton.cdiv(named_args["M"], kw["BLOCK_M"])
+        tiles = rows * triton.cdiv(named_args["N"], kw["BLOCK_N"])
+        # stream-K: a lane of programs per row of tiles (at most one row per SM; with rows dividing the SMs
+        # none idles), a counter per tile, and only where whole waves would leave SMs idle
+        if kw["STREAM_K"] and (num_sms % rows or tiles > _STREAMK_MAX_TILES or tiles % num_sms == 0):
+            continue
         if limit is None:
             kept.append(c)
             break  # interpreter: one config, no benchmarking
@@ -1107,12 +1116,13 @@ def _num_sms(device: torch.device) -> int:
 
 
 _STREAMK_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_STREAMK_MAX_TILES = 1 << 14  # arrival counters per workspace (64 KB)
 
 
 def _streamk_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The persistent kernel's stream-K workspace (fp32, 2 partial-tile slots per SM, sized for the
-    largest tile) and arrival counters (int32, zero between launches: each launch's last
-    arrival resets its tile's counter). One pair per device and stream, so that launches on
+    largest tile) and arrival counters (int32, one per tile, zero between launches: each tile's last
+    arrival resets its counter). One pair per device and stream, so that launches on
     different streams never share counters; allocated once (34.6 MB on a 132-SM H100)."""
     configs = _fp8_gemm_persistent.configs  # (tests and diagnostics swap the list)
     if device.type == "cuda":
@@ -1125,7 +1135,7 @@ def _streamk_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         tile = max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs)
         slots = 2 * _num_sms(device)
         bufs = (torch.empty(slots * tile, device=device, dtype=torch.float32),
-                torch.zeros(slots, device=device, dtype=torch.int32))  # fmt: skip
+                torch.zeros(_STREAMK_MAX_TILES, device=device, dtype=torch.int32))  # fmt: skip
         _STREAMK_BUFFERS[key] = bufs
     return bufs
 

@@ -161,6 +161,18 @@ Written after run 7, before run 8 (autotuning on GPU time):
   txt.proj / txt.mlp_out, data-parallel 128x256 kept on the M >= 4096 shapes; probe_stream_k.json gives
   every config's GPU time on the four text shapes. Row-wise geomean in GPU time 1.00-1.04x, eager
   0.98-1.02x.
+
+Written after run 8, before run 9 (stream-K lanes per row of tiles):
+- Run 8: the autotuner, now on GPU time, still chose no stream-K config, rightly: probe_stream_k_run1
+  has every stream-K config slower than every data-parallel one, up to 2x (txt.mlp_out 203 vs 103 us).
+  Cause: the split ran tile-major over all programs, so the programs needing one weight slice (one per
+  row of tiles) reached it at different K offsets and times, and the weights (113 MB for txt.qkv /
+  txt.mlp_out, the big operand at M = 512) came from HBM once per row of tiles instead of once. Now each
+  row of tiles gets its own lane of programs sharing that row's N x K iterations, and program j of
+  every lane covers the same weight range at the same time. Expect (GPU time, vs the best data-parallel
+  config): txt.qkv 111 -> 85-92 us, txt.proj 36 -> 29-32, txt.mlp_out 103 -> 80-88, txt.mlp_in 200 ->
+  175-185; the autotuner picks stream-K on those four; row-wise geomean GPU time 1.03-1.07x, eager
+  1.00-1.04x.
 """
 
 

@@ -5,7 +5,9 @@ wave, and by how much per tile shape? Each config is checked against the fp32 re
 before it is timed with the autotuner's queued GPU-time timer (`_queued_gpu_time`, L2 flushed before
 each call) and with a CUDA-graph replay. `_scaled_mm` row-wise (fast accumulation) is the anchor.
 
-    python3 reports/fp8_matmul/probe_stream_k.py --out $OUT/probe_stream_k.json
+    python3 reports/fp8_matmul/probe_stream_k.py --out $OUT/probe_stream_k_runN.json
+
+Run 1 (git a54510a) timed the first, tile-major stream-K split; run 2 the lanes per row of tiles.
 """
 
 from __future__ import annotations
