@@ -1116,6 +1116,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 _STREAMK_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# the current CUDA stream as an integer, as Triton's launcher reads it (a Stream object costs microseconds)
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream
+)
 _STREAMK_MAX_TILES = 1 << 14  # arrival counters per workspace (64 KB)
 
 
@@ -1127,7 +1131,7 @@ def _streamk_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     configs = _fp8_gemm_persistent.configs  # (tests and diagnostics swap the list)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        key = (index, torch.cuda.current_stream(index).cuda_stream, id(configs))
+        key = (index, _current_raw_stream(index), id(configs))
     else:
         key = (device.type, None, id(configs))
     bufs = _STREAMK_BUFFERS.get(key)

@@ -52,6 +52,7 @@ GRAPH_TIMED = (  # also timed as GPU time alone (CUDA graph), suffix "_graph"
     "ours_gemm_row_dp",
     "ours_gemm_row_triton_launch",
     "ours_gemm_block",
+    "ours_gemm_block_dp",
     "ours_weight_only_row",
     TQ_ROW,
     "ours_linear_row",
@@ -173,6 +174,22 @@ Written after run 8, before run 9 (stream-K lanes per row of tiles):
   config): txt.qkv 111 -> 85-92 us, txt.proj 36 -> 29-32, txt.mlp_out 103 -> 80-88, txt.mlp_in 200 ->
   175-185; the autotuner picks stream-K on those four; row-wise geomean GPU time 1.03-1.07x, eager
   1.00-1.04x.
+
+Written after run 9, before run 10 (no kernel change; the stream-K workspace lookup reads the raw
+stream handle instead of building a Stream object):
+- Run 9 missed the stream-K expectation for row-wise scales: lanes fixed run 8's weight re-reads
+  (txt.mlp_out 203 -> 111 us) but every stream-K config still trails the best data-parallel one
+  (probe_stream_k_run2: txt.qkv 113 vs 107 us). Nsight Compute on txt.qkv (ncu_stream_k_*.txt, clocks
+  locked): both take 124 us; stream-K keeps the SMs active 91 % of the time against 70 %, and does the
+  same work per SM-second 23 % slower. The data-parallel tail wave (24 of 132 SMs) is not idle time
+  lost: it runs alone, with the L2 to itself, faster per K step than the full waves, which are
+  throughput-bound (48 KB of A and B tiles per 8.4 MFLOP K step). Stream-K did pay where the tile is
+  128x128 (block scales, promoted accumulation: the two-accumulator kernels): the autotuner picks it
+  on all four text shapes, block GPU time there is +10 to +33 % over run 6 (the autotuner's new timer
+  is part of that), and block eager time +3 to +11 % over data-parallel-only configs on the three
+  larger shapes in the same run. Run 10 times that A/B in GPU time too.
+- Run 10: the same kernels and choices as run 9 within noise; host time per persistent call a few
+  microseconds lower.
 """
 
 
