@@ -22,6 +22,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 import time
 from functools import partial
@@ -180,7 +181,7 @@ stream handle instead of building a Stream object):
 - Run 9 missed the stream-K expectation for row-wise scales: lanes fixed run 8's weight re-reads
   (txt.mlp_out 203 -> 111 us) but every stream-K config still trails the best data-parallel one
   (probe_stream_k_run2: txt.qkv 113 vs 107 us). Nsight Compute on txt.qkv (ncu_stream_k_*.txt, clocks
-  locked): both take 124 us; stream-K keeps the SMs active 91 % of the time against 70 %, and does the
+  locked): both take 124 us; stream-K keeps the SMs active 92 % of the cycles against 68 %, and does the
   same work per SM-second 23 % slower. The data-parallel tail wave (24 of 132 SMs) is not idle time
   lost: it runs alone, with the L2 to itself, faster per K step than the full waves, which are
   throughput-bound (48 KB of A and B tiles per 8.4 MFLOP K step). Stream-K did pay where the tile is
@@ -1003,14 +1004,14 @@ def analysis(data: dict, timed: list) -> str:
             else ". In the model the fix is CUDA graphs or a cached launcher that skips the checks. "
         )
         + "(2) In GPU time the M = 512 shapes remain below cuBLAS: "
-        f"{', '.join(f'{k} {v}' for k, v in tiles.items())} tiles of 128x256 for 132 SMs. The autotuner, timing "
-        f"CUDA graphs, still picked {picks}: "
-        "where it kept 128x256, the smaller tiles that would fill the waves measured slower (less MMA work "
-        "per loaded byte), and there is no split-K or stream-K. On M >= 4096 cuBLAS's eager medians are "
-        f"{drift(big, smf)} off its GPU times, ours {drift(big, row)}, so the GPU-time ratio there is "
-        "lower than the eager one. Next step: stream-K for the text GEMMs, and a launch path without "
-        "per-call Python work "
-        "(cache descriptors and configs per shape, or capture the transformer block in a CUDA graph).",
+        f"{', '.join(f'{k} {v}' for k, v in tiles.items())} tiles of 128x256 for 132 SMs. The autotuner "
+        f"(GPU time of queued launches) picked {picks}. "
+        + _streamk_note(data)
+        + f"On M >= 4096 cuBLAS's eager medians are {drift(big, smf)} off its GPU times, ours "
+        f"{drift(big, row)}. Next step: a weight tile shared by a cluster of two CTAs through TMA multicast "
+        "(half the L2-to-SM traffic of the weights, which is what cuBLAS's cluster kernels do), which Triton "
+        "3.6 does not expose for Hopper, so Gluon; and a launch path without per-call Python work "
+        "(capture the transformer block in a CUDA graph).",
         f"- **Block scaling: target >= 0.9 missed, as expected (one timeboxed attempt).** Persistent kernel, "
         f"BLOCK_N = 128, so each K step's weight scale is one scalar: {over(timed, 'ours_gemm_block', row):.3f}x "
         f"our row-wise eager, {over(timed, 'ours_gemm_block' + g, row + g):.3f}x in GPU time "
@@ -1043,9 +1044,8 @@ def analysis(data: dict, timed: list) -> str:
         "fused kernel wins, but only at "
         f"{min(small_fused, default=0):.2f}-{max(small_fused, default=0):.2f}x bf16 speed. "
         + _wo_decode_note(data, wo_small, over)
-        + "Next step for M = 512: warp specialization (decode and MMA in different warpgroups) and stream-K "
-        "over the 2.2 waves; or dequantize the text-stream weights once per step and reuse them across the "
-        "guidance passes.",
+        + "Next step for M = 512: warp specialization (decode and MMA in different warpgroups); or "
+        "dequantize the text-stream weights once per step and reuse them across the guidance passes.",
     ]
     if data.get("skipped"):
         out.append(
@@ -1053,6 +1053,66 @@ def analysis(data: dict, timed: list) -> str:
             "persistent kernel): " + "; ".join(data["skipped"]) + ". The geomeans above cover the other shapes."
         )
     return "\n".join(out) + "\n"
+
+
+def _ncu_metrics(path: Path) -> dict:
+    """Duration (us) and cycle counts from an `ncu` text report ({} if the file is missing)."""
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"\s+(Duration|Elapsed Cycles|SM Active Cycles)\s+\S+\s+([\d,.]+)\s*$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2).replace(",", ""))
+    return out
+
+
+def _streamk_note(data: dict) -> str:
+    """Stream-K on the M = 512 shapes: the probe's best data-parallel vs best stream-K config (row
+    scales, GPU time), and the block-scaled A/B of this run."""
+    probes = sorted(Path(data.get("_dir", ".")).glob("probe_stream_k_run*.json"))
+    out = ""
+    if probes:
+        rows = json.loads(probes[-1].read_text())["rows"]
+        best = {}
+        for r in rows:
+            if "graph_ms" in r and "tiles" in r:
+                k = (r["shape"], r["stream_k"])
+                best[k] = min(best.get(k, float("inf")), r["graph_ms"])
+        pairs = [
+            f"{name} {best[name, True] * 1e3:.0f} vs {best[name, False] * 1e3:.0f} us"
+            for name in dict.fromkeys(r["shape"] for r in rows)
+            if (name, True) in best and (name, False) in best
+        ]
+        out += (
+            f"Stream-K (lanes of programs per row of tiles sharing its N x K iterations) does not beat the "
+            f"data-parallel loop for row-wise scales: best stream-K vs best data-parallel config in "
+            f"`{probes[-1].name}`: {', '.join(pairs)}. "
+        )
+    ncu = {v: _ncu_metrics(Path(data.get("_dir", ".")) / f"ncu_stream_k_{v}.txt") for v in ("dp", "sk")}
+    if all(ncu.values()):
+        dp, sk = ncu["dp"], ncu["sk"]
+        out += (
+            f"Nsight Compute on txt.qkv (`ncu_stream_k_*.txt`, clocks locked): {dp['Duration']:.0f} us "
+            f"data-parallel, {sk['Duration']:.0f} us stream-K; stream-K keeps the SMs active "
+            f"{100 * sk['SM Active Cycles'] / sk['Elapsed Cycles']:.0f} % of the cycles against "
+            f"{100 * dp['SM Active Cycles'] / dp['Elapsed Cycles']:.0f} %, but the full waves are "
+            "L2-throughput-bound (48 KB of A and B tiles per 8.4 MFLOP K step), so the data-parallel tail "
+            "wave, running alone, is not lost time. "
+        )
+    small = [s for s in data["shapes"] if s.get("times") and s["M"] < 4096]
+    ab = [
+        s["times"]["ours_gemm_block_dp_graph"]["ms"] / s["times"]["ours_gemm_block_graph"]["ms"]
+        for s in small
+        if all("ms" in s["times"].get(k, {}) for k in ("ours_gemm_block_graph", "ours_gemm_block_dp_graph"))
+    ]
+    if ab:
+        out += (
+            f"It does pay for the 128x128 two-accumulator kernels: block scales at M = 512 run "
+            f"{min(ab):.2f}-{max(ab):.2f}x as fast with stream-K allowed as with data-parallel configs only "
+            "(GPU time, this run), and the autotuner picks it there. "
+        )
+    return out
 
 
 def main(argv=None):
