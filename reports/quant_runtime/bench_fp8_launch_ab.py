@@ -6,9 +6,13 @@ alternated A/B/C/A/B/C in one process (clock drift between device calls is about
 - "classic, cached launch": kernels/fp8_matmul.FAST_LAUNCH (first launch of a specialization through
   Triton, later ones through the compiled kernel's launcher);
 - "persistent, cached launch": the persistent TMA kernel with the eager autotune timer (the pair that
-  returned wrong outputs needed the CUDA-graph timer too; reports/quant_runtime/diag_persistent_bisect).
+  returned wrong outputs needed the CUDA-graph timer too; reports/quant_runtime/diag_persistent_bisect);
+  from run 3 on with the queued GPU-time autotune timer and stream-K configs among the candidates;
+- "persistent, no stream-K" (run 4 on): the same without the stream-K configs, to tell a stream-K
+  split of K (another fp32 summation order) from any other difference.
 Each row reports ms/step and the output's SQNR against the first variant's output: the cached launcher
-must give the same bits (inf dB); the persistent kernel sums K in another order (finite, high dB).
+must give the same bits (inf dB), and so must the data-parallel persistent kernel (its K loop is the
+classic kernel's, measured in runs 1-2); a stream-K split sums K in another order (finite, high dB).
 Synthetic weights: speed and agreement only, not image fidelity.
 
     python3 reports/quant_runtime/bench_fp8_launch_ab.py --out $OUT/fp8_launch_ab.json
@@ -33,27 +37,37 @@ from flux2_bench.model import use_fused  # noqa: E402
 from flux2_bench.quantize.formats import sqnr  # noqa: E402
 from flux2_bench.weights import model_bytes, synthetic_transformer  # noqa: E402
 
-VARIANTS = {  # name: (PERSISTENT, FAST_LAUNCH)
-    "classic, triton launch": (False, False),
-    "classic, cached launch": (False, True),
-    "persistent, cached launch": (True, True),
+VARIANTS = {  # name: (PERSISTENT, FAST_LAUNCH, stream-K configs allowed)
+    "classic, triton launch": (False, False, True),
+    "classic, cached launch": (False, True, True),
+    "persistent, cached launch": (True, True, True),
+    "persistent, no stream-K": (True, True, False),
 }
+
+
+def stream_k_picks() -> list[str]:
+    """Autotuner keys (shape, scale mode, ...) for which the persistent kernel chose a stream-K config."""
+    return [str(k[:3]) for k, c in F._fp8_gemm_persistent.cache.items() if c.kwargs.get("STREAM_K")]
 
 
 def run(recipe: str, rounds: int) -> list[dict]:
     model = synthetic_transformer(PRESET, device="cuda", seed=0, recipe=recipe)
     call_args = inputs(model.config, 1024)
     rows, base = [], None
+    kern = F._fp8_gemm_persistent
+    tuned = {True: (kern.configs, {}), False: ([c for c in kern.configs if not c.kwargs["STREAM_K"]], {})}
     with torch.inference_mode(), use_fused(True):
         for rnd in range(rounds):
-            for name, (persistent, fast) in VARIANTS.items():
+            for name, (persistent, fast, stream_k) in VARIANTS.items():
                 F.PERSISTENT, F.FAST_LAUNCH = persistent, fast
+                kern.configs, kern.cache = tuned[stream_k]  # each set autotunes once, into its own cache
                 free()
                 out = model(*call_args).float()
                 base = out if base is None else base
                 r = {"recipe": recipe, "round": rnd, "variant": name, "weights_gib": model_bytes(model) / GIB,
                      **time_forward(lambda m=model, a=call_args: m(*a)),
-                     "sqnr_vs_first_variant_db": sqnr(out, base), "nan": int(torch.isnan(out).sum())}  # fmt: skip
+                     "sqnr_vs_first_variant_db": sqnr(out, base), "nan": int(torch.isnan(out).sum()),
+                     "stream_k_picks": stream_k_picks() if persistent else []}  # fmt: skip
                 rows.append(r)
                 db = r["sqnr_vs_first_variant_db"]
                 print(f"{recipe} round {rnd} {name:26s} {r['ms_median']:7.1f} ms (p10 {r['ms_p10']:.1f}, "
@@ -73,13 +87,13 @@ def markdown(paths: list[str]) -> str:
             f"## `{os.path.basename(path)}`: git {d.get('git_sha', '?')}, {env.get('gpu', '?')}, "
             f"torch {env.get('torch', '?')}, triton {env.get('triton', '?')}",
             "",
-            "| round | variant | ms/step (median) | p10 | p90 | SQNR vs first variant (dB) | NaN |",
-            "|---|---|---|---|---|---|---|",
+            "| round | variant | ms/step (median) | p10 | p90 | SQNR vs first variant (dB) | NaN | stream-K picks |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in d["rows"]:
             lines.append(
                 f"| {r['round']} | {r['variant']} | {r['ms_median']:.1f} | {r['ms_p10']:.1f} | {r['ms_p90']:.1f} | "
-                f"{r['sqnr_vs_first_variant_db']:.1f} | {r['nan']} |"
+                f"{r['sqnr_vs_first_variant_db']:.1f} | {r['nan']} | {', '.join(r.get('stream_k_picks', []))} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -102,10 +116,12 @@ def main() -> None:
     default = (F.PERSISTENT, F.FAST_LAUNCH)
     result = {"env": env_block(), "preset": PRESET, "size": 1024, "weights": "synthetic (random)",
               "git_sha": os.environ.get("GIT_SHA", "unknown")}  # fmt: skip
+    configs = F._fp8_gemm_persistent.configs
     try:
         result["rows"] = run(args.recipe, args.rounds)
     finally:
         F.PERSISTENT, F.FAST_LAUNCH = default
+        F._fp8_gemm_persistent.configs = configs
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
