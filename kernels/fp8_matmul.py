@@ -50,6 +50,13 @@ Dispatch (measured on the H100, reports/fp8_matmul)
   ``PERSISTENT`` (env ``FLUX2_FP8_PERSISTENT``, default 1) switches the persistent kernel; it is never
   autotuned with the CUDA-graph timer, the pair that left output columns unwritten inside the
   FLUX.2-dev forward (reports/quant_runtime, run 3 and diag_persistent_bisect).
+- Stream-K (persistent kernel, ``STREAM_K`` configs): for block scales and promoted accumulation
+  on tile counts that leave a partial last wave (FLUX.2's M = 512 text GEMMs), lanes of programs per
+  row of tiles share that row's N x K iterations and fix up split tiles through an fp32 workspace
+  (``_streamk_buffers``, 17.3 MB per device and stream on an H100). Row/tensor scales with fast
+  accumulation keep whole tiles: their output bits do not depend on the autotuner's tile choice.
+- Autotuning times GPU time alone (``_queued_gpu_time``: launches queued behind a sleep kernel);
+  ``FLUX2_AUTOTUNE_QUEUED=0`` selects Triton's eager timer.
 - Launches: after the first launch of a specialization, the compiled kernel's launcher is called
   directly (``FAST_LAUNCH``, env ``FLUX2_FAST_LAUNCH``, default 1), skipping Triton's autotuner and
   binder in Python.
@@ -454,9 +461,9 @@ def _fp8_gemm_persistent_kernel(
     tile's epilogue, and the output goes out through a TMA store (clipped at the edges).
 
     STREAM_K (stream-K, Osama et al. 2023, along N x K within each row of tiles): for tile counts that
-    leave a partial last wave (txt.qkv at M = 512: 288 tiles of 128x256 on 132 SMs run as 3 waves for
-    2.2 waves of work), every program gets an equal share of its row's K iterations instead of whole
-    tiles. A program that ends inside a tile stores its fp32 partial tile in ``ws_ptr`` and counts
+    leave a partial last wave (txt.qkv at M = 512: 576 tiles of 128x128 on 132 SMs run as 5 waves for
+    4.4 waves of work), every program gets an equal share of its row's K iterations instead of whole
+    tiles. The autotuner offers it to the two-accumulator kernels only (``_prune_persistent``). A program that ends inside a tile stores its fp32 partial tile in ``ws_ptr`` and counts
     itself in that tile's counter; the last to arrive adds the partials, runs the epilogue and zeroes
     the counter for the next launch. No program waits for another."""
     start_pid = tl.program_id(0)
@@ -785,10 +792,10 @@ else:
         _pcfg(128, 128, 4, 4, False),
         _pcfg(64, 256, 4, 4, True),
         _pcfg(64, 128, 5, 4, False),
-        # stream-K for tile counts that are not a multiple of the SM count (pruned otherwise)
-        _pcfg(128, 256, 3, 8, True, stream_k=True),
-        _pcfg(128, 256, 4, 8, True, stream_k=True),
+        # stream-K, for the two-accumulator kernels where the tile count is not a multiple of the SM
+        # count (pruned otherwise; reports/fp8_matmul run 10 and probe_stream_k_run2)
         _pcfg(128, 128, 4, 8, False, stream_k=True),
+        _pcfg(128, 128, 3, 8, False, stream_k=True),
     ]
     _wo = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "GROUP_N")
     _WO_CONFIGS = [
@@ -856,8 +863,12 @@ def _prune_persistent(configs, named_args, **kwargs):
         rows = triton.cdiv(named_args["M"], kw["BLOCK_M"])
         tiles = rows * triton.cdiv(named_args["N"], kw["BLOCK_N"])
         # stream-K: a lane of programs per row of tiles (at most one row per SM; with rows dividing the SMs
-        # none idles), a counter per tile, and only where whole waves would leave SMs idle
-        if kw["STREAM_K"] and (num_sms % rows or tiles > _STREAMK_MAX_TILES or tiles % num_sms == 0):
+        # none idles), a counter per tile, and only where whole waves would leave SMs idle. Only for the
+        # two-accumulator kernels (block scales, promoted accumulation): there it is up to 1.28x faster at
+        # M = 512 and changes only the fp32 order of K-step sums; with one fast-accumulated accumulator it
+        # measured no faster and would make the output bits depend on the autotuner's pick (a split K
+        # restarts Hopper's reduced-precision accumulation; reports/quant_runtime/fp8_launch_ab_run4).
+        if kw["STREAM_K"] and (not two_acc or num_sms % rows or tiles > _STREAMK_MAX_TILES or tiles % num_sms == 0):
             continue
         if limit is None:
             kept.append(c)
@@ -1127,7 +1138,7 @@ def _streamk_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The persistent kernel's stream-K workspace (fp32, 2 partial-tile slots per SM, sized for the
     largest tile) and arrival counters (int32, one per tile, zero between launches: each tile's last
     arrival resets its counter). One pair per device and stream, so that launches on
-    different streams never share counters; allocated once (34.6 MB on a 132-SM H100)."""
+    different streams never share counters; allocated once (17.3 MB for 128x128 tiles on a 132-SM H100)."""
     configs = _fp8_gemm_persistent.configs  # (tests and diagnostics swap the list)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -1136,7 +1147,7 @@ def _streamk_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (device.type, None, id(configs))
     bufs = _STREAMK_BUFFERS.get(key)
     if bufs is None:
-        tile = max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs)
+        tile = max((c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs if c.kwargs["STREAM_K"]), default=1)
         slots = 2 * _num_sms(device)
         bufs = (torch.empty(slots * tile, device=device, dtype=torch.float32),
                 torch.zeros(_STREAMK_MAX_TILES, device=device, dtype=torch.int32))  # fmt: skip

@@ -1110,7 +1110,11 @@ def _streamk_note(data: dict) -> str:
         out += (
             f"It does pay for the 128x128 two-accumulator kernels: block scales at M = 512 run "
             f"{min(ab):.2f}-{max(ab):.2f}x as fast with stream-K allowed as with data-parallel configs only "
-            "(GPU time, this run), and the autotuner picks it there. "
+            "(GPU time, this run), and the autotuner picks it there. After this run the library offers "
+            "stream-K to those kernels only: for one fast-accumulated accumulator it was no faster, and a "
+            "split K restarts Hopper's reduced-precision accumulation, so the output bits would depend on the "
+            "autotuner's pick (FLUX.2-dev fp8-row output 39.3 dB from the classic kernel's with stream-K "
+            "allowed, the same bits without: `reports/quant_runtime/fp8_launch_ab_run4.json`). "
         )
     return out
 
