@@ -463,9 +463,10 @@ def _fp8_gemm_persistent_kernel(
     STREAM_K (stream-K, Osama et al. 2023, along N x K within each row of tiles): for tile counts that
     leave a partial last wave (txt.qkv at M = 512: 576 tiles of 128x128 on 132 SMs run as 5 waves for
     4.4 waves of work), every program gets an equal share of its row's K iterations instead of whole
-    tiles. The autotuner offers it to the two-accumulator kernels only (``_prune_persistent``). A program that ends inside a tile stores its fp32 partial tile in ``ws_ptr`` and counts
+    tiles. A program that ends inside a tile stores its fp32 partial tile in ``ws_ptr`` and counts
     itself in that tile's counter; the last to arrive adds the partials, runs the epilogue and zeroes
-    the counter for the next launch. No program waits for another."""
+    the counter for the next launch. No program waits for another. The autotuner offers it to the
+    two-accumulator kernels only (``_prune_persistent``)."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -907,8 +908,9 @@ def _queued_gpu_time(fn, quantiles=None, reps: int = 20):
 
     Triton's eager ``do_bench`` records an event, launches, records again; when the Python launch
     (~200 us through the autotuner) outlasts the kernel (40-110 us for the M = 512 GEMMs), the GPU
-    idles between the events and every config measures the host. Measured on the H100 (run 7): the
-    autotuner then kept data-parallel tiles that lose to stream-K by up to 20 % in GPU time."""
+    idles between the events and every config measures the host: on the H100 (reports/fp8_matmul
+    run 7) the M = 512 configs then tied and the first listed won. Checked against a CUDA-graph replay
+    by tests/test_fp8_matmul.py::test_gpu_queued_timer_measures_the_kernel_not_the_launch."""
     fn()  # compile, warm up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
