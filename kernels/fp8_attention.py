@@ -19,7 +19,10 @@ Quantization (all scales fp32, fp32 accumulation everywhere):
   block of RMS-normed values gives about a third of that (tests and reports/fp8_attention measure it).
 
 Two kernels: a pre-pass (`_stats_kernel`: K column sums and V column amax in chunks; `_quant_kernel`:
-per-block Q/K scales, fp8 casts, V cast and transpose to (B, H, D, Lp)) and `_attn_fwd`. The fp8
+per-block Q/K scales, fp8 casts, V cast and transpose to (B, H, D, Lp)) and `_attn_fwd`. The optional
+fused variant (`norm_rope=(q_weight, k_weight, cos, sin)`) takes Q and K before FLUX.2's QK-RMSNorm and
+RoPE and applies them in the pre-pass as it loads them (kernels/qk_rope.py's `_norm_rope_rows`, same
+bits as the separate pass; reports/fp8_attention/fused_norm_rope.md measures whether it pays). The fp8
 P·V dot needs V K-major (sequence contiguous), hence the transpose. Quantized copies are padded to a
 multiple of 128 tokens so the main loop loads without masks.
 
@@ -37,6 +40,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from flux2_bench.kernels.qk_rope import _INTERPRET, _ROUND, _norm_rope_rows, _round_to
+from flux2_bench.kernels.qk_rope import _check as _check_norm_rope
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 P_SHIFT = 8.0  # P is computed as 2**8 * softmax numerator: max 256, smallest normal e4m3 2**-6 -> 2**-14
@@ -75,14 +81,32 @@ def _to_qk(x, QK_INT8: tl.constexpr, EMULATE_CAST: tl.constexpr):
 
 
 @triton.jit
+def _norm_rope_tile(x, offs_l, L, off_b, w_ptr, cos_ptr, sin_ptr, stride_cb, stride_cl, eps,
+                    D: tl.constexpr, ROUND: tl.constexpr, EXACT_BF16: tl.constexpr):  # fmt: skip
+    """QK-RMSNorm * weight and RoPE (kernels/qk_rope.py's maths and roundings) of a (tokens, D) tile of
+    one head, rows ``offs_l`` (rows past L are zeros and stay zeros)."""
+    offs_j = tl.arange(0, D // 2)
+    c_off = off_b * stride_cb + offs_l[:, None].to(tl.int64) * stride_cl + offs_j[None, :]
+    row_ok = (offs_l < L)[:, None]
+    cos = tl.load(cos_ptr + c_off, mask=row_ok, other=1.0)
+    sin = tl.load(sin_ptr + c_off, mask=row_ok, other=0.0)
+    w = _round_to(tl.load(w_ptr + tl.arange(0, D)).to(tl.float32), ROUND, EXACT_BF16)
+    return _norm_rope_rows(x, w, cos, sin, D, eps, ROUND, EXACT_BF16)
+
+
+@triton.jit
 def _stats_kernel(
     k_ptr, v_ptr, ksum_ptr, vmax_ptr,
+    kw_ptr, cos_ptr, sin_ptr, eps,
     L, H, CHUNK,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
+    stride_cb, stride_cl,
     D: tl.constexpr, BLOCK_L: tl.constexpr, WITH_V: tl.constexpr,
+    NORM_ROPE: tl.constexpr, ROUND: tl.constexpr, EXACT_BF16: tl.constexpr,
 ):  # fmt: skip
-    """Partial K column sums and V column |max| over one CHUNK of tokens: out[(b*H+h), chunk, D]."""
+    """Partial K column sums and V column |max| over one CHUNK of tokens: out[(b*H+h), chunk, D].
+    NORM_ROPE: K is taken before QK-norm and RoPE, which are applied here (and again in _quant_kernel)."""
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_chunks = tl.num_programs(0)
@@ -96,8 +120,11 @@ def _stats_kernel(
     for start in range(pid_c * CHUNK, tl.minimum(pid_c * CHUNK + CHUNK, L), BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
         mask = (offs_l < L)[:, None]
-        k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=mask, other=0.0)
-        ksum += tl.sum(k.to(tl.float32), axis=0)
+        k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if NORM_ROPE:
+            k = _norm_rope_tile(k, offs_l, L, off_b, kw_ptr, cos_ptr, sin_ptr, stride_cb, stride_cl, eps,
+                                D, ROUND, EXACT_BF16)  # fmt: skip
+        ksum += tl.sum(k, axis=0)
         if WITH_V:
             v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=mask, other=0.0)
             vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), axis=0))
@@ -111,12 +138,15 @@ def _stats_kernel(
 def _quant_kernel(
     q_ptr, k_ptr, v_ptr, ksum_ptr, vmax_ptr,
     q8_ptr, k8_ptr, vt8_ptr, qs_ptr, ks_ptr, vs_ptr,
+    qw_ptr, kw_ptr, cos_ptr, sin_ptr, eps,
     L, Lp, H, n_sblk, q_scale_mult,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
+    stride_cb, stride_cl,
     D: tl.constexpr, SCALE_BLOCK: tl.constexpr, WITH_V: tl.constexpr, QK_INT8: tl.constexpr,
     QK_MAX: tl.constexpr, EMULATE_CAST: tl.constexpr,
+    NORM_ROPE: tl.constexpr, ROUND: tl.constexpr, EXACT_BF16: tl.constexpr,
 ):  # fmt: skip
     """One SCALE_BLOCK of tokens of one head: Q and smoothed K to fp8 with one scale each; V to fp8
     with its per-channel scale, stored transposed (block 0 also stores the V scales). Rows past L are
@@ -133,12 +163,18 @@ def _quant_kernel(
 
     q = tl.load(q_ptr + off_b * stride_qb + off_h * stride_qh + offs_l[:, None] * stride_ql + offs_d[None, :],
                 mask=row_ok, other=0.0).to(tl.float32)  # fmt: skip
+    if NORM_ROPE:
+        q = _norm_rope_tile(q, offs_l, L, off_b, qw_ptr, cos_ptr, sin_ptr, stride_cb, stride_cl, eps,
+                            D, ROUND, EXACT_BF16)  # fmt: skip
     q_amax = tl.maximum(tl.max(tl.abs(q)), 1e-30)
     tl.store(q8_ptr + dst, _to_qk(q * (QK_MAX / q_amax), QK_INT8, EMULATE_CAST))
     tl.store(qs_ptr + pid_bh * n_sblk + pid_s, q_amax / QK_MAX * q_scale_mult)
 
     k = tl.load(k_ptr + off_b * stride_kb + off_h * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :],
                 mask=row_ok, other=0.0).to(tl.float32)  # fmt: skip
+    if NORM_ROPE:
+        k = _norm_rope_tile(k, offs_l, L, off_b, kw_ptr, cos_ptr, sin_ptr, stride_cb, stride_cl, eps,
+                            D, ROUND, EXACT_BF16)  # fmt: skip
     k = tl.where(row_ok, k - (tl.load(ksum_ptr + pid_bh * D + offs_d) / L)[None, :], 0.0)
     k_amax = tl.maximum(tl.max(tl.abs(k)), 1e-30)
     tl.store(k8_ptr + dst, _to_qk(k * (QK_MAX / k_amax), QK_INT8, EMULATE_CAST))
@@ -325,13 +361,27 @@ def quantize_qkv(
     pv: str = "fp8",
     scale_block: int = 64,
     qk: str = "fp8",
+    norm_rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    eps: float = 1e-6,
 ) -> dict[str, Tensor]:
     """The pre-pass: K mean, Q/K fp8 (or int8) + block scales, V fp8 (transposed) + channel scales.
 
     Returns q8, k8 (B, H, Lp, D) e4m3 (int8 for qk="int8") with Lp = L rounded up to 128; qs, ks (B, H, Lp/scale_block) fp32
     (qs includes scale*log2(e)); for pv="fp8" also vt8 (B, H, D, Lp) e4m3 and vs (B, H, D) fp32.
+
+    norm_rope=(q_weight, k_weight, cos, sin): q and k are taken before FLUX.2's QK-RMSNorm and RoPE,
+    which the pre-pass applies as it loads them (``kernels/qk_rope.py``'s maths and roundings, `eps`
+    for the norm; cos, sin from ``rope_cos_sin``), instead of a separate ``qk_norm_rope`` pass. The
+    quantized outputs are the same bits as ``quantize_qkv(*qk_norm_rope(q, k, ...), v)``.
     """
     _check_inputs(q, k, v, pv, scale_block, qk)
+    if norm_rope is not None:
+        if not isinstance(norm_rope, (tuple, list)) or len(norm_rope) != 4:
+            raise ValueError(f"norm_rope must be (q_weight, k_weight, cos, sin), got {norm_rope!r:.80}")
+        qw, kw, cos, sin = norm_rope
+        _check_norm_rope(q, k, qw, kw, cos, sin, None, None)
+    else:
+        qw = kw = cos = sin = q  # unused pointers
     B, H, L, D = q.shape
     Lp = triton.cdiv(L, PAD) * PAD
     n_sblk = Lp // scale_block
@@ -348,10 +398,13 @@ def quantize_qkv(
     n_chunks = triton.cdiv(L, chunk)
     ksum = torch.empty(B * H, n_chunks, D, device=dev, dtype=torch.float32)
     vmax = torch.empty_like(ksum) if with_v else ksum
+    fused = norm_rope is not None
+    stride_cb, stride_cl = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1)) if fused else (0, 0)
+    rope_meta = dict(NORM_ROPE=fused, ROUND=_ROUND[q.dtype], EXACT_BF16=_INTERPRET)
     _stats_kernel[(n_chunks, B * H)](
-        k, v, ksum, vmax, L, H, chunk,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        D=D, BLOCK_L=block_l, WITH_V=with_v, num_warps=4,
+        k, v, ksum, vmax, kw, cos, sin, eps, L, H, chunk,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), stride_cb, stride_cl,
+        D=D, BLOCK_L=block_l, WITH_V=with_v, num_warps=4, **rope_meta,
     )  # fmt: skip
     ksum = ksum.sum(1)  # (B*H, D); the quant kernel divides by L
     vamax = vmax.amax(1) if with_v else ksum  # (B*H, D)
@@ -370,12 +423,14 @@ def quantize_qkv(
     _quant_kernel[(n_sblk, B * H)](
         q, k, v, ksum, vamax,
         out["q8"], out["k8"], vt8, out["qs"], out["ks"], vs,
+        qw, kw, cos, sin, eps,
         L, Lp, H, n_sblk, sm_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        stride_cb, stride_cl,
         D=D, SCALE_BLOCK=scale_block, WITH_V=with_v, QK_INT8=qk == "int8", QK_MAX=QK_RANGE[qk],
-        EMULATE_CAST=emulate, num_warps=4,
+        EMULATE_CAST=emulate, num_warps=4, **rope_meta,
     )  # fmt: skip
     return out
 
@@ -435,6 +490,8 @@ def fp8_attention(
     pv: str = "fp8",
     scale_block: int = 64,
     qk: str = "fp8",
+    norm_rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    eps: float = 1e-6,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -446,8 +503,10 @@ def fp8_attention(
     scale defaults to 1/sqrt(D). Returns (B, H, L, D) in the input dtype.
     qk="int8" quantizes Q and K to int8 with the same block scales instead (same tensor-core rate on
     H100; about 3x lower logit error than e4m3's 3 mantissa bits on RMS-normed inputs).
+    norm_rope=(q_weight, k_weight, cos, sin): q and k before QK-RMSNorm and RoPE, applied in the
+    pre-pass (the optional fused variant; `quantize_qkv`).
     """
-    quant = quantize_qkv(q, k, v, scale=scale, pv=pv, scale_block=scale_block, qk=qk)
+    quant = quantize_qkv(q, k, v, scale=scale, pv=pv, scale_block=scale_block, qk=qk, norm_rope=norm_rope, eps=eps)
     return fp8_attention_quantized(
         quant,
         v,

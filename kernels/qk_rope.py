@@ -74,6 +74,21 @@ def _round_to(x, ROUND: tl.constexpr, EXACT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _norm_rope_rows(x, w, cos, sin, D, eps, ROUND: tl.constexpr, EXACT_BF16: tl.constexpr):
+    """RMSNorm * weight, then RoPE, of each row of ``x`` (R, BLOCK_D) fp32 (zeros past D), with the
+    model's roundings (module docstring). ``w``: (BLOCK_D,) fp32, already rounded; ``cos``, ``sin``:
+    (R or 1, BLOCK_D // 2). Returns (R, BLOCK_D) fp32 on the ``ROUND`` dtype's grid. Also used by the FP8
+    attention pre-pass (kernels/fp8_attention.py) to normalize and rotate Q and K as it loads them."""
+    R: tl.constexpr = x.shape[0]
+    BLOCK_D: tl.constexpr = x.shape[1]
+    rrms = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    y = _round_to(_round_to(x * rrms[:, None], ROUND, EXACT_BF16) * w[None, :], ROUND, EXACT_BF16)
+    y0, y1 = tl.split(tl.reshape(y, (R, BLOCK_D // 2, 2)))
+    o = tl.reshape(tl.join(y0 * cos - y1 * sin, y0 * sin + y1 * cos), (R, BLOCK_D))
+    return _round_to(o, ROUND, EXACT_BF16)
+
+
+@triton.jit
 def _qk_norm_rope_kernel(
     # pointers
     q_ptr,
@@ -149,13 +164,8 @@ def _qk_norm_rope_kernel(
             dst = ko_ptr + b64 * stride_kob + l64 * stride_kol + h64 * stride_koh + offs_d[None, :]
             w = kw
         x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        rrms = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-        y = _round_to(_round_to(x * rrms[:, None], ROUND, EXACT_BF16) * w[None, :], ROUND, EXACT_BF16)
-        y0, y1 = tl.split(tl.reshape(y, (BLOCK_H, BLOCK_D // 2, 2)))
-        o0 = y0 * cos - y1 * sin
-        o1 = y0 * sin + y1 * cos
-        o = tl.reshape(tl.join(o0, o1), (BLOCK_H, BLOCK_D))
-        tl.store(dst, _round_to(o, ROUND, EXACT_BF16).to(dst.dtype.element_ty), mask=mask)
+        o = _norm_rope_rows(x, w, cos, sin, D, eps, ROUND, EXACT_BF16)
+        tl.store(dst, o.to(dst.dtype.element_ty), mask=mask)
 
     if HAS_V:
         src = v_ptr + b64 * stride_vb + l64 * stride_vl + h64 * stride_vh + offs_d[None, :]

@@ -258,3 +258,64 @@ def test_exp2_split_matches_mufu_path(L):
     # (fp32, rel L2 1e-2): a P element near an e4m3 rounding boundary may round the other way (one
     # e4m3 step is 6-12 %); on random inputs ~2e-3 of the output norm
     assert not split.isnan().any() and rel_l2(split, base) < 1e-2, describe(split, base, 0.05)
+
+
+def _raw_qk_and_rope(B, H, L, D, dtype, seed=3):
+    """q, k as they leave the QKV projection (before QK-norm and RoPE), v, the QKNorm weights and
+    FLUX.2's RoPE tables for a text+image sequence (one table for the batch)."""
+    from flux2_bench.kernels.qk_rope import rope_cos_sin
+    from flux2_bench.model import EmbedND
+
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, device=DEVICE) * 3 for _ in range(3))
+    k = k + 2 * torch.randn(1, H, 1, D, generator=g, device=DEVICE)  # a per-channel offset, as in FLUX.2
+    qw, kw = (0.5 + torch.rand(D, generator=g, device=DEVICE) for _ in range(2))
+    n_txt = L // 3
+    ids = torch.cat([text_ids(n_txt), image_ids((L - n_txt + 15) // 16, 16)[:, : L - n_txt]], dim=1)
+    pe = EmbedND(2000, (D // 4,) * 4)(ids.to(DEVICE))
+    cos, sin = rope_cos_sin(pe)
+    return q.to(dtype), k.to(dtype), v.to(dtype), qw.to(dtype), kw.to(dtype), cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("L,qk,pv", [(200, "fp8", "fp8"), (130, "int8", "bf16")])
+def test_fused_norm_rope_prepass_matches_separate_pass(dtype, L, qk, pv):
+    """QK-RMSNorm + RoPE applied while the pre-pass loads Q and K (`norm_rope=`) give the same quantized
+    bits, scales and attention output as the separate `qk_norm_rope` pass followed by the plain pre-pass."""
+    from flux2_bench.kernels.qk_rope import qk_norm_rope
+
+    B, H, D = 2, 3, 64
+    q, k, v, qw, kw, cos, sin = _raw_qk_and_rope(B, H, L, D, dtype)
+    qn, kn = qk_norm_rope(q, k, qw, kw, cos, sin)
+    fused = quantize_qkv(q, k, v, pv=pv, qk=qk, norm_rope=(qw, kw, cos, sin))
+    separate = quantize_qkv(qn, kn, v, pv=pv, qk=qk)
+    assert fused.keys() == separate.keys()
+    for name in fused:
+        a, b = fused[name], separate[name]
+        same = a.view(torch.uint8).equal(b.view(torch.uint8)) if a.element_size() == 1 else a.equal(b)
+        assert same, f"{name}: fused pre-pass differs from qk_norm_rope + pre-pass"
+    out = fp8_attention(q, k, v, pv=pv, qk=qk, norm_rope=(qw, kw, cos, sin))
+    assert out.equal(fp8_attention(qn, kn, v, pv=pv, qk=qk))
+
+
+def test_fused_norm_rope_rejects_bad_tables():
+    q, k, v, qw, kw, cos, sin = _raw_qk_and_rope(1, 2, 64, 32, torch.float32)
+    with pytest.raises(ValueError, match="cos must be"):
+        quantize_qkv(q, k, v, norm_rope=(qw, kw, cos[:, :10], sin[:, :10]))
+    with pytest.raises(ValueError, match="norm_rope must be"):
+        fp8_attention(q, k, v, norm_rope=(qw, kw, cos))
+
+
+@pytest.mark.gpu
+def test_gpu_fused_norm_rope_prepass_bit_exact():
+    """On the GPU in bf16 (the model's dtype) at a FLUX.2 head shape: same bits as the two passes."""
+    from flux2_bench.kernels.qk_rope import qk_norm_rope
+
+    q, k, v, qw, kw, cos, sin = _raw_qk_and_rope(1, 48, 1000, 128, torch.bfloat16)
+    qn, kn = qk_norm_rope(q, k, qw, kw, cos, sin)
+    fused = quantize_qkv(q, k, v, norm_rope=(qw, kw, cos, sin))
+    separate = quantize_qkv(qn, kn, v)
+    for name in fused:
+        a, b = fused[name], separate[name]
+        same = a.view(torch.uint8).equal(b.view(torch.uint8)) if a.element_size() == 1 else a.equal(b)
+        assert same, f"{name}: fused pre-pass differs from qk_norm_rope + pre-pass on the GPU"
