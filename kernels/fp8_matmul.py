@@ -734,12 +734,12 @@ def _cfg(bm, bn, bk, stages, warps, group=8, names=("BLOCK_M", "BLOCK_N", "BLOCK
     )
 
 
-def _pcfg(bm, bn, stages, warps, subtile, group=8, stream_k=False):
+def _pcfg(bm, bn, stages, warps, subtile, group=8, stream_k=False, bk=128):
     return triton.Config(
         {
             "BLOCK_M": bm,
             "BLOCK_N": bn,
-            "BLOCK_K": 128,
+            "BLOCK_K": bk,
             "GROUP_M": group,
             "EPILOGUE_SUBTILE": subtile,
             "STREAM_K": stream_k,

@@ -8,6 +8,11 @@ each call) and with a CUDA-graph replay. `_scaled_mm` row-wise (fast accumulatio
     python3 reports/fp8_matmul/probe_stream_k.py --out $OUT/probe_stream_k_runN.json
 
 Run 1 (git a54510a) timed the first, tile-major stream-K split; run 2 the lanes per row of tiles.
+Run 3 (--bk256) adds BLOCK_K = 256 data-parallel configs. Expectation, written before it: the Nsight
+Compute profile of txt.qkv puts about 45 % of the stall cycles at CTA barriers, four per K step in
+Triton's non-specialized TMA pipeline; 256-wide K steps halve them per FLOP but fit only 2-3 stages.
+Expect 0-8 % on the M = 512 text shapes over the best 128-wide config, possibly a loss where 2 stages
+cannot hide the load latency.
 """
 
 from __future__ import annotations
@@ -27,16 +32,21 @@ SHAPES = [("double.txt.qkv", 512, 6144, 18432), ("double.txt.mlp_in", 512, 6144,
 
 def cfg_name(c) -> str:
     k = c.kwargs
-    return (f"{k['BLOCK_M']}x{k['BLOCK_N']}_s{c.num_stages}_w{c.num_warps}"
+    return (f"{k['BLOCK_M']}x{k['BLOCK_N']}{'' if k['BLOCK_K'] == 128 else '_k' + str(k['BLOCK_K'])}"
+            f"_s{c.num_stages}_w{c.num_warps}"
             f"{'_sub' if k['EPILOGUE_SUBTILE'] else ''}{'_streamK' if k['STREAM_K'] else ''}")  # fmt: skip
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
+    p.add_argument("--bk256", action="store_true", help="also time BLOCK_K = 256 variants (run 3)")
     a = p.parse_args()
     kern = F._fp8_gemm_persistent
     configs = list(kern.configs)
+    if a.bk256:  # half the CTA barriers per FLOP, twice the bytes per pipeline stage
+        configs += [F._pcfg(128, 128, 3, 8, False, bk=256), F._pcfg(128, 128, 3, 4, False, bk=256),
+                    F._pcfg(128, 256, 2, 8, True, bk=256), F._pcfg(64, 256, 2, 4, True, bk=256)]  # fmt: skip
     sms = F._num_sms(torch.device("cuda"))
     rows = []
     for name, M, K, N in SHAPES:
