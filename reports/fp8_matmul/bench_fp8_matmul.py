@@ -1089,6 +1089,21 @@ def _streamk_note(data: dict) -> str:
             f"data-parallel loop for row-wise scales: best stream-K vs best data-parallel config in "
             f"`{probes[-1].name}`: {', '.join(pairs)}. "
         )
+        wide = {}
+        for r in rows:
+            if "graph_ms" in r and "tiles" in r and not r["stream_k"]:
+                k = (r["shape"], "_k256" in r["config"])
+                wide[k] = min(wide.get(k, float("inf")), r["graph_ms"])
+        k256 = [
+            f"{name} {wide[name, True] * 1e3:.0f} vs {wide[name, False] * 1e3:.0f} us"
+            for name in dict.fromkeys(r["shape"] for r in rows)
+            if (name, True) in wide and (name, False) in wide
+        ]
+        if k256:
+            out += (
+                "256-wide K steps (half the CTA barriers per FLOP, 2-3 pipeline stages) lose too: best "
+                f"BLOCK_K = 256 vs best 128 config, same file: {', '.join(k256)}. "
+            )
     ncu = {v: _ncu_metrics(Path(data.get("_dir", ".")) / f"ncu_stream_k_{v}.txt") for v in ("dp", "sk")}
     if all(ncu.values()):
         dp, sk = ncu["dp"], ncu["sk"]
