@@ -406,6 +406,8 @@ if gluon is not None:
         # Partition arguments: the worker partitions take no tensors (scalars, descriptors,
         # shared-memory views and constexprs only); a constexpr in an argument tuple must be a
         # named constexpr (a literal in a concatenated tuple reaches the builder as a plain int).
+        # The two consumer tuples are spelled out: building them as `shared + (WG0,)` does not
+        # compile with triton 3.6 (CompilationError at the warp_specialize call; tried in session 5).
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         gl.warp_specialize(
