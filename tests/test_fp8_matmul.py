@@ -258,6 +258,78 @@ def test_fp8_gemm_stream_k_matches_ref(case, granularity, monkeypatch):
     assert torch.equal(again, out), "second launch on reset counters differs"
 
 
+# wide tiles (persistent kernel, BLOCK_N2 > 0): BLOCK_N + BLOCK_N2 columns in two accumulators.
+# In 32 x (64 + 32) tiles: N = 192 is 2 whole tiles; N = 160 ends inside the first accumulator's part
+# of the second tile (its second accumulator lies wholly past N); N = 232 inside the second one's.
+WIDE_CASES = [(40, 256, 192), (40, 256, 160), (81, 384, 232)]
+
+
+@pytest.mark.parametrize("M,K,N", WIDE_CASES)
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_fp8_gemm_wide_tiles_match_ref(M, K, N, granularity, monkeypatch):
+    monkeypatch.setattr(F, "PERSISTENT", True)
+    cfg = F._pcfg(32, 64, 1, 4, True, group=2, bn2=32)
+    monkeypatch.setattr(F._fp8_gemm_persistent, "configs", [cfg])
+    monkeypatch.setattr(F._fp8_gemm_persistent, "cache", {})
+    monkeypatch.setattr(F, "_FAST_LAUNCHERS", {})
+    x = act(M, K)
+    static = torch.tensor(0.05, device=DEV)
+    xq, xs = F.quantize_fp8_ref(x, granularity, static if granularity == "tensor" else None)
+    _, wq, ws = make_weight(N, K, granularity)
+    residual = torch.randn(M, N, device=DEV).to(torch.bfloat16)
+    gate = torch.randn(N, device=DEV).to(torch.bfloat16)
+    for kw in (dict(out_dtype=torch.float32), dict(out_dtype=torch.float32, residual=residual, gate=gate)):
+        out = F.fp8_gemm(xq, wq, xs, ws, **kw)
+        assert F._use_persistent(xq, wq, out) and F._fp8_gemm_persistent.best_config is cfg
+        ref = F.fp8_gemm_ref(xq, wq, xs, ws, **kw)
+        assert not out.isnan().any(), "output elements left unwritten"
+        assert_close(out, ref, FP32_TOL * ref.abs().max().item(), FP32_TOL, f"wide {granularity} {M}x{K}x{N} {kw}")
+
+
+def test_wide_tiles_pruned_for_two_accumulator_kernels():
+    """Block scales and promoted accumulation already hold two accumulators: no wide tiles for them."""
+    wide = F._pcfg(128, 128, 3, 8, True, bn2=64)
+    plain = F._pcfg(128, 128, 3, 8, True)
+    args = {"a_desc": F.TensorDescriptor(torch.empty(512, 256, device=DEV), [512, 256], [256, 1], [16, 16]),
+            "M": 512, "N": 6144, "res_ptr": torch.empty(1)}  # fmt: skip
+    for kw in (dict(SCALE_MODE=F.SCALE_BLOCK, PROMOTE=False), dict(SCALE_MODE=1, PROMOTE=True)):
+        kept = F._prune_persistent([wide, plain], args, **kw, NUM_SMS=4)
+        assert wide not in kept, f"wide tile offered with {kw}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N", [(512, 6144, 18432), (512, 6144, 6144), (512, 18432, 6144), (1000, 1152, 776)])
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_gpu_wide_tiles(M, K, N, granularity, monkeypatch):
+    """128 x (128 + 64) tiles on FLUX.2's M = 512 text GEMMs and a ragged shape: against the fp32
+    reference, the 128 x 256 tile's output, and with the gated residual epilogue."""
+    monkeypatch.setattr(F, "PERSISTENT", True)
+    monkeypatch.setattr(F, "_FAST_LAUNCHERS", {})
+    x = act(M, K)
+    _, wq, ws = make_weight(N, K, granularity)
+    xq, xs = F.quantize_fp8(x, granularity, torch.tensor(0.05, device=DEV) if granularity == "tensor" else None)
+    residual = torch.randn(M, N, device=DEV).to(torch.bfloat16)
+    gate = torch.randn(N, device=DEV).to(torch.bfloat16)
+    ref = F.fp8_gemm_ref(xq, wq, xs, ws, out_dtype=torch.float32)
+    outs = {}
+    for bn2 in (0, 64):
+        cfg = F._pcfg(128, 256, 3, 8, True) if bn2 == 0 else F._pcfg(128, 128, 3, 8, True, bn2=64)
+        monkeypatch.setattr(F._fp8_gemm_persistent, "configs", [cfg])
+        monkeypatch.setattr(F._fp8_gemm_persistent, "cache", {})
+        out = F.fp8_gemm(xq, wq, xs, ws, out_dtype=torch.float32)
+        assert F._fp8_gemm_persistent.best_config is cfg
+        err = (out - ref).norm().item() / ref.norm().item()
+        assert not torch.isnan(out).any() and err < 6e-3, f"bn2={bn2}: rel L2 {err:.2e}"
+        outs[bn2] = out
+        gated = F.fp8_gemm(xq, wq, xs, ws, residual=residual, gate=gate)
+        gref = F.fp8_gemm_ref(xq, wq, xs, ws, residual=residual, gate=gate, out_dtype=torch.float32)
+        err = (gated.float() - gref).norm().item() / gref.norm().item()
+        assert err < 6e-3, f"bn2={bn2} gated residual: rel L2 {err:.2e}"
+    # the same K order per output element: wide tiles change which wgmma computes a column, not its sum
+    err = (outs[64] - outs[0]).norm().item() / outs[0].norm().item()
+    assert err < 1e-6, f"wide vs 128x256 tiles: rel L2 {err:.2e}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,K,N", [(512, 6144, 18432), (512, 6144, 6144), (512, 18432, 6144)])
 @pytest.mark.parametrize("granularity", ["row", "block"])
