@@ -360,22 +360,6 @@ def _persistent_k_range(acc, a_desc, b_desc, off_m, off_n, pid_n, k_lo, k_hi, sa
 
 
 @triton.jit
-def _persistent_k_range_wide(acc, acc2, a_desc, b_desc, b2_desc, off_m, off_n, k_tiles,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """The wide tile's K loop (fast accumulation only): columns [off_n, off_n + BLOCK_N) into ``acc``
-    and the next BLOCK_N2 columns into ``acc2``, both from one A tile per K step. Two wgmmas per step
-    make a tile of 128 x 192 (Triton tensors are powers of two; the wgmma instruction is not limited
-    to them, but this is how Triton can express it)."""
-    for ki in range(0, k_tiles):
-        a = a_desc.load([off_m, ki * BLOCK_K])
-        b = b_desc.load([off_n, ki * BLOCK_K])
-        b2 = b2_desc.load([off_n + BLOCK_N, ki * BLOCK_K])
-        acc = tl.dot(a, b.T, acc)
-        acc2 = tl.dot(a, b2.T, acc2)
-    return acc, acc2
-
-
-@triton.jit
 def _epilogue_math(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr,
                    stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
                    SCALE_MODE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr):  # fmt: skip
@@ -397,14 +381,13 @@ def _epilogue_math(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, res_ptr,
 
 
 @triton.jit
-def _persistent_epilogue(acc, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr, off_m, off_n, M, N,
+def _persistent_epilogue(acc, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr, pid_m, pid_n, M, N,
                          stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
                          SCALE_MODE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
                          EPILOGUE_SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Scales, FLUX.2 gated residual, cast and TMA store of one finished BLOCK_M x BLOCK_N output tile
-    whose first element is (off_m, off_n)."""
-    offs_m = off_m + tl.arange(0, BLOCK_M)
-    offs_n = off_n + tl.arange(0, BLOCK_N)
+    """Scales, FLUX.2 gated residual, cast and TMA store of one finished output tile."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _epilogue_math(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr,
                          stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn, SCALE_MODE, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
     out_ty = c_desc.dtype
@@ -412,10 +395,10 @@ def _persistent_epilogue(acc, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_pt
         # two half-width stores: half the shared-memory staging buffer, one more pipeline stage
         acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
         acc0, acc1 = tl.split(acc)
-        c_desc.store([off_m, off_n], acc0.to(out_ty))
-        c_desc.store([off_m, off_n + BLOCK_N // 2], acc1.to(out_ty))
+        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc0.to(out_ty))
+        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], acc1.to(out_ty))
     else:
-        c_desc.store([off_m, off_n], acc.to(out_ty))
+        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_ty))
 
 
 @triton.jit
@@ -436,7 +419,6 @@ def _fp8_gemm_persistent_kernel(
     # tensor descriptors (TMA on sm_90) and pointers
     a_desc,  # (M, K) e4m3, block [BLOCK_M, BLOCK_K]
     b_desc,  # (N, K) e4m3, block [BLOCK_N, BLOCK_K]
-    b2_desc,  # the same B, block [BLOCK_N2, BLOCK_K] (unused when BLOCK_N2 == 0)
     c_desc,  # (M, N) out, block [BLOCK_M, BLOCK_N // (2 if EPILOGUE_SUBTILE else 1)]
     a_scale_ptr,
     b_scale_ptr,
@@ -470,7 +452,6 @@ def _fp8_gemm_persistent_kernel(
     FIX_ROWS: tl.constexpr,  # stream-K fixup chunk height
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_N2: tl.constexpr,  # 0, or the width of a second accumulator: tiles of BLOCK_N + BLOCK_N2 columns
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -485,46 +466,15 @@ def _fp8_gemm_persistent_kernel(
     tiles. A program that ends inside a tile stores its fp32 partial tile in ``ws_ptr`` and counts
     itself in that tile's counter; the last to arrive adds the partials, runs the epilogue and zeroes
     the counter for the next launch. No program waits for another. The autotuner offers it to the
-    two-accumulator kernels only (``_prune_persistent``).
-
-    BLOCK_N2 > 0 (wide tiles, data-parallel with fast accumulation only): each tile is BLOCK_N +
-    BLOCK_N2 columns wide, two accumulators fed by one A tile per K step. 128 x (128 + 64) tiles
-    fill 132 SMs where powers of two cannot: at M = 512 and N = 6144, 128 tiles of 128 x 192 run as
-    one wave, where 96 tiles of 128 x 256 or 192 of 128 x 128 leave a quarter of the SM time idle.
-    The second accumulator's tile goes out through the subtiled epilogue's descriptor, so
-    BLOCK_N2 == BLOCK_N // 2 with EPILOGUE_SUBTILE."""
+    two-accumulator kernels only (``_prune_persistent``)."""
     start_pid = tl.program_id(0)
-    TILE_N: tl.constexpr = BLOCK_N + BLOCK_N2
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, TILE_N)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
     if SCALE_MODE == 2:
         tl.static_assert(BLOCK_N == 128 and BLOCK_K == 128)
-    if BLOCK_N2 > 0:
-        tl.static_assert(SCALE_MODE != 2 and not PROMOTE and not STREAM_K)
-        tl.static_assert(EPILOGUE_SUBTILE and 2 * BLOCK_N2 == BLOCK_N)
-        # Not flattened: with two accumulators, the flattened loop's per-step reset (a select on each
-        # accumulator) makes ptxas serialize every wgmma (warning C7515, sm_90, triton 3.6), where one
-        # accumulator compiles clean. The price: each tile refills the pipeline after its epilogue.
-        tile_id_c = start_pid - NUM_SMS
-        for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=False):
-            pid_m, pid_n = _tile_pids(tile_id, num_pid_m, num_pid_n, GROUP_M)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
-            acc, acc2 = _persistent_k_range_wide(acc, acc2, a_desc, b_desc, b2_desc, pid_m * BLOCK_M, pid_n * TILE_N,
-                                                 k_tiles, BLOCK_N, BLOCK_K)  # fmt: skip
-            tile_id_c += NUM_SMS
-            pid_m, pid_n = _tile_pids(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
-            off_m = pid_m * BLOCK_M
-            off_n = pid_n * TILE_N
-            _persistent_epilogue(acc, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr, off_m, off_n, M, N,
-                                 stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
-                                 SCALE_MODE, HAS_RESIDUAL, HAS_GATE, True, BLOCK_M, BLOCK_N)  # fmt: skip
-            _persistent_epilogue(acc2, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr, off_m, off_n + BLOCK_N,
-                                 M, N, stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
-                                 SCALE_MODE, HAS_RESIDUAL, HAS_GATE, False, BLOCK_M, BLOCK_N2)  # fmt: skip
-    elif not STREAM_K:  # data-parallel: whole tiles, one per program and wave
+    if not STREAM_K:  # data-parallel: whole tiles, one per program and wave
         tile_id_c = start_pid - NUM_SMS  # the epilogue recomputes its tile: shorter live ranges
         for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
             pid_m, pid_n = _tile_pids(tile_id, num_pid_m, num_pid_n, GROUP_M)
@@ -535,8 +485,7 @@ def _fp8_gemm_persistent_kernel(
                                       b_scale_ptr, stride_ask, stride_bsn, stride_bsk, SCALE_MODE, PROMOTE, BLOCK_K)  # fmt: skip
             tile_id_c += NUM_SMS
             pid_m, pid_n = _tile_pids(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
-            _persistent_epilogue(acc, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr, pid_m * BLOCK_M,
-                                 pid_n * BLOCK_N, M, N,
+            _persistent_epilogue(acc, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr, pid_m, pid_n, M, N,
                                  stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
                                  SCALE_MODE, HAS_RESIDUAL, HAS_GATE, EPILOGUE_SUBTILE, BLOCK_M, BLOCK_N)  # fmt: skip
     else:
@@ -593,8 +542,8 @@ def _fp8_gemm_persistent_kernel(
                         tl.store(c_ptrs, tot.to(c_ptr.dtype.element_ty), mask=mask)
                     tl.atomic_xchg(cnt_ptr + t, 0)
             else:
-                _persistent_epilogue(acc, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr, off_m, pid_n * BLOCK_N,
-                                     M, N, stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
+                _persistent_epilogue(acc, c_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr, pid_m, pid_n, M, N,
+                                     stride_rm, stride_rn, stride_gn, stride_asm, stride_bsn,
                                      SCALE_MODE, HAS_RESIDUAL, HAS_GATE, EPILOGUE_SUBTILE, BLOCK_M, BLOCK_N)  # fmt: skip
             it += k_hi - k_lo
 
@@ -785,14 +734,11 @@ def _cfg(bm, bn, bk, stages, warps, group=8, names=("BLOCK_M", "BLOCK_N", "BLOCK
     )
 
 
-def _pcfg(bm, bn, stages, warps, subtile, group=8, stream_k=False, bk=128, bn2=0):
-    """A persistent-kernel config; ``bn2`` > 0 makes tiles of bn + bn2 columns (needs bn2 = bn / 2 and
-    the subtiled epilogue)."""
+def _pcfg(bm, bn, stages, warps, subtile, group=8, stream_k=False, bk=128):
     return triton.Config(
         {
             "BLOCK_M": bm,
             "BLOCK_N": bn,
-            "BLOCK_N2": bn2,
             "BLOCK_K": bk,
             "GROUP_M": group,
             "EPILOGUE_SUBTILE": subtile,
@@ -810,7 +756,6 @@ def _set_desc_blocks(nargs):
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bm, bk]
     nargs["b_desc"].block_shape = [bn, bk]
-    nargs["b2_desc"].block_shape = [nargs["BLOCK_N2"] or bn, bk]
     nargs["c_desc"].block_shape = [bm, bn // 2 if nargs["EPILOGUE_SUBTILE"] else bn]
 
 
@@ -848,10 +793,6 @@ else:
         _pcfg(128, 128, 4, 4, False),
         _pcfg(64, 256, 4, 4, True),
         _pcfg(64, 128, 5, 4, False),
-        # 128 x 192 tiles (two accumulators, one A tile): whole waves where the powers of two leave
-        # a partial one at M = 512 (N = 6144: 128 tiles for 132 SMs; N = 18432: 384 = 2.9 waves)
-        _pcfg(128, 128, 4, 8, True, bn2=64),
-        _pcfg(128, 128, 3, 8, True, bn2=64),
         # stream-K, for the two-accumulator kernels where the tile count is not a multiple of the SM
         # count (pruned otherwise; reports/fp8_matmul run 10 and probe_stream_k_run2)
         _pcfg(128, 128, 4, 8, False, stream_k=True),
@@ -920,11 +861,8 @@ def _prune_persistent(configs, named_args, **kwargs):
         kw = c.kwargs
         if block and kw["BLOCK_N"] != 128:
             continue
-        if kw["BLOCK_N2"] and two_acc:  # wide tiles: fast accumulation only (and their 96 + 96 registers)
-            continue
-        tile_n = kw["BLOCK_N"] + kw["BLOCK_N2"]
         rows = triton.cdiv(named_args["M"], kw["BLOCK_M"])
-        tiles = rows * triton.cdiv(named_args["N"], tile_n)
+        tiles = rows * triton.cdiv(named_args["N"], kw["BLOCK_N"])
         # stream-K: a lane of programs per row of tiles (at most one row per SM; with rows dividing the SMs
         # none idles), a counter per tile, and only where whole waves would leave SMs idle. Only for the
         # two-accumulator kernels (block scales, promoted accumulation): there it is up to 1.28x faster at
@@ -936,19 +874,14 @@ def _prune_persistent(configs, named_args, **kwargs):
         if limit is None:
             kept.append(c)
             break  # interpreter: one config, no benchmarking
-        smem = c.num_stages * kw["BLOCK_K"] * (kw["BLOCK_M"] + tile_n)
+        smem = c.num_stages * kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"])
         smem += kw["BLOCK_M"] * kw["BLOCK_N"] * c_bytes // (2 if kw["EPILOGUE_SUBTILE"] else 1)
         if kwargs.get("HAS_RESIDUAL"):  # measured: the residual tile is staged in shared memory too
-            smem += kw["BLOCK_M"] * tile_n * named_args["res_ptr"].element_size()
+            smem += kw["BLOCK_M"] * kw["BLOCK_N"] * named_args["res_ptr"].element_size()
         acc_regs = kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * c.num_warps)
         if smem + 1024 <= limit and (not two_acc or acc_regs <= 64):  # + barriers
             kept.append(c)
-    fallback = [
-        c
-        for c in configs
-        if (not block or c.kwargs["BLOCK_N"] == 128) and not c.kwargs["STREAM_K"] and not c.kwargs["BLOCK_N2"]
-    ]
-    return kept or fallback[-1:]
+    return kept or [c for c in configs if (not block or c.kwargs["BLOCK_N"] == 128) and not c.kwargs["STREAM_K"]][-1:]
 
 
 def _prune_weight_only(configs, named_args, **kwargs):
@@ -1266,30 +1199,29 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
                    *(t.data_ptr() % 16 == 0 for t in (a_scale, b_scale, res, g, out)))  # fmt: skip
             hit = _FAST_LAUNCHERS.get(key)
             if hit is not None:
-                a_desc, b_desc, b2_desc, c_desc = _DESC_TEMPLATES[key]
-                hit(_rebased(a_desc, a), _rebased(b_desc, b), _rebased(b2_desc, b), _rebased(c_desc, out), a_scale,
-                    b_scale, res, g, out, ws, cnt, *ints)  # fmt: skip
+                a_desc, b_desc, c_desc = _DESC_TEMPLATES[key]
+                hit(_rebased(a_desc, a), _rebased(b_desc, b), _rebased(c_desc, out), a_scale, b_scale, res, g, out,
+                    ws, cnt, *ints)  # fmt: skip
                 return out
         num_sms = _num_sms(a.device)
         # block shapes are placeholders: the autotuner's pre-hook sets them per config
         a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [16, 16])
         b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [16, 16])
-        b2_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [16, 16])
         c_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [16, 16])
         # one program per SM, fewer for few tiles (stream-K shares iterations, not tiles: all SMs)
         grid = lambda meta: (
             num_sms
             if meta["STREAM_K"]
-            else min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"] + meta["BLOCK_N2"])),
+            else min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),
         )
         _launch(
             kern, grid,
-            a_desc, b_desc, b2_desc, c_desc, a_scale, b_scale, res, g, out, ws, cnt, *ints,
+            a_desc, b_desc, c_desc, a_scale, b_scale, res, g, out, ws, cnt, *ints,
             _key=key, SCALE_MODE=mode, PROMOTE=not fast_accum, HAS_RESIDUAL=residual is not None,
             HAS_GATE=gate is not None, C_BYTES=out.element_size(), NUM_SMS=num_sms,
         )  # fmt: skip
         if key in _FAST_LAUNCHERS:
-            _DESC_TEMPLATES[key] = (a_desc, b_desc, b2_desc, c_desc)
+            _DESC_TEMPLATES[key] = (a_desc, b_desc, c_desc)
         return out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _launch(

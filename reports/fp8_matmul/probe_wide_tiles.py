@@ -20,6 +20,18 @@ Expectation, written before the first run (git of this file's commit):
   geomean over the ten shapes in GPU time: 1.00-1.05x, from run 10's 0.977x.
 
     python3 reports/fp8_matmul/probe_wide_tiles.py --out $OUT/probe_wide_tiles_runN.json
+
+Run 1 (git 88fe456, H100, probe_wide_tiles_run1.json), written after it: the expectation missed. The
+best wide config against the best power-of-two one (graph GPU time, same run): txt.proj 0.96x,
+txt.mlp_out 0.96x, txt.qkv 0.97x, txt.mlp_in 0.88x, M >= 4096 0.76-0.83x. At M = 512 the wide tiles
+kept 128 SMs busy instead of 96 but finished later: per active SM they ran at 8.3 TFLOP/s on
+txt.mlp_out against 11.6 for 96 tiles of 128 x 256, i.e. the full waves are bound by L2-to-SM traffic
+(as Nsight Compute said of txt.qkv in session 5), which 40 KB of A and B per 6.3 MFLOP K step (128 x
+192) raises over 48 KB per 8.4 MFLOP (128 x 256); more busy SMs only split the same bandwidth. On
+M >= 4096 the wide tile runs like the 128 x 128 8-warp config (0.78-0.88x of 128 x 256) plus the
+pipeline refill of its unflattened loop. The wide path was reverted from the kernel (it added a
+descriptor to every launch for no gain); run it at 88fe456. What would cut the L2 traffic is a weight
+tile multicast to a cluster of CTAs (cuBLAS's kernels), not a different tile count.
 """
 
 from __future__ import annotations
