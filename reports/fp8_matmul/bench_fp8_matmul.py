@@ -1034,6 +1034,47 @@ def _wo_decode_note(data, wo_small, over) -> str:
     return note
 
 
+def _ab_note(timed: list) -> str:
+    """The row-wise target by the interleaved A/B timer, and what the wide-tile probe found."""
+    key = "ours_gemm_row_vs_scaled_mm_row_fast_ab"
+    ab = [(s, s["times"][key]) for s in timed if "ratio" in s["times"].get(key, {})]
+    if not ab:
+        return ""
+    big = [x for s, x in ab if s["M"] >= 4096]
+    small = [x for s, x in ab if s["M"] < 4096]
+    early = _geo([r for _, x in ab for r in x["ratios"][:3]])
+    late = _geo([r for _, x in ab for r in x["ratios"][-3:]])
+    worst = min(ab, key=lambda p: p[1]["ratio"])
+    t = [s["times"] for s, _ in ab]
+    single = [x[SMF_G]["ms"] / x["ours_gemm_row_graph"]["ms"] for x in t if "ms" in x.get(SMF_G, {})]
+    note = (
+        f"- **Row-wise by the interleaved A/B timer: {_geo([x['ratio'] for _, x in ab]):.3f}x** "
+        f"(M >= 4096: {_geo([x['ratio'] for x in big]):.3f}x, M = 512: {_geo([x['ratio'] for x in small]):.3f}x; "
+        f"weakest {worst[0]['name']} at {worst[1]['ratio']:.3f}x, every round within "
+        f"{worst[1]['ratio_min']:.3f}-{worst[1]['ratio_max']:.3f}). The single-shot GPU-time column gave "
+        f"{_geo(single):.3f}x "
+        "for the same kernels, so the miss is not an artefact of when each variant was timed. Within the nine "
+        f"rounds the ratio drifts: geomean {early:.3f}x over the first three rounds of every shape, {late:.3f}x over "
+        "the last three: our kernel loses more than cuBLAS as the rounds go on (clock and power state under sustained "
+        "FP8 load, presumably; clocks were not recorded)."
+    )
+    probe = Path(__file__).parent / "probe_wide_tiles_run1.json"
+    if probe.exists():
+        rows = json.loads(probe.read_text())["rows"]
+        ratios = []
+        for name in dict.fromkeys(r["shape"] for r in rows if r["shape"].startswith("double.txt")):
+            rs = [r for r in rows if r["shape"] == name and "wide" in r and "graph_ms" in r]
+            best = {w: min(r["graph_ms"] for r in rs if r["wide"] == w) for w in (False, True)}
+            ratios.append(f"{name} {best[False] / best[True]:.2f}x")
+        note += (
+            " Tiles of 128 x (128 + 64) in two accumulators, which fill whole waves at M = 512 where powers of two "
+            "leave a partial one, ran slower than the best power-of-two tile (`probe_wide_tiles_run1.json`, "
+            "speed of the best wide config over the best other one: " + ", ".join(ratios) + "): the full waves are "
+            "bound by L2-to-SM traffic, so more busy SMs split the same bandwidth. They were reverted."
+        )
+    return note
+
+
 def analysis(data: dict, timed: list) -> str:
     """Explanations of hits and misses, with every figure computed from the JSON."""
     ceil = data["ceiling"]["fp8_scaled_mm_tensor_8192_tflops"]
@@ -1114,8 +1155,10 @@ def analysis(data: dict, timed: list) -> str:
         + _streamk_note(data)
         + f"On M >= 4096 cuBLAS's eager medians are {drift(big, smf)} off its GPU times, ours "
         f"{drift(big, row)}. Next step: a weight tile shared by a cluster of two CTAs through TMA multicast "
-        "(half the L2-to-SM traffic of the weights, which is what cuBLAS's cluster kernels do), which Triton "
-        "3.6 does not expose for Hopper, so Gluon; and a launch path without per-call Python work "
+        "(half the L2-to-SM traffic of the weights, which is what cuBLAS's cluster kernels do), which neither "
+        "Triton 3.6 (`num_ctas=2` does not compile the persistent kernel for sm_90: an LLVM error on the CTA "
+        "dimension of a layout, checked on the CPU) nor Gluon 3.6 (its Hopper TMA copy takes no multicast "
+        "argument) exposes, so inline PTX or CUTLASS; and a launch path without per-call Python work "
         "(capture the transformer block in a CUDA graph).",
         f"- **Block scaling: target >= 0.9 missed, as expected (one timeboxed attempt).** Persistent kernel, "
         f"BLOCK_N = 128, so each K step's weight scale is one scalar: {over(timed, 'ours_gemm_block', row):.3f}x "
@@ -1149,9 +1192,12 @@ def analysis(data: dict, timed: list) -> str:
         "fused kernel wins, but only at "
         f"{min(small_fused, default=0):.2f}-{max(small_fused, default=0):.2f}x bf16 speed. "
         + _wo_decode_note(data, wo_small, over)
-        + "Next step for M = 512: warp specialization (decode and MMA in different warpgroups); or "
-        "dequantize the text-stream weights once per step and reuse them across the guidance passes.",
+        + "Next step for M = 512: warp specialization (decode and MMA in different warpgroups), on the "
+        "producer/consumer structure of the Gluon block GEMM.",
     ]
+    ab_note = _ab_note(timed)
+    if ab_note:
+        out.insert(1, ab_note)
     if data.get("skipped"):
         out.append(
             "- **Not timed in this run** (the run's time budget ran out; run 3 timed them with the same "
