@@ -249,49 +249,6 @@ def bench(fn, rep=100):
     return {"ms": med, "p10_ms": lo, "p90_ms": hi}
 
 
-_FLUSH = {}
-
-
-def bench_graph(fn, n=20, reps=5):
-    """GPU time of one call without the host: a CUDA graph of n x (L2 flush, fn) minus a graph of n
-    flushes alone, median of reps replays. The eager timer (`bench`) includes Python launch overhead
-    whenever it exceeds the ~85 us L2 flush that precedes each call."""
-    if "buf" not in _FLUSH:
-        _FLUSH["buf"] = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
-    flush = _FLUSH["buf"]
-    fn()
-    torch.cuda.synchronize()
-    graphs = []
-    for body in (lambda: (flush.zero_(), fn()), flush.zero_):
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(n):
-                body()
-        graphs.append(g)
-    per = []
-    for g in graphs:
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        per.append(sorted(ts)[reps // 2])
-    del graphs
-    return {"ms": (per[0] - per[1]) / n, "flush_ms": per[1] / n}
-
-
-# The four target pairs, timed interleaved: (ours, anchor); ratio = anchor time / ours time.
-AB_PAIRS = (
-    ("ours_gemm_row", "scaled_mm_row_fast"),
-    ("ours_linear_row", TQ_ROW),
-    ("ours_gemm_block", "ours_gemm_row"),
-    ("ours_weight_only_row", "bf16_mm"),
-)
-
-
 def _graph_of(body, n):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -307,6 +264,33 @@ def _replay_ms(g) -> float:
     b.record()
     b.synchronize()
     return a.elapsed_time(b)
+
+
+_FLUSH = {}
+
+
+def bench_graph(fn, n=20, reps=5):
+    """GPU time of one call without the host: a CUDA graph of n x (L2 flush, fn) minus a graph of n
+    flushes alone, median of reps replays. The eager timer (`bench`) includes Python launch overhead
+    whenever it exceeds the ~85 us L2 flush that precedes each call."""
+    if "buf" not in _FLUSH:
+        _FLUSH["buf"] = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    flush = _FLUSH["buf"]
+    fn()
+    torch.cuda.synchronize()
+    graphs = [_graph_of(lambda: (flush.zero_(), fn()), n), _graph_of(flush.zero_, n)]
+    per = [sorted(_replay_ms(g) for _ in range(reps))[reps // 2] for g in graphs]
+    del graphs
+    return {"ms": (per[0] - per[1]) / n, "flush_ms": per[1] / n}
+
+
+# The four target pairs, timed interleaved: (ours, anchor); ratio = anchor time / ours time.
+AB_PAIRS = (
+    ("ours_gemm_row", "scaled_mm_row_fast"),
+    ("ours_linear_row", TQ_ROW),
+    ("ours_gemm_block", "ours_gemm_row"),
+    ("ours_weight_only_row", "bf16_mm"),
+)
 
 
 def bench_ab(ours, anchor, n, rounds=9):
