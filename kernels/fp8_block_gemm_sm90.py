@@ -309,18 +309,26 @@ if gluon is not None:
 
     @gluon.jit
     def _ws_consumer(
-        a_smem, b_smem, ready, empty,
+        a_smem, b_smem, ready, empty, issued,
         a_scale_ptr, b_scale_ptr, out_ptr, res_ptr, gate_ptr,
         M, N, K,
         stride_asm, stride_ask, stride_bsn, stride_bsk, stride_om, stride_rm, stride_gn,
         HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
+        ORDERED: gl.constexpr, LAGGED: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup (4 warps): rows [WG * 64, WG * 64 + 64) of each tile, lagged promotion
         as in the non-specialized kernel, no barrier shared with the other consumer: it waits
         ``ready[s]``, issues its m64n128 wgmma on its half of the A tile, promotes the previous
         step while the wgmma runs, waits for it and releases the slot (``empty[s]``, count 2).
         The epilogue (gate, residual, cast, masked store) of its 64 rows runs while the producer
-        already loads the next tile."""
+        already loads the next tile.
+
+        ``ORDERED``: consumer 1 issues step ``it``'s wgmma only after consumer 0 issued its own
+        (``issued[s]``, count 1), so the two products run one after the other on the tensor cores
+        and each consumer's promotion and bookkeeping fall under the other's wgmma, instead of both
+        sharing the tensor cores in lockstep and then both leaving them idle. ``LAGGED=False``:
+        promote step k right after its wait (DeepGEMM's order; no lagged copy of the product),
+        relying on the other consumer's wgmma for the overlap."""
         NUM_STAGES: gl.constexpr = a_smem.shape[0]
         BM_TILE: gl.constexpr = a_smem.shape[1]
         BM: gl.constexpr = 64
@@ -346,18 +354,33 @@ if gluon is not None:
             acc = gl.zeros([BM, BN], gl.float32, layout=mma)
             part = gl.zeros([BM, BN], gl.float32, layout=mma)  # step j-1's product
             scale = gl.zeros([BM], gl.float32, layout=row_l)  # its a_s * b_s
+            if not LAGGED:
+                scale = _step_scale(sa_ptrs, sb_ptr, mask_m, 0, k_tiles, stride_ask, stride_bsk)
             for j in range(k_tiles):
                 s = it % NUM_STAGES
                 mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
+                if ORDERED and WG == 1:
+                    mbarrier.wait(issued.index(s), (it // NUM_STAGES) & 1)
                 a_s = a_smem.index(s).slice(WG * BM, BM, dim=0)
                 b_s = b_smem.index(s)
                 tok = warpgroup_mma(a_s, b_s.permute((1, 0)), zero, use_acc=False, is_async=True)
-                acc = acc + part * scale[:, None]
-                scale = _step_scale(sa_ptrs, sb_ptr, mask_m, j, k_tiles, stride_ask, stride_bsk)
-                part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
-                mbarrier.arrive(empty.index(s), count=1)
+                if ORDERED and WG == 0:
+                    mbarrier.arrive(issued.index(s), count=1)
+                if LAGGED:
+                    acc = acc + part * scale[:, None]
+                    scale = _step_scale(sa_ptrs, sb_ptr, mask_m, j, k_tiles, stride_ask, stride_bsk)
+                    part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
+                    mbarrier.arrive(empty.index(s), count=1)
+                else:  # scales prefetched one step ahead: the LDG latency is not waited for
+                    nxt = _step_scale(sa_ptrs, sb_ptr, mask_m, gl.minimum(j + 1, k_tiles - 1), k_tiles,
+                                      stride_ask, stride_bsk)  # fmt: skip
+                    part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
+                    mbarrier.arrive(empty.index(s), count=1)
+                    acc = acc + part * scale[:, None]
+                    scale = nxt
                 it += 1
-            acc = acc + part * scale[:, None]
+            if LAGGED:
+                acc = acc + part * scale[:, None]
 
             offs_n = pid_n * BN + gl.arange(0, BN, layout=col_l)
             mask_n = offs_n < N
@@ -384,6 +407,8 @@ if gluon is not None:
         GROUP: gl.constexpr,
         PRODUCER_REGS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
+        ORDERED: gl.constexpr,
+        LAGGED: gl.constexpr,
         num_warps: gl.constexpr,
     ):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -398,9 +423,11 @@ if gluon is not None:
         b_smem = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES, BN, BK], b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        issued = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)  # the producer's expect; TMA bytes complete it
             mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(issued.index(i), count=1)  # consumer 0 issued its wgmma (ORDERED only)
         fence_async_shared()
 
         # Partition arguments: the worker partitions take no tensors (scalars, descriptors,
@@ -419,6 +446,7 @@ if gluon is not None:
                         b_smem,
                         ready,
                         empty,
+                        issued,
                         a_scale_ptr,
                         b_scale_ptr,
                         out_ptr,
@@ -438,6 +466,8 @@ if gluon is not None:
                         HAS_GATE,
                         GROUP,
                         WG0,
+                        ORDERED,
+                        LAGGED,
                     ),
                 ),  # fmt: skip
                 (  # worker 0: 4 warps, consumer of rows 64..127
@@ -447,6 +477,7 @@ if gluon is not None:
                         b_smem,
                         ready,
                         empty,
+                        issued,
                         a_scale_ptr,
                         b_scale_ptr,
                         out_ptr,
@@ -466,6 +497,8 @@ if gluon is not None:
                         HAS_GATE,
                         GROUP,
                         WG1,
+                        ORDERED,
+                        LAGGED,
                     ),
                 ),  # fmt: skip
                 (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),  # worker 1: 1 warp
@@ -531,6 +564,8 @@ def fp8_block_gemm_sm90(
     block_m: int = 128,
     num_stages: int = 4,
     warp_specialized: bool = False,
+    ws_ordered: bool = False,
+    ws_lagged: bool = True,
 ) -> torch.Tensor:
     """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` with 1x128 (A) and 128x128 (B) block
     scales on Hopper: e4m3 ``a`` (M, K), ``b`` (N, K); fp32 ``a_scale`` (M, ceil(K/128)), ``b_scale``
@@ -538,7 +573,9 @@ def fp8_block_gemm_sm90(
     scales (module docstring). ``block_m``: 128 (8 warps) or 64 (4 warps, small M); ``num_stages``:
     depth of the TMA ring (2-6; each stage holds (block_m + 128) x 128 bytes). ``warp_specialized``:
     the persistent warp-specialized kernel (one TMA producer warp, two consumer warpgroups of 64
-    rows; block_m must be 128)."""
+    rows; block_m must be 128). ``ws_ordered`` / ``ws_lagged``: its schedule (``_ws_consumer``):
+    consumer 1 issues each wgmma after consumer 0's / each consumer promotes the previous step
+    under its own wgmma (False: right after the wait)."""
     _check_fp8_operands(a, b, out_dtype)  # fp8_gemm's own checks, then what TMA adds
     for name, t in (("a", a), ("b", b)):
         if t.stride(1) != 1:
@@ -559,6 +596,8 @@ def fp8_block_gemm_sm90(
         raise ValueError(f"block_m must be one of {sorted(_WARPS)}, got {block_m}")
     if not 2 <= num_stages <= 6:
         raise ValueError(f"num_stages must be in 2..6, got {num_stages}")
+    if (ws_ordered or not ws_lagged) and not warp_specialized:
+        raise ValueError("ws_ordered / ws_lagged are schedules of the warp-specialized kernel (warp_specialized=True)")
     if warp_specialized and block_m != 128:
         raise ValueError(f"warp_specialized needs block_m=128 (two consumer warpgroups of 64 rows), got {block_m}")
     devs = {t.device for t in (a, b, a_scale, b_scale, residual, gate) if t is not None}
@@ -601,6 +640,7 @@ def fp8_block_gemm_sm90(
             HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None,
             NUM_STAGES=num_stages, GROUP=GROUP_M,
             PRODUCER_REGS=WS_PRODUCER_REGS, CONSUMER_REGS=WS_CONSUMER_REGS,
+            ORDERED=ws_ordered, LAGGED=ws_lagged,
             num_warps=4, maxnreg=WS_MAXNREG,
         )  # fmt: skip
         return out
@@ -625,9 +665,11 @@ def fp8_block_gemm_sm90_ws(
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     num_stages: int = 4,
+    ordered: bool = False,
+    lagged: bool = True,
 ) -> torch.Tensor:
     """``fp8_block_gemm_sm90(..., block_m=128, warp_specialized=True)``: same arguments and maths."""
     return fp8_block_gemm_sm90(
         a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate,
-        block_m=128, num_stages=num_stages, warp_specialized=True,
+        block_m=128, num_stages=num_stages, warp_specialized=True, ws_ordered=ordered, ws_lagged=lagged,
     )  # fmt: skip

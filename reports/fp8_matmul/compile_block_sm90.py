@@ -41,7 +41,10 @@ def desc_sig(rows: int) -> str:
     return mangle_type(TensorDescriptor(t, [256, 512], [512, 1], [rows, 128], lay))
 
 
-def compile_cfg(block_m: int, num_stages: int, has_res: bool, has_gate: bool, out: str, ws: bool = False):
+def compile_cfg(
+    block_m: int, num_stages: int, has_res: bool, has_gate: bool, out: str, ws: bool = False, sched: str = "lag"
+):
+    """``sched`` (warp-specialized kernel only): "lag", "lag+order" or "order" (ORDERED, not LAGGED)."""
     fn = G._fp8_block_gemm_sm90_ws_kernel if ws else G._fp8_block_gemm_sm90_kernel
     num_warps = 4 if ws else G._WARPS[block_m]
     sig = {
@@ -66,6 +69,7 @@ def compile_cfg(block_m: int, num_stages: int, has_res: bool, has_gate: bool, ou
     const = {"HAS_RESIDUAL": has_res, "HAS_GATE": has_gate, "NUM_STAGES": num_stages, "GROUP": G.GROUP_M}
     if ws:
         const.update(PRODUCER_REGS=G.WS_PRODUCER_REGS, CONSUMER_REGS=G.WS_CONSUMER_REGS)
+        const.update(ORDERED="order" in sched, LAGGED="lag" in sched)
     const["num_warps"] = num_warps
     for c in const:
         sig[c] = "constexpr"
@@ -124,6 +128,7 @@ def order_summary(body) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dump", default=None, help="folder for ttgir/ptx/sass of each config")
+    ap.add_argument("--only-ws", action="store_true", help="the warp-specialized configs only")
     args = ap.parse_args()
     print("triton", triton.__version__)
     cfgs = [(128, 4, False, False, "bf16", False), (128, 4, True, True, "bf16", False),
@@ -131,11 +136,16 @@ def main():
             (64, 4, True, True, "fp32", False),
             (128, 4, False, False, "bf16", True), (128, 4, True, True, "bf16", True),
             (128, 3, False, False, "fp32", True), (128, 5, True, True, "fp32", True)]  # fmt: skip
-    for block_m, stages, res, gate, out, ws in cfgs:
+    cfgs = [c + ("lag",) for c in cfgs]
+    cfgs += [(128, 4, False, False, "bf16", True, "lag+order"), (128, 4, False, False, "bf16", True, "order"),
+             (128, 5, True, True, "bf16", True, "order")]  # fmt: skip
+    if args.only_ws:
+        cfgs = [c for c in cfgs if c[5]]
+    for block_m, stages, res, gate, out, ws, sched in cfgs:
         tag = f"bm{block_m}_s{stages}_{'res' if res else 'nores'}_{'gate' if gate else 'nogate'}_{out}"
-        tag = "ws_" + tag if ws else tag
+        tag = f"ws_{sched}_" + tag if ws else tag
         try:
-            ck = compile_cfg(block_m, stages, res, gate, out, ws)
+            ck = compile_cfg(block_m, stages, res, gate, out, ws, sched)
         except Exception as e:  # noqa: BLE001 (report every config)
             print(f"== {tag}: COMPILE FAILED {type(e).__name__}: {str(e)[:2000]}")
             continue

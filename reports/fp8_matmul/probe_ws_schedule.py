@@ -1,0 +1,262 @@
+"""Probe: does the schedule of the two consumer warpgroups limit the warp-specialized block GEMM?
+
+Question. ``kernels/fp8_block_gemm_sm90.py``'s warp-specialized kernel (block scales, 128 x 128 tiles)
+ran at ~850 TFLOP/s (run 2 of bench_block_sm90.py), against ~1200 for our row-wise kernel on the same
+128 x 128 tile (probe_wide_tiles run 1, ``128x128_s4_w4``): the promotion costs ~30 %, although each
+consumer promotes step k-1 under its own wgmma of step k. Both consumers wait on the same ``ready``
+barrier, so they issue their wgmmas together, share the tensor cores in lockstep, and then both leave
+them idle while they wait, arrive and re-issue. Schedules compared (``_ws_consumer``):
+
+- ``lag``: the current kernel (lagged promotion, no order between the consumers);
+- ``lag+order``: consumer 1 issues step k only after consumer 0 issued it (``issued[s]`` mbarriers),
+  so the two products run back to back and each consumer's bookkeeping falls under the other's wgmma;
+- ``order``: ordered, promotion right after the wait (DeepGEMM's order: no lagged copy of the
+  product, 131 instead of 198 SASS instructions per K step, compile_block_sm90.txt), with the scales
+  prefetched one step ahead.
+
+Expectation (written before the first run): ``lag+order`` and ``order`` 1.10-1.25x ``lag`` on every
+shape (a 100-200-cycle idle gap per ~700-1200-cycle K step removed); ``order`` >= ``lag+order``
+(fewer instructions, same overlap). Against the library's Triton block path (``fp8_gemm`` with block
+scales: persistent, stream-K at M = 512): ``lag`` 1.0-1.1x on M >= 4096 and 0.9-1.0x on M = 512,
+``order`` 1.1-1.3x; block / row-wise then ~0.7-0.75 instead of 0.60 (target 0.9: still missed).
+
+What it does, on every FLUX.2-dev GEMM shape at 1024^2:
+1. each schedule once in a child process with a time limit (a wrong mbarrier phase deadlocks);
+2. correctness: every schedule's fp32 output bit-identical to ``lag``'s (same promotion order), and
+   ``lag``'s rel L2 against ``fp8_gemm_ref`` on 256 sampled rows;
+3. GPU time (CUDA graphs of L2 flush + call, flushes subtracted; ``bench_graph`` of
+   bench_fp8_matmul.py) of the three schedules at 4 stages, ``order`` at 3 and 5 stages, the library
+   block and row-wise ``fp8_gemm``, ``_scaled_mm`` row-wise fast and 1x128/128x128 block;
+4. the interleaved A/B timer (``bench_ab``) for best-new-schedule vs ``lag``, vs library block, vs
+   library row-wise.
+
+    python3 reports/fp8_matmul/probe_ws_schedule.py --out $OUT/probe_ws_schedule_run1.json
+    python3 reports/fp8_matmul/probe_ws_schedule.py --render reports/fp8_matmul/probe_ws_schedule_run1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SCHEDULES = {"lag": dict(ordered=False, lagged=True), "lag+order": dict(ordered=True, lagged=True),
+             "order": dict(ordered=True, lagged=False)}  # fmt: skip
+EXPECTATION = (
+    "lag+order and order 1.10-1.25x lag on every shape, order >= lag+order; vs the library Triton block "
+    "path: lag 1.0-1.1x on M >= 4096 and 0.9-1.0x on M = 512, order 1.1-1.3x; block / row-wise ~0.7-0.75 "
+    "(target 0.9 still missed); written before run 1"
+)
+
+SMOKE = """
+import sys, torch
+from flux2_bench.kernels import fp8_block_gemm_sm90 as G
+from flux2_bench.kernels.fp8_matmul import fp8_gemm_ref
+kw = dict(ordered=sys.argv[1] == "1", lagged=sys.argv[2] == "1")
+g = torch.Generator().manual_seed(0)
+M, N, K = 1000, 1111, 768
+a = (torch.randn(M, K, generator=g) * 2).to(torch.float8_e4m3fn).cuda()
+b = (torch.randn(N, K, generator=g) * 2).to(torch.float8_e4m3fn).cuda()
+sa = (torch.rand(M, 6, generator=g) + 0.5).cuda()
+sb = (torch.rand(9, 6, generator=g) + 0.5).cuda()
+out = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, out_dtype=torch.float32, **kw)
+torch.cuda.synchronize()
+ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)
+print("rel_l2", ((out - ref).norm() / ref.norm()).item())
+"""
+
+
+def smoke(sched: str, timeout_s: int = 180) -> dict:
+    kw = SCHEDULES[sched]
+    argv = [sys.executable, "-c", SMOKE, str(int(kw["ordered"])), str(int(kw["lagged"]))]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout_s} s (deadlock?)"}
+    rel = [float(x.split()[1]) for x in r.stdout.splitlines() if x.startswith("rel_l2")]
+    ok = r.returncode == 0 and bool(rel) and rel[0] < 1e-3
+    return {"ok": ok, "rc": r.returncode, "rel_l2": rel[0] if rel else None,
+            "tail": "" if ok else (r.stdout + r.stderr)[-1500:]}  # fmt: skip
+
+
+def err(e) -> str:
+    return f"{type(e).__name__}: {str(e)[:400]}"
+
+
+def run_shape(name, M, K, N, ok_scheds):
+    from bench_fp8_matmul import bench_ab, bench_graph, quant_weights, scaled_mm
+
+    from flux2_bench.kernels import fp8_block_gemm_sm90 as G
+    from flux2_bench.kernels import fp8_matmul as F
+
+    row = {"name": name, "M": M, "K": K, "N": N, "flops": 2 * M * N * K, "check": {}, "times": {}, "ab": {}}
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    x[:, :8] *= 20  # outlier channels, as in bench_fp8_matmul
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    wq = quant_weights(w)
+    (w8r, wsr), (w8b, wsb) = wq["row"], wq["block"]
+    x8b, xsb = F.quantize_fp8(x, "block")
+    x8r, xsr = F.quantize_fp8(x, "row")
+
+    def ws(sched, stages=4, out_dtype=torch.bfloat16):
+        return lambda: G.fp8_block_gemm_sm90_ws(
+            x8b, w8b, xsb, wsb, num_stages=stages, out_dtype=out_dtype, **SCHEDULES[sched]
+        )
+
+    # correctness: bitwise against lag, lag against the fp32 reference on sampled rows
+    base = ws("lag", out_dtype=torch.float32)()
+    rows = torch.randperm(M, device="cuda")[:256]
+    ref = F.fp8_gemm_ref(x8b[rows], w8b, xsb[rows], wsb, out_dtype=torch.float32)
+    row["check"]["lag_rel_l2_vs_ref"] = ((base[rows] - ref).norm() / ref.norm()).item()
+    for sched in ok_scheds:
+        if sched == "lag":
+            continue
+        out = ws(sched, out_dtype=torch.float32)()
+        row["check"][f"{sched}_bitwise_equal_lag"] = bool(torch.equal(out, base))
+        row["check"][f"{sched}_max_abs_diff_vs_lag"] = (out - base).abs().max().item()
+    del base, ref
+
+    variants = {f"ws_{s}": ws(s) for s in ok_scheds}
+    if "order" in ok_scheds:
+        variants["ws_order_s3"] = ws("order", 3)
+        variants["ws_order_s5"] = ws("order", 5)
+    variants["ours_gemm_block"] = lambda: F.fp8_gemm(x8b, w8b, xsb, wsb)
+    variants["ours_gemm_row"] = lambda: F.fp8_gemm(x8r, w8r, xsr, wsr)
+    variants["scaled_mm_row_fast"] = lambda: scaled_mm(x8r, w8r, xsr, wsr.reshape(1, N), True)
+    xsb_outer = xsb.t().contiguous().t()
+    variants["scaled_mm_block"] = lambda: scaled_mm(x8b, w8b, xsb_outer, wsb.t(), False)
+    for key, fn in variants.items():
+        try:
+            t = bench_graph(fn)
+            t["tflops"] = row["flops"] / t["ms"] / 1e9
+        except Exception as e:  # noqa: BLE001 (record and go on)
+            t = {"error": err(e)}
+        row["times"][key] = t
+    new = [k for k in ("ws_order", "ws_lag+order", "ws_order_s3", "ws_order_s5") if "ms" in row["times"].get(k, {})]
+    if new:
+        best = min(new, key=lambda k: row["times"][k]["ms"])
+        row["best_new"] = best
+        n = max(3, min(20, int(20e-3 / (row["times"][best]["ms"] * 1e-3 + 1e-9))))
+        for anchor in ("ws_lag", "ours_gemm_block", "ours_gemm_row"):
+            if anchor in variants:
+                try:
+                    row["ab"][f"{best}|{anchor}"] = bench_ab(variants[best], variants[anchor], n)
+                except Exception as e:  # noqa: BLE001
+                    row["ab"][f"{best}|{anchor}"] = {"error": err(e)}
+    variants.clear()
+    return row
+
+
+def geo(xs):
+    xs = [x for x in xs if x]
+    return (math.exp(sum(map(math.log, xs)) / len(xs)), min(xs), max(xs)) if xs else None
+
+
+def render(path: Path) -> str:
+    d = json.loads(path.read_text())
+    m = d["meta"]
+    L = [f"# Warp-specialized block GEMM: consumer schedules (generated by `{Path(__file__).name} --render`)", ""]
+    L += [f"`{path.name}`: git {m['git_sha']}, {m['gpu']}, torch {m['torch']}, triton {m['triton']}. "
+          f"Timer: {m['timer']}.", "", f"Expectation recorded in the run: {m['expectation']}", ""]  # fmt: skip
+    smoke_txt = [f"{s}: " + ("ok" if r["ok"] else "FAILED " + r.get("error", str(r.get("rc"))))
+                 for s, r in m["smoke"].items()]  # fmt: skip
+    L += ["Smoke runs (child process, ragged 1000 x 1111 x 768): " + ", ".join(smoke_txt), ""]
+    keys = [k for k in ("ws_lag", "ws_lag+order", "ws_order", "ws_order_s3", "ws_order_s5", "ours_gemm_block",
+                        "ours_gemm_row", "scaled_mm_block", "scaled_mm_row_fast")
+            if any("ms" in r.get("times", {}).get(k, {}) for r in d["shapes"])]  # fmt: skip
+    L += ["TFLOP/s (GPU time):", "", "| shape | M×K×N | " + " | ".join(keys) + " | bitwise = lag |",
+          "|---|---|" + "---|" * (len(keys) + 1)]  # fmt: skip
+    for r in d["shapes"]:
+        if "error" in r:
+            L.append(f"| {r['name']} | error: {r['error'][:120]} |")
+            continue
+        cells = [f"{r['times'][k]['tflops']:.0f}" if "tflops" in r["times"].get(k, {}) else "" for k in keys]
+        eq = [v for k, v in r["check"].items() if k.endswith("_bitwise_equal_lag")]
+        same = all(eq) if eq else "-"
+        L.append(f"| {r['name']} | {r['M']}×{r['K']}×{r['N']} | " + " | ".join(cells) + f" | {same} |")
+    L += ["", "Geomean speed ratios (anchor GPU time / ours), from the table's timer:", ""]
+    pairs = [("ws_lag+order", "ws_lag"), ("ws_order", "ws_lag"), ("ws_order", "ws_lag+order"),
+             ("ws_lag", "ours_gemm_block"), ("ws_order", "ours_gemm_block"), ("ws_lag", "ours_gemm_row"),
+             ("ws_order", "ours_gemm_row"), ("ours_gemm_block", "ours_gemm_row"),
+             ("ws_order", "scaled_mm_block")]  # fmt: skip
+    for ours, anchor in pairs:
+        v = [r["times"][anchor]["ms"] / r["times"][ours]["ms"] for r in d["shapes"]
+             if "ms" in r.get("times", {}).get(ours, {}) and "ms" in r.get("times", {}).get(anchor, {})]  # fmt: skip
+        g = geo(v)
+        if g:
+            L.append(f"- {ours} / {anchor}: {g[0]:.3f} (min {g[1]:.2f}, max {g[2]:.2f})")
+    L += ["", "Interleaved A/B (median of per-round ratios anchor / ours; best new schedule per shape):", ""]
+    for anchor in ("ws_lag", "ours_gemm_block", "ours_gemm_row"):
+        v = [ab["ratio"] for r in d["shapes"] for k, ab in r.get("ab", {}).items()
+             if k.endswith("|" + anchor) and "ratio" in ab]  # fmt: skip
+        g = geo(v)
+        if g:
+            L.append(f"- best new / {anchor}: {g[0]:.3f} (min {g[1]:.2f}, max {g[2]:.2f}) over {len(v)} shapes")
+    picks = [f"{r['name']}: {r['best_new']}" for r in d["shapes"] if "best_new" in r]
+    L += ["", "Best new schedule per shape: " + ", ".join(picks), ""]
+    return "\n".join(L)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out")
+    ap.add_argument("--render", type=Path, help="a run JSON to render into probe_ws_schedule.md beside it")
+    ap.add_argument("--res", type=int, default=1024)
+    args = ap.parse_args()
+    if args.render:
+        (args.render.parent / "probe_ws_schedule.md").write_text(render(args.render))
+        return 0
+    if not args.out:
+        ap.error("--out or --render")
+    import triton
+    from bench_fp8_matmul import SHAPES, m_for
+
+    t0 = time.time()
+    meta = {
+        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+        "git_sha": os.environ.get("GIT_SHA", "unknown"),
+        "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "timer": "bench_graph: CUDA graphs of 20 x (L2 flush, call) minus 20 flushes, median of 5 replays",
+        "expectation": EXPECTATION,
+    }  # fmt: skip
+    meta["smoke"] = {s: smoke(s) for s in SCHEDULES}
+    print("smoke:", json.dumps(meta["smoke"]), flush=True)
+    ok_scheds = [s for s, r in meta["smoke"].items() if r["ok"]]
+    data = {"meta": meta, "shapes": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if "lag" not in ok_scheds:
+        out.write_text(json.dumps(data, indent=1))
+        print("the current schedule failed its smoke run; nothing to compare")
+        return 1
+    for name, K, N in SHAPES:
+        M = m_for(name, args.res)
+        try:
+            row = run_shape(name, M, K, N, ok_scheds)
+        except Exception as e:  # noqa: BLE001 (a failing shape must not lose the others)
+            row = {"name": name, "M": M, "K": K, "N": N, "error": err(e), "trace": traceback.format_exc()[-1500:]}
+        data["shapes"].append(row)
+        meta["elapsed_s"] = round(time.time() - t0, 1)
+        out.write_text(json.dumps(data, indent=1))
+        t = row.get("times", {})
+        print(name, M, K, N, {k: round(v["tflops"]) for k, v in t.items() if "tflops" in v},
+              row.get("check"), {k: round(v.get("ratio", 0), 3) for k, v in row.get("ab", {}).items()},
+              row.get("error", ""), flush=True)  # fmt: skip
+        torch.cuda.empty_cache()
+    print(render(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
