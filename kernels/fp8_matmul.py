@@ -50,6 +50,9 @@ Dispatch (measured on the H100, reports/fp8_matmul)
   ``PERSISTENT`` (env ``FLUX2_FP8_PERSISTENT``, default 1) switches the persistent kernel; it is never
   autotuned with the CUDA-graph timer, the pair that left output columns unwritten inside the
   FLUX.2-dev forward (reports/quant_runtime, run 3 and diag_persistent_bisect).
+- Block scales on sm_90 (fp8 A, TMA-aligned rows): the Gluon warp-specialized kernel of
+  ``fp8_block_gemm_sm90`` (``BLOCK_GLUON``, env ``FLUX2_FP8_BLOCK_GLUON``, default 1), except on
+  fewer than two waves of 128 x 128 tiles with K >= 12288, where stream-K below wins.
 - Stream-K (persistent kernel, ``STREAM_K`` configs): for block scales and promoted accumulation
   on tile counts that leave a partial last wave (FLUX.2's M = 512 text GEMMs), lanes of programs per
   row of tiles share that row's N x K iterations and fix up split tiles through an fp32 workspace
@@ -102,6 +105,9 @@ WO_ASM_DECODE = os.environ.get("FLUX2_WO_ASM_DECODE", "1") == "1"
 # noise (reports/quant_runtime/fp8_launch_ab_run*.json), and the GEMM alone is 1.01-1.04x the classic
 # kernel (reports/fp8_matmul, runs 5 and 6). FLUX2_FP8_PERSISTENT=0 turns it off.
 PERSISTENT = os.environ.get("FLUX2_FP8_PERSISTENT", "1") == "1"
+# Block scales on sm_90: the Gluon warp-specialized kernel (kernels/fp8_block_gemm_sm90.py, ordered
+# consumers, promotion after the wait); env FLUX2_FP8_BLOCK_GLUON=0 keeps the Triton kernels.
+BLOCK_GLUON = os.environ.get("FLUX2_FP8_BLOCK_GLUON", "1") == "1"
 # Autotuning timer: eager do_bench (what the model-level runs verified) unless FLUX2_AUTOTUNE_GRAPH=1,
 # which `_autotune_bench` ignores while PERSISTENT is on (that pair gives wrong outputs: see above).
 _AUTOTUNE_GRAPH = os.environ.get("FLUX2_AUTOTUNE_GRAPH", "0") == "1"
@@ -1157,6 +1163,31 @@ def _streamk_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return bufs
 
 
+def _use_block_gluon(a, b, a_scale, b_scale, residual) -> bool:
+    """Block scales take the Gluon warp-specialized kernel on sm_90 (1.135x the Triton persistent
+    kernel in reports/fp8_matmul/probe_ws_schedule.md), when TMA's alignment holds and the residual
+    is contiguous along N, except where stream-K wins: fewer tiles than two waves with a long K
+    (txt.mlp_out, M = 512, K = 18432: 0.91x; measured on that one shape)."""
+    if not (BLOCK_GLUON and PERSISTENT) or a.device.type != "cuda" or _INTERPRET:
+        return False
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    if _props(index).major != 9:
+        return False
+    from flux2_bench.kernels import fp8_block_gemm_sm90 as G
+
+    if not G.is_available(a.device):
+        return False
+    (M, K), N = a.shape, b.shape[0]
+    if any(t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or t.stride(1) != 1 for t in (a, b)):
+        return False
+    if tuple(a_scale.shape) != (M, -(-K // QBLOCK)) or tuple(b_scale.shape) != (-(-N // QBLOCK), -(-K // QBLOCK)):
+        return False
+    if residual is not None and residual.stride(1) != 1:
+        return False
+    tiles = -(-M // G.BLOCK_N) * -(-N // G.BLOCK_N)  # 128 x 128 tiles
+    return not (tiles < 2 * _num_sms(a.device) and K >= 12288)
+
+
 def _use_persistent(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool:
     """The persistent TMA kernel runs on sm_90 (measured there; sm_89 has no TMA, sm_100/sm_120 are
     untested) when TMA's 16-byte alignment holds for every row stride and base address. Everything
@@ -1181,6 +1212,13 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
         mode, s_asm, s_ask, s_bsn, s_bsk = SCALE_BLOCK, 0, 0, b_scale.stride(0), b_scale.stride(1)
     else:
         mode, s_asm, s_ask, s_bsn, s_bsk = _scale_layout(a_scale, b_scale, M, N, K)
+    if mode == SCALE_BLOCK and not a_bf16 and _use_block_gluon(a, b, a_scale, b_scale, residual):
+        from flux2_bench.kernels.fp8_block_gemm_sm90 import fp8_block_gemm_sm90_ws
+
+        return fp8_block_gemm_sm90_ws(
+            a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate,
+            num_stages=3 if M >= 1024 else 5, ordered=True, lagged=False,
+        )  # fmt: skip
     out = torch.empty((M, N), device=a.device, dtype=out_dtype)
     if M == 0 or N == 0:
         return out

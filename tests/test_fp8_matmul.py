@@ -266,6 +266,7 @@ def test_gpu_stream_k_flux_text_shapes(M, K, N, granularity, monkeypatch):
     (block: 128x128) on the GPU's SMs, against the fp32 reference and the data-parallel kernel."""
     bn = 128 if granularity == "block" else 256
     monkeypatch.setattr(F, "PERSISTENT", True)
+    monkeypatch.setattr(F, "BLOCK_GLUON", False)  # this test is about the Triton kernel's stream-K
     monkeypatch.setattr(F, "_FAST_LAUNCHERS", {})
     x = act(M, K)
     _, wq, ws = make_weight(N, K, granularity)
@@ -293,6 +294,39 @@ def test_gpu_stream_k_flux_text_shapes(M, K, N, granularity, monkeypatch):
     # promoted accumulation sums the same fp32 K-step products; stream-K only regroups the sum
     err = (outs[True, False] - outs[False, False]).norm().item() / outs[False, False].norm().item()
     assert err < 1e-6, f"stream-K vs data-parallel (promoted accumulation): rel L2 {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "M, K, N, gluon",
+    # FLUX.2 txt.qkv and img.proj: the Gluon kernel; txt.mlp_out (192 tiles, K = 18432): stream-K;
+    # K = 1040 + 8 (rows not 16-byte aligned for TMA): the classic kernel
+    [(512, 6144, 18432, True), (1024, 6144, 6144, True), (512, 18432, 6144, False), (300, 1048, 640, False)],
+)
+def test_gpu_block_scales_dispatch(M, K, N, gluon, monkeypatch):
+    """fp8_gemm with block scales on sm_90 takes the Gluon warp-specialized kernel where it was
+    measured faster, and gives the Triton kernel's result within promoted-accumulation noise."""
+    from flux2_bench.kernels import fp8_block_gemm_sm90 as G
+
+    if not G.is_available():
+        pytest.skip("needs sm_90 and Gluon")
+    calls = []
+    real = G.fp8_block_gemm_sm90_ws
+    monkeypatch.setattr(G, "fp8_block_gemm_sm90_ws", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x = act(M, K)
+    _, wq, ws = make_weight(N, K, "block")
+    xq, xs = F.quantize_fp8(x, "block")
+    residual = torch.randn(M, N, device=DEV).to(torch.bfloat16)
+    gate = torch.randn(N, device=DEV).to(torch.bfloat16)
+    out = F.fp8_gemm(xq, wq, xs, ws, residual=residual, gate=gate, out_dtype=torch.float32)
+    assert bool(calls) == gluon, f"Gluon kernel called: {bool(calls)}, expected {gluon}"
+    ref = F.fp8_gemm_ref(xq, wq, xs, ws, residual=residual, gate=gate, out_dtype=torch.float32)
+    err = (out - ref).norm().item() / ref.norm().item()
+    assert not out.isnan().any() and err < 1e-3, f"rel L2 {err:.2e}"
+    monkeypatch.setattr(F, "BLOCK_GLUON", False)
+    tri = F.fp8_gemm(xq, wq, xs, ws, residual=residual, gate=gate, out_dtype=torch.float32)
+    err = (out - tri).norm().item() / tri.norm().item()
+    assert err < 1e-5, f"Gluon vs Triton block path: rel L2 {err:.2e}"
 
 
 # ---------------------------------------------------------------------------------------------

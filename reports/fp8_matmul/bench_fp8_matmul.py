@@ -53,6 +53,7 @@ GRAPH_TIMED = (  # also timed as GPU time alone (CUDA graph), suffix "_graph"
     "ours_gemm_row_dp",
     "ours_gemm_row_triton_launch",
     "ours_gemm_block",
+    "ours_gemm_block_triton",
     "ours_gemm_block_dp",
     "ours_weight_only_row",
     TQ_ROW,
@@ -484,7 +485,13 @@ def _data_parallel(F, fn):
     kern = F._fp8_gemm_persistent
     if not _DP_ONLY:
         _DP_ONLY.update(configs=[c for c in kern.configs if not c.kwargs["STREAM_K"]], cache={})
-    with patched(kern, configs=_DP_ONLY["configs"], cache=_DP_ONLY["cache"]):
+    with patched(kern, configs=_DP_ONLY["configs"], cache=_DP_ONLY["cache"]), patched(F, BLOCK_GLUON=False):
+        return fn()
+
+
+def _triton_block(F, fn):
+    """Run fn with block scales on the Triton persistent kernel (stream-K allowed), not the Gluon one."""
+    with patched(F, BLOCK_GLUON=False):
         return fn()
 
 
@@ -516,6 +523,7 @@ def timing(F, name, M, K, N, x, w_bf16, wq):
         "ours_gemm_block": lambda: F.fp8_gemm(x8b, w8b, xsb, wsb),
         "ours_gemm_row_classic": lambda: _classic(F, lambda: F.fp8_gemm(x8r, w8r, xsr, wsr)),
         "ours_gemm_block_classic": lambda: _classic(F, lambda: F.fp8_gemm(x8b, w8b, xsb, wsb)),
+        "ours_gemm_block_triton": lambda: _triton_block(F, lambda: F.fp8_gemm(x8b, w8b, xsb, wsb)),
         "ours_gemm_row_dp": lambda: _data_parallel(F, lambda: F.fp8_gemm(x8r, w8r, xsr, wsr)),
         "ours_gemm_block_dp": lambda: _data_parallel(F, lambda: F.fp8_gemm(x8b, w8b, xsb, wsb)),
         "ours_gemm_row_precise": lambda: F.fp8_gemm(x8r, w8r, xsr, wsr, fast_accum=False),
@@ -761,7 +769,10 @@ def render(data: dict) -> str:
         ("`fp8_linear` row, GPU time: ours / torch quant + `_scaled_mm`", "ours_linear_row_graph", TQ_G, 1.15),
         ("GEMM block / GEMM row-wise (ours)", "ours_gemm_block", "ours_gemm_row", 0.9),
         ("GEMM block / GEMM row-wise (ours), GPU time", "ours_gemm_block_graph", "ours_gemm_row_graph", 0.9),
-        ("GEMM block: persistent / classic tiled kernel (ours)", "ours_gemm_block", "ours_gemm_block_classic", None),
+        ("GEMM block: library dispatch / classic tiled kernel (ours)", "ours_gemm_block", "ours_gemm_block_classic",
+         None),
+        ("GEMM block, GPU time: Gluon warp-specialized / Triton persistent (ours)", "ours_gemm_block_graph",
+         "ours_gemm_block_triton_graph", None),
         ("GEMM block: ours / `_scaled_mm` 1x128x128 blocks", "ours_gemm_block", "scaled_mm_block", None),
         ("weight-only FP8: bf16 cuBLAS time / ours time", "ours_weight_only_row", "bf16_mm", 1 / 1.1),
         ("weight-only FP8, GPU time: bf16 cuBLAS / ours", "ours_weight_only_row_graph", "bf16_mm_graph", 1 / 1.1),
@@ -1144,20 +1155,22 @@ def analysis(data: dict, timed: list) -> str:
         "dimension of a layout, checked on the CPU) nor Gluon 3.6 (its Hopper TMA copy takes no multicast "
         "argument) exposes, so inline PTX or CUTLASS; and a launch path without per-call Python work "
         "(capture the transformer block in a CUDA graph).",
-        f"- **Block scaling: target >= 0.9 missed, as expected (one timeboxed attempt).** Persistent kernel, "
-        f"BLOCK_N = 128, so each K step's weight scale is one scalar: {over(timed, 'ours_gemm_block', row):.3f}x "
-        f"our row-wise eager, {over(timed, 'ours_gemm_block' + g, row + g):.3f}x in GPU time "
-        f"({pct_range(timed, 'ours_gemm_block' + g)} of the ceiling). That is "
-        f"{over(timed, 'ours_gemm_block', 'ours_gemm_block_classic'):.2f}x the classic kernel and "
-        f"{over(timed, 'ours_gemm_block' + g, 'scaled_mm_block' + g):.2f}x cuBLAS's 1x128/128x128 `_scaled_mm`. "
-        "Why it stays there: `acc += dot(a, b) * (sa * sb)` needs every K step's MMA result in registers "
-        "before the next MMA can start. That serializes the asynchronous wgmma chain, which the row-wise "
-        "kernel keeps full across K. The second accumulator also caps tiles at 128x128. Closing the gap needs "
-        "warp specialization: two consumer warpgroups taking turns, one promotes while the other multiplies "
-        "(DeepGEMM). `tl.range(warp_specialize=True)` is documented for Blackwell only; the Gluon kernels of "
-        "`kernels/fp8_block_gemm_sm90.py` are the attempt below Triton's language: lagged promotion, then "
-        "a warp-specialized persistent kernel (TMA producer warp, two consumer warpgroups); both exact, neither "
-        "near 0.9x row-wise, measured in `block_sm90.md`. They are not wired into `fp8_gemm`.",
+        f"- **Block scaling: target >= 0.9 missed.** On sm_90, block scales now run the Gluon warp-specialized "
+        "kernel of `kernels/fp8_block_gemm_sm90.py` (one TMA producer warp, two consumer warpgroups of 64 rows "
+        "issuing in order, each promoting its product right after the wait; 128 x 128 tiles, so each K step's "
+        "weight scale is one scalar), except on fewer than two waves of tiles with K >= 12288, where the Triton "
+        f"persistent kernel's stream-K wins. Block: {over(timed, 'ours_gemm_block', row):.3f}x our row-wise eager, "
+        f"{over(timed, 'ours_gemm_block' + g, row + g):.3f}x in GPU time ({pct_range(timed, 'ours_gemm_block' + g)} "
+        f"of the ceiling); {over(timed, 'ours_gemm_block' + g, 'ours_gemm_block_triton' + g):.3f}x the Triton "
+        f"persistent kernel and {over(timed, 'ours_gemm_block' + g, 'scaled_mm_block' + g):.2f}x cuBLAS's "
+        "1x128/128x128 `_scaled_mm` in GPU time. Why it stays there: the promotion keeps a fresh product and "
+        "the running sum in registers (64 + 64 fp32 per thread for a 64 x 128 warpgroup tile), which caps the "
+        "tile at 128 x 128 with two consumer warpgroups; our row-wise kernel with that same structure "
+        "(`128x128_s4_w8` in `probe_wide_tiles_run1.json`) is itself well below its 128 x 256 tile. Ordering the "
+        "two consumers' wgmma issue did not help; dropping the lagged copy of the product did "
+        "(`probe_ws_schedule.md`). Next step: a 128 x 256 tile needs the product in fewer registers, e.g. "
+        "promoting every two K steps where the weight scales of both are equal, or accepting a promotion every "
+        "256 K (a different, coarser rounding than DeepGEMM's).",
         f'- **fp8_linear: target >= 1.15 met.** Row-wise against torch "quantize then `_scaled_mm`": geomean '
         f"{_geo(lin):.2f}x eager (min {min(lin):.2f}, max {max(lin):.2f}), "
         f"{over(timed, 'ours_linear_row' + g, TQ_ROW + g):.2f}x in GPU time. The eager minimum is an M = 512 "
