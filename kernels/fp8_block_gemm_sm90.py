@@ -86,7 +86,16 @@ Expectation for the WS variant (written before its first GPU run): 0.80-0.95x ou
 same ``ready`` may issue their wgmmas together and stall together (no explicit ping-pong order);
 the scale loads are LDGs inside the loop (DeepGEMM stages them through shared memory).
 
-Not wired into ``fp8_gemm`` yet: the lead does that after the GPU check.
+Schedules (reports/fp8_matmul/probe_ws_schedule.md, H100): the two consumers issuing in order
+(``ordered``) measured 0.99x the unordered kernel: they were not idling in lockstep. Promoting right
+after the wait (``lagged=False``, scales prefetched a step ahead) measured 1.05-1.06x: the 64 register
+moves of the lagged copy were the cost, not the overlap they bought. That schedule (3 stages from
+M = 1024, 5 below) is what ``fp8_gemm`` runs for block scales on sm_90 (``fp8_matmul._use_block_gluon``).
+128 x 256 tiles with each K step as two 128-column halves (probe run 2, commit ae0bdcf) measured
+0.70x: ptxas spilled 276 bytes per thread (acc 128 + product 64 registers, plus the live zero operand
+of each wgmma) and each warpgroup waited twice per K step; removed. On 128 x 128 tiles with two
+consumer warpgroups our row-wise kernel itself runs ~20 % below its 128 x 256 tile
+(probe_wide_tiles run 1), which bounds this kernel near 0.7x row-wise.
 """
 
 from __future__ import annotations
@@ -316,123 +325,6 @@ if gluon is not None:
         HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
         ORDERED: gl.constexpr, LAGGED: gl.constexpr,
     ):  # fmt: skip
-        """A consumer warpgroup: 128-wide tiles (``_ws_consumer_narrow``) or 256-wide ones
-        (``_ws_consumer_wide``), chosen by the B ring's tile width."""
-        if b_smem.shape[1] == 256:
-            _ws_consumer_wide(
-                a_smem, b_smem, ready, empty,
-                a_scale_ptr, b_scale_ptr, out_ptr, res_ptr, gate_ptr,
-                M, N, K,
-                stride_asm, stride_ask, stride_bsn, stride_bsk, stride_om, stride_rm, stride_gn,
-                HAS_RESIDUAL, HAS_GATE, GROUP, WG,
-            )  # fmt: skip
-        else:
-            _ws_consumer_narrow(
-                a_smem, b_smem, ready, empty, issued,
-                a_scale_ptr, b_scale_ptr, out_ptr, res_ptr, gate_ptr,
-                M, N, K,
-                stride_asm, stride_ask, stride_bsn, stride_bsk, stride_om, stride_rm, stride_gn,
-                HAS_RESIDUAL, HAS_GATE, GROUP, WG, ORDERED, LAGGED,
-            )  # fmt: skip
-
-    @gluon.jit
-    def _epilogue_store(acc, offs_m, mask_m, offs_n, N, out_ptr, res_ptr, gate_ptr, stride_om, stride_rm, stride_gn,
-                        HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr):  # fmt: skip
-        """out = residual + gate * acc on the valid rows and columns, cast to out's dtype."""
-        mask_n = offs_n < N
-        if HAS_GATE:
-            g = gl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(gl.float32)
-            acc = acc * g[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        rows = offs_m.to(gl.int64)[:, None]
-        if HAS_RESIDUAL:
-            r = gl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0)
-            acc = acc + r.to(gl.float32)
-        gl.store(out_ptr + rows * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @gluon.jit
-    def _ws_consumer_wide(
-        a_smem, b_smem, ready, empty,
-        a_scale_ptr, b_scale_ptr, out_ptr, res_ptr, gate_ptr,
-        M, N, K,
-        stride_asm, stride_ask, stride_bsn, stride_bsk, stride_om, stride_rm, stride_gn,
-        HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
-    ):  # fmt: skip
-        """One warpgroup, rows [WG * 64, WG * 64 + 64) of 128 x 256 tiles. The 64 x 256 product would
-        need 128 more registers (acc 128 + product 128 > the 232 a consumer has), so each K step
-        runs as two m64n128 halves, each into the same 64 fresh registers: issue half 0, wait,
-        promote it with its own weight scale (the two 128-column halves are two weight-scale
-        blocks), issue half 1, wait, promote, release the slot. The other consumer's wgmmas keep
-        the tensor cores busy while this one promotes. Registers: 128 (acc) + 64 (product), the
-        product's registers serving as each wgmma's in-place accumulator operand."""
-        NUM_STAGES: gl.constexpr = a_smem.shape[0]
-        BM_TILE: gl.constexpr = a_smem.shape[1]
-        BM: gl.constexpr = 64
-        BK: gl.constexpr = a_smem.shape[2]
-        BN: gl.constexpr = b_smem.shape[1]
-        HN: gl.constexpr = BN // 2
-        gl.static_assert(gl.num_warps() == 4)
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HN, 32])
-        row_l: gl.constexpr = gl.SliceLayout(1, mma)
-        col_l: gl.constexpr = gl.SliceLayout(0, mma)
-
-        num_pid_m = gl.cdiv(M, BM_TILE)
-        num_pid_n = gl.cdiv(N, BN)
-        k_tiles = gl.cdiv(K, BK)
-        nb = gl.cdiv(N, HN)  # weight-scale blocks along N
-        # The wgmma's accumulator operand is read and written in place; with use_acc=False its values
-        # are ignored, so the product already promoted is passed in (a live zero tensor would hold 64
-        # more registers and make ptxas spill: 276 bytes per thread, compile_block_sm90.txt).
-        part = gl.zeros([BM, HN], gl.float32, layout=mma)
-        it = 0
-        for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
-            pid_m, pid_n = _tile_pids(tile_id, num_pid_m, num_pid_n, GROUP)
-            offs_m = pid_m * BM_TILE + WG * BM + gl.arange(0, BM, layout=row_l)
-            mask_m = offs_m < M
-            sa_ptrs = a_scale_ptr + offs_m * stride_asm
-            sb0_ptr = b_scale_ptr + (2 * pid_n) * stride_bsn
-            # the second half of the last tile may lie past N: any valid scale row will do, those
-            # columns are not stored
-            sb1_ptr = b_scale_ptr + gl.minimum(2 * pid_n + 1, nb - 1) * stride_bsn
-
-            acc0 = gl.zeros([BM, HN], gl.float32, layout=mma)
-            acc1 = gl.zeros([BM, HN], gl.float32, layout=mma)
-            sa = gl.load(sa_ptrs, mask=mask_m, other=0.0)
-            for j in range(k_tiles):
-                s = it % NUM_STAGES
-                mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
-                a_s = a_smem.index(s).slice(WG * BM, BM, dim=0)
-                b0 = b_smem.index(s).slice(0, HN, dim=0)
-                b1 = b_smem.index(s).slice(HN, HN, dim=0)
-                tok = warpgroup_mma(a_s, b0.permute((1, 0)), part, use_acc=False, is_async=True)
-                jn = gl.minimum(j + 1, k_tiles - 1)  # next step's scales, loaded under this step's wgmmas
-                sa_next = gl.load(sa_ptrs + jn * stride_ask, mask=mask_m, other=0.0)
-                s0 = gl.load(sb0_ptr + j * stride_bsk)
-                s1 = gl.load(sb1_ptr + j * stride_bsk)
-                part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b0))
-                acc0 = acc0 + part * (sa * s0)[:, None]
-                tok = warpgroup_mma(a_s, b1.permute((1, 0)), part, use_acc=False, is_async=True)
-                part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b1))
-                mbarrier.arrive(empty.index(s), count=1)
-                acc1 = acc1 + part * (sa * s1)[:, None]
-                sa = sa_next
-                it += 1
-
-            offs_n = pid_n * BN + gl.arange(0, HN, layout=col_l)
-            _epilogue_store(acc0, offs_m, mask_m, offs_n, N, out_ptr, res_ptr, gate_ptr, stride_om, stride_rm,
-                            stride_gn, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
-            _epilogue_store(acc1, offs_m, mask_m, offs_n + HN, N, out_ptr, res_ptr, gate_ptr, stride_om, stride_rm,
-                            stride_gn, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
-
-    @gluon.jit
-    def _ws_consumer_narrow(
-        a_smem, b_smem, ready, empty, issued,
-        a_scale_ptr, b_scale_ptr, out_ptr, res_ptr, gate_ptr,
-        M, N, K,
-        stride_asm, stride_ask, stride_bsn, stride_bsk, stride_om, stride_rm, stride_gn,
-        HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
-        ORDERED: gl.constexpr, LAGGED: gl.constexpr,
-    ):  # fmt: skip
         """One warpgroup (4 warps): rows [WG * 64, WG * 64 + 64) of each tile, lagged promotion
         as in the non-specialized kernel, no barrier shared with the other consumer: it waits
         ``ready[s]``, issues its m64n128 wgmma on its half of the A tile, promotes the previous
@@ -533,7 +425,7 @@ if gluon is not None:
         BN: gl.constexpr = b_desc.block_type.shape[0]
         gl.static_assert(BM == 128)
         gl.static_assert(BK == 128)
-        gl.static_assert(BN == 128 or BN == 256)  # 256: _ws_consumer_wide (two halves per K step)
+        gl.static_assert(BN == 128)
         gl.static_assert(num_warps == 4)  # the default partition is consumer 0 (one warpgroup)
 
         a_smem = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES, BM, BK], a_desc.layout)
@@ -683,7 +575,6 @@ def fp8_block_gemm_sm90(
     warp_specialized: bool = False,
     ws_ordered: bool = False,
     ws_lagged: bool = True,
-    block_n: int = 128,
 ) -> torch.Tensor:
     """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` with 1x128 (A) and 128x128 (B) block
     scales on Hopper: e4m3 ``a`` (M, K), ``b`` (N, K); fp32 ``a_scale`` (M, ceil(K/128)), ``b_scale``
@@ -693,9 +584,7 @@ def fp8_block_gemm_sm90(
     the persistent warp-specialized kernel (one TMA producer warp, two consumer warpgroups of 64
     rows; block_m must be 128). ``ws_ordered`` / ``ws_lagged``: its schedule (``_ws_consumer``):
     consumer 1 issues each wgmma after consumer 0's / each consumer promotes the previous step
-    under its own wgmma (False: right after the wait). ``block_n`` = 256 (warp-specialized only,
-    ``num_stages`` <= 4): 128 x 256 tiles, each K step as two 128-column halves
-    (``_ws_consumer_wide``; the schedule options do not apply)."""
+    under its own wgmma (False: right after the wait)."""
     _check_fp8_operands(a, b, out_dtype)  # fp8_gemm's own checks, then what TMA adds
     for name, t in (("a", a), ("b", b)):
         if t.stride(1) != 1:
@@ -718,10 +607,6 @@ def fp8_block_gemm_sm90(
         raise ValueError(f"num_stages must be in 2..6, got {num_stages}")
     if (ws_ordered or not ws_lagged) and not warp_specialized:
         raise ValueError("ws_ordered / ws_lagged are schedules of the warp-specialized kernel (warp_specialized=True)")
-    if block_n not in (128, 256) or (block_n == 256 and not warp_specialized):
-        raise ValueError(f"block_n must be 128, or 256 with warp_specialized=True; got {block_n}")
-    if block_n == 256 and num_stages > 4:
-        raise ValueError(f"block_n=256 holds 48 KB per stage: num_stages must be <= 4, got {num_stages}")
     if warp_specialized and block_m != 128:
         raise ValueError(f"warp_specialized needs block_m=128 (two consumer warpgroups of 64 rows), got {block_m}")
     devs = {t.device for t in (a, b, a_scale, b_scale, residual, gate) if t is not None}
@@ -750,10 +635,10 @@ def fp8_block_gemm_sm90(
     res = residual if residual is not None else out
     g = gate.reshape(-1) if gate is not None else out.view(-1)
     a_layout = gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K], gl.float8e4nv)
-    b_layout = gl.NVMMASharedLayout.get_default_for([block_n, BLOCK_K], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float8e4nv)
     a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [block_m, BLOCK_K], a_layout)
-    b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [block_n, BLOCK_K], b_layout)
-    num_tiles = -(-M // block_m) * -(-N // block_n)
+    b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [BLOCK_N, BLOCK_K], b_layout)
+    num_tiles = -(-M // block_m) * -(-N // BLOCK_N)
     if warp_specialized:
         index = a.device.index if a.device.index is not None else torch.cuda.current_device()
         _fp8_block_gemm_sm90_ws_kernel[(min(num_tiles, _num_sms(index)),)](
@@ -791,11 +676,9 @@ def fp8_block_gemm_sm90_ws(
     num_stages: int = 4,
     ordered: bool = False,
     lagged: bool = True,
-    block_n: int = 128,
 ) -> torch.Tensor:
     """``fp8_block_gemm_sm90(..., block_m=128, warp_specialized=True)``: same arguments and maths."""
     return fp8_block_gemm_sm90(
         a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate,
         block_m=128, num_stages=num_stages, warp_specialized=True, ws_ordered=ordered, ws_lagged=lagged,
-        block_n=block_n,
     )  # fmt: skip

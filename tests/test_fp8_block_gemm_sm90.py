@@ -170,32 +170,26 @@ def test_flux2_shape_sampled_rows(variant):
 
 @pytest.mark.gpu
 @needs_sm90
-@pytest.mark.parametrize(
-    "ordered, lagged, block_n", [(True, True, 128), (True, False, 128), (False, False, 128), (False, True, 256)]
-)
+@pytest.mark.parametrize("ordered, lagged", [(True, True), (True, False), (False, False)])
 @pytest.mark.parametrize(
     "M, N, K, num_stages",
     [(1000, 1111, 768, 4), (40, 384, 640, 4), (1100, 2 * 1024 + 40, 7 * 128 + 32, 3), (300, 640, 1040, 2)],
 )
-def test_ws_schedules_are_bit_identical_to_the_lagged_one(ordered, lagged, block_n, M, N, K, num_stages):
-    """The consumer schedules (issue order, promotion lag, 256-wide tiles in two halves) change when
-    the promotions run, not their order: each output element gets the same fp32 operations, so the
-    bits must match the default kernel's."""
+def test_ws_schedules_are_bit_identical_to_the_lagged_one(ordered, lagged, M, N, K, num_stages):
+    """The consumer schedules (issue order, promotion lag) change when the promotions run, not their
+    order: each output element gets the same fp32 operations, so the bits must match the default."""
     a, b, sa, sb = _operands(M, N, K, "cuda", seed=3)
     res = (torch.randn(M, N, device="cuda") * 10).to(torch.bfloat16)
     gate = torch.randn(N, device="cuda").to(torch.bfloat16)
     for kw in ({}, {"residual": res, "gate": gate}):
         base = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, out_dtype=torch.float32, num_stages=num_stages, **kw)
         out = G.fp8_block_gemm_sm90_ws(
-            a, b, sa, sb, out_dtype=torch.float32, num_stages=num_stages, ordered=ordered, lagged=lagged,
-            block_n=block_n, **kw,
-        )  # fmt: skip
+            a, b, sa, sb, out_dtype=torch.float32, num_stages=num_stages, ordered=ordered, lagged=lagged, **kw
+        )
         assert torch.equal(out, base), f"max |diff| {(out - base).abs().max().item():.3g}"
     ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)
-    out = G.fp8_block_gemm_sm90_ws(
-        a, b, sa, sb, out_dtype=torch.float32, ordered=ordered, lagged=lagged, block_n=block_n
-    )
-    _check(out, ref, _abs_sum(a, b, sa, sb, None), torch.float32, f"ordered={ordered} lagged={lagged} n={block_n}")
+    out = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, out_dtype=torch.float32, ordered=ordered, lagged=lagged)
+    _check(out, ref, _abs_sum(a, b, sa, sb, None), torch.float32, f"ordered={ordered} lagged={lagged}")
 
 
 def test_ws_schedule_options_need_the_ws_kernel():
@@ -204,5 +198,3 @@ def test_ws_schedule_options_need_the_ws_kernel():
     sa, sb = torch.ones(64, 1), torch.ones(1, 1)
     with pytest.raises(ValueError, match="warp-specialized"):
         G.fp8_block_gemm_sm90(a, b, sa, sb, ws_ordered=True)
-    with pytest.raises(ValueError, match="block_n"):
-        G.fp8_block_gemm_sm90(a, b, sa, sb, block_n=256)

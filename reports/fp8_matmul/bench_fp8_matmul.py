@@ -1168,9 +1168,10 @@ def analysis(data: dict, timed: list) -> str:
         "tile at 128 x 128 with two consumer warpgroups; our row-wise kernel with that same structure "
         "(`128x128_s4_w8` in `probe_wide_tiles_run1.json`) is itself well below its 128 x 256 tile. Ordering the "
         "two consumers' wgmma issue did not help; dropping the lagged copy of the product did "
-        "(`probe_ws_schedule.md`). Next step: a 128 x 256 tile needs the product in fewer registers, e.g. "
-        "promoting every two K steps where the weight scales of both are equal, or accepting a promotion every "
-        "256 K (a different, coarser rounding than DeepGEMM's).",
+        "(`probe_ws_schedule.md`); 128 x 256 tiles computed as two 128-column halves per K step were slower "
+        "(register spills, two waits per K step; same file, run 2) and were removed. Next step: three consumer "
+        "warpgroups on 192 x 128 tiles (more rows per weight tile, the product still in 64 registers), or "
+        "Nsight Compute on the 128 x 128 two-warpgroup structure, which is slow for row-wise scales too.",
         f'- **fp8_linear: target >= 1.15 met.** Row-wise against torch "quantize then `_scaled_mm`": geomean '
         f"{_geo(lin):.2f}x eager (min {min(lin):.2f}, max {max(lin):.2f}), "
         f"{over(timed, 'ours_linear_row' + g, TQ_ROW + g):.2f}x in GPU time. The eager minimum is an M = 512 "

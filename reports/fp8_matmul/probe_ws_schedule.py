@@ -52,7 +52,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SCHEDULES = {"lag": dict(ordered=False, lagged=True), "lag+order": dict(ordered=True, lagged=True),
-             "order": dict(ordered=True, lagged=False), "wide": dict(block_n=256)}  # fmt: skip
+             "order": dict(ordered=True, lagged=False)}  # fmt: skip
+# Run 2 (at ae0bdcf) also measured "wide": dict(block_n=256), 128 x 256 tiles with each K step as two
+# 128-column halves (_ws_consumer_wide); 0.70x "order", so it was removed from the kernel.
 EXPECTATION = (
     "lag+order and order 1.10-1.25x lag on every shape, order >= lag+order; vs the library Triton block "
     "path: lag 1.0-1.1x on M >= 4096 and 0.9-1.0x on M = 512, order 1.1-1.3x; block / row-wise ~0.7-0.75 "
@@ -137,8 +139,6 @@ def run_shape(name, M, K, N, ok_scheds):
     if "order" in ok_scheds:
         variants["ws_order_s3"] = ws("order", 3)
         variants["ws_order_s5"] = ws("order", 5)
-    if "wide" in ok_scheds:
-        variants["ws_wide_s3"] = ws("wide", 3)
     variants["ours_gemm_block"] = lambda: F.fp8_gemm(x8b, w8b, xsb, wsb)
     variants["ours_gemm_block_triton"] = lambda: _triton_block(F, lambda: F.fp8_gemm(x8b, w8b, xsb, wsb))
     variants["ours_gemm_row"] = lambda: F.fp8_gemm(x8r, w8r, xsr, wsr)
