@@ -203,6 +203,14 @@ Written after run 10, before run 11 (no kernel change; a better timer for the ta
   of each round, median). Expected: per-shape medians within about 2 % of the true ratio instead of
   5-10 %. The row-wise GEMM ratio should land between run 10's 0.977 and probe_wide_tiles run 1's
   1.024 (same kernels), i.e. the >= 1.0 verdict is decided by this measurement, not by a kernel change.
+- Run 11 measured 0.963 (A/B): the miss is real.
+
+Written before run 12 (block scales on sm_90 dispatch to the Gluon warp-specialized kernel with the
+ordered, unlagged schedule; probe_ws_schedule runs 1-2 measured it 1.12x the Triton persistent
+kernel by the A/B timer, 1.06x by single GPU times): block / row-wise (ours) 0.63-0.68 in GPU time and
+in the A/B rounds (run 11: 0.597 A/B), ``ours_gemm_block`` / ``ours_gemm_block_triton`` 1.03-1.10x
+(txt.mlp_out stays on the Triton kernel: 1.00x). Row-wise, fp8_linear and weight-only unchanged within
+run-to-run noise (no change to their kernels).
 """
 
 
