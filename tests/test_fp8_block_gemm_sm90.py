@@ -198,3 +198,24 @@ def test_ws_schedule_options_need_the_ws_kernel():
     sa, sb = torch.ones(64, 1), torch.ones(1, 1)
     with pytest.raises(ValueError, match="warp-specialized"):
         G.fp8_block_gemm_sm90(a, b, sa, sb, ws_ordered=True)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_ws_cached_launch_matches_a_fresh_one(monkeypatch):
+    """After the first launch of a specialization the WS kernel is launched through its cached
+    launcher with the first launch's TMA descriptors re-pointed: other tensors of the same shape must
+    give the bits of a launch through Gluon's JIT path."""
+    G._WS_LAUNCHERS.clear()
+    M, N, K = 700, 1024 + 40, 1040
+    for seed in (4, 5):
+        a, b, sa, sb = _operands(M, N, K, "cuda", seed=seed)
+        res = (torch.randn(M, N, device="cuda") * 10).to(torch.bfloat16)
+        gate = torch.randn(N, device="cuda").to(torch.bfloat16)
+        kw = dict(out_dtype=torch.float32, residual=res, gate=gate, ordered=True, lagged=False)
+        fast = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, **kw)
+        monkeypatch.setattr(G, "FAST_LAUNCH", False)
+        fresh = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, **kw)
+        monkeypatch.setattr(G, "FAST_LAUNCH", True)
+        assert torch.equal(fast, fresh), f"seed {seed}: max |diff| {(fast - fresh).abs().max().item():.3g}"
+    assert len(G._WS_LAUNCHERS) == 1, "both calls should share one cached specialization"

@@ -211,6 +211,14 @@ kernel by the A/B timer, 1.06x by single GPU times): block / row-wise (ours) 0.6
 in the A/B rounds (run 11: 0.597 A/B), ``ours_gemm_block`` / ``ours_gemm_block_triton`` 1.03-1.10x
 (txt.mlp_out stays on the Triton kernel: 1.00x). Row-wise, fp8_linear and weight-only unchanged within
 run-to-run noise (no change to their kernels).
+- Run 12: block / row-wise 0.695 in GPU time and 0.666 by A/B (met the expectation), Gluon / Triton
+  block 1.120x in GPU time; but eager block / row-wise fell to 0.598 (run 11: 0.674): Gluon's JIT launch
+  path costs 120-280 us of host time per call, so the M = 512 shapes ran host-bound (txt.qkv eager
+  281 us for a 137 us kernel).
+
+Written before run 13 (a cached launcher for the Gluon kernel, as FAST_LAUNCH does for the Triton
+ones): eager block time on the M = 512 shapes within 10 % of its GPU time, eager block / row-wise
+0.66-0.72; GPU time unchanged (0.67-0.71).
 """
 
 
