@@ -1,6 +1,7 @@
 """FP8 dispatch inside the model: classic vs persistent kernel, Triton's launch path vs the cached one.
 
-FLUX.2-dev with synthetic weights, fp8-row recipe, fused block kernels, one forward at 1024², variants
+FLUX.2-dev with synthetic weights, fp8-row recipe (``--recipe fp8-block``: block scales), fused block
+kernels, one forward at 1024², variants
 alternated A/B/C/A/B/C in one process (clock drift between device calls is about 10 ms per step):
 - "classic, triton launch": the library default up to 45200b9 (FLUX2_FP8_PERSISTENT unset, no cache);
 - "classic, cached launch": kernels/fp8_matmul.FAST_LAUNCH (first launch of a specialization through
@@ -10,6 +11,10 @@ alternated A/B/C/A/B/C in one process (clock drift between device calls is about
   from run 3 on with the queued GPU-time autotune timer and stream-K configs among the candidates;
 - "persistent, no stream-K" (run 4 on): the same without the stream-K configs, to tell a stream-K
   split of K (another fp32 summation order) from any other difference.
+- "persistent, Triton block" (fp8-block recipe only, from run 6 on): block scales on the Triton
+  persistent kernel instead of the Gluon warp-specialized one (``FLUX2_FP8_BLOCK_GLUON=0``); the
+  variants above it run the Gluon kernel for block scales on sm_90 (the persistent ones; the
+  classic ones never do).
 Each row reports ms/step and the output's SQNR against the first variant's output: the cached launcher
 must give the same bits (inf dB), and so must the data-parallel persistent kernel (its K loop is the
 classic kernel's, measured in runs 1-2); a stream-K split sums K in another order (finite, high dB).
@@ -37,11 +42,12 @@ from flux2_bench.model import use_fused  # noqa: E402
 from flux2_bench.quantize.formats import sqnr  # noqa: E402
 from flux2_bench.weights import model_bytes, synthetic_transformer  # noqa: E402
 
-VARIANTS = {  # name: (PERSISTENT, FAST_LAUNCH, stream-K configs allowed)
-    "classic, triton launch": (False, False, True),
-    "classic, cached launch": (False, True, True),
-    "persistent, cached launch": (True, True, True),
-    "persistent, no stream-K": (True, True, False),
+VARIANTS = {  # name: (PERSISTENT, FAST_LAUNCH, stream-K configs allowed, BLOCK_GLUON)
+    "classic, triton launch": (False, False, True, True),
+    "classic, cached launch": (False, True, True, True),
+    "persistent, cached launch": (True, True, True, True),
+    "persistent, no stream-K": (True, True, False, True),
+    "persistent, Triton block": (True, True, True, False),
 }
 
 
@@ -58,8 +64,10 @@ def run(recipe: str, rounds: int) -> list[dict]:
     tuned = {True: (kern.configs, {}), False: ([c for c in kern.configs if not c.kwargs["STREAM_K"]], {})}
     with torch.inference_mode(), use_fused(True):
         for rnd in range(rounds):
-            for name, (persistent, fast, stream_k) in VARIANTS.items():
-                F.PERSISTENT, F.FAST_LAUNCH = persistent, fast
+            for name, (persistent, fast, stream_k, gluon) in VARIANTS.items():
+                if recipe != "fp8-block" and not gluon:
+                    continue  # BLOCK_GLUON only changes block-scaled GEMMs
+                F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON = persistent, fast, gluon
                 kern.configs, kern.cache = tuned[stream_k]  # each set autotunes once, into its own cache
                 free()
                 out = model(*call_args).float()
@@ -113,14 +121,14 @@ def main() -> None:
         return
     if not args.out:
         ap.error("--out or --markdown")
-    default = (F.PERSISTENT, F.FAST_LAUNCH)
+    default = (F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON)
     result = {"env": env_block(), "preset": PRESET, "size": 1024, "weights": "synthetic (random)",
               "git_sha": os.environ.get("GIT_SHA", "unknown")}  # fmt: skip
     configs = F._fp8_gemm_persistent.configs
     try:
         result["rows"] = run(args.recipe, args.rounds)
     finally:
-        F.PERSISTENT, F.FAST_LAUNCH = default
+        F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON = default
         F._fp8_gemm_persistent.configs = configs
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
