@@ -105,7 +105,7 @@ import os
 
 import torch
 
-from flux2_bench.kernels.fp8_matmul import QBLOCK, _as_fp32_scale, _check_epilogue, _check_fp8_operands
+from flux2_bench.kernels.fp8_matmul import QBLOCK, _as_fp32_scale, _check_epilogue, _check_fp8_operands, _rebased
 
 try:  # Gluon ships with Triton >= 3.5; its API moves between releases (written against 3.6)
     from triton.experimental import gluon
@@ -661,14 +661,6 @@ def fp8_block_gemm_sm90(
 # TMA descriptors re-pointed at the new tensors. FLUX2_FAST_LAUNCH=0 turns it off (as in fp8_matmul).
 FAST_LAUNCH = os.environ.get("FLUX2_FAST_LAUNCH", "1") == "1"
 _WS_LAUNCHERS: dict[tuple, tuple] = {}
-
-
-def _rebased(desc, base: torch.Tensor):
-    """``desc`` pointing at ``base`` (same dtype, shape and strides), without the constructor's checks."""
-    new = object.__new__(type(desc))
-    new.__dict__.update(desc.__dict__)
-    new.base = base
-    return new
 
 
 def _launch_ws(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, ordered, lagged):

@@ -1022,10 +1022,11 @@ def _launch_key(fn, args, meta):
     return key + tuple(meta.items())
 
 
-def _rebased(desc: TensorDescriptor, base: torch.Tensor) -> TensorDescriptor:
-    """``desc`` pointing at ``base`` (same dtype, shape and strides), without TensorDescriptor's
-    constructor checks (about 4 us each on the H100's host; the launch that built ``desc`` ran them)."""
-    new = object.__new__(TensorDescriptor)
+def _rebased(desc, base: torch.Tensor):
+    """``desc`` (a Triton or Gluon TensorDescriptor) pointing at ``base`` (same dtype, shape and strides),
+    without the constructor's checks (about 4 us each on the H100's host; the launch that built ``desc``
+    ran them)."""
+    new = object.__new__(type(desc))
     new.__dict__.update(desc.__dict__)
     new.base = base
     return new
