@@ -114,7 +114,7 @@ def run_shape(name, M, K, N, res, ws_ok=True):
 
 
 WS_SMOKE = """
-import torch
+import json, sys, torch
 from flux2_bench.kernels import fp8_block_gemm_sm90 as G
 from flux2_bench.kernels.fp8_matmul import fp8_gemm_ref
 g = torch.Generator().manual_seed(0)
@@ -123,18 +123,21 @@ a = (torch.randn(M, K, generator=g) * 2).to(torch.float8_e4m3fn).cuda()
 b = (torch.randn(N, K, generator=g) * 2).to(torch.float8_e4m3fn).cuda()
 sa = (torch.rand(M, 6, generator=g) + 0.5).cuda()
 sb = (torch.rand(9, 6, generator=g) + 0.5).cuda()
-out = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, out_dtype=torch.float32)
+kw = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+out = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, out_dtype=torch.float32, **kw)
 torch.cuda.synchronize()
 ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)
 print("rel_l2", ((out - ref).norm() / ref.norm()).item())
 """
 
 
-def ws_smoke(timeout_s=240):
-    """Run the WS kernel once in a child process with a time limit: a hang (a wrong mbarrier phase
-    deadlocks the kernel) or a fault must not take the whole benchmark down."""
+def ws_smoke(timeout_s=240, **kw):
+    """Run the WS kernel once (keyword arguments of ``fp8_block_gemm_sm90_ws``: its schedule) in a child
+    process with a time limit: a hang (a wrong mbarrier phase deadlocks the kernel) or a fault must not
+    take the whole benchmark down."""
+    argv = [sys.executable, "-c", WS_SMOKE, json.dumps(kw)]
     try:
-        r = subprocess.run([sys.executable, "-c", WS_SMOKE], capture_output=True, text=True, timeout=timeout_s)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timed out after {timeout_s} s (deadlock?)"}
     tail = (r.stdout + r.stderr)[-1500:]

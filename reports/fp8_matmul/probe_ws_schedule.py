@@ -41,7 +41,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -64,38 +63,12 @@ EXPECTATION = (
     "on M = 512 (half as many tiles); written before run 2"
 )
 
-SMOKE = """
-import sys, torch
-from flux2_bench.kernels import fp8_block_gemm_sm90 as G
-from flux2_bench.kernels.fp8_matmul import fp8_gemm_ref
-kw = dict(ordered=sys.argv[1] == "1", lagged=sys.argv[2] == "1")
-if sys.argv[3] != "128":
-    kw = dict(block_n=int(sys.argv[3]))
-g = torch.Generator().manual_seed(0)
-M, N, K = 1000, 1111, 768
-a = (torch.randn(M, K, generator=g) * 2).to(torch.float8_e4m3fn).cuda()
-b = (torch.randn(N, K, generator=g) * 2).to(torch.float8_e4m3fn).cuda()
-sa = (torch.rand(M, 6, generator=g) + 0.5).cuda()
-sb = (torch.rand(9, 6, generator=g) + 0.5).cuda()
-out = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, out_dtype=torch.float32, **kw)
-torch.cuda.synchronize()
-ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)
-print("rel_l2", ((out - ref).norm() / ref.norm()).item())
-"""
 
+def smoke(sched: str) -> dict:
+    """One launch of the schedule in a child process with a time limit (bench_block_sm90.ws_smoke)."""
+    from bench_block_sm90 import ws_smoke
 
-def smoke(sched: str, timeout_s: int = 180) -> dict:
-    kw = SCHEDULES[sched]
-    argv = [sys.executable, "-c", SMOKE, str(int(kw.get("ordered", False))), str(int(kw.get("lagged", True))),
-            str(kw.get("block_n", 128))]  # fmt: skip
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout_s} s (deadlock?)"}
-    rel = [float(x.split()[1]) for x in r.stdout.splitlines() if x.startswith("rel_l2")]
-    ok = r.returncode == 0 and bool(rel) and rel[0] < 1e-3
-    return {"ok": ok, "rc": r.returncode, "rel_l2": rel[0] if rel else None,
-            "tail": "" if ok else (r.stdout + r.stderr)[-1500:]}  # fmt: skip
+    return ws_smoke(180, **SCHEDULES[sched])
 
 
 def err(e) -> str:
