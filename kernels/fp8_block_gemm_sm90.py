@@ -128,13 +128,19 @@ BLOCK_N = 128
 BLOCK_K = 128
 GROUP_M = 8
 _WARPS = {128: 8, 64: 4}  # BLOCK_M -> num_warps (one warpgroup per 64 rows)
-# Warp-specialized kernel: 4 (default partition, consumer 0) + 4 (consumer 1) + 1 (producer) warps,
-# rounded up to 12 (registers are handed out per warpgroup): 12 x 32 threads x 168 = 64512 of the
+# Warp-specialized kernel, two consumers: 4 (default partition, consumer 0) + 4 (consumer 1) + 1 (producer)
+# warps, rounded up to 12 (registers are handed out per warpgroup): 12 x 32 threads x 168 = 64512 of the
 # 65536 registers; setmaxnreg then gives the producer's warpgroup 40 and each consumer 232
-# (4 x 32 x (232 + 232 + 40) = 64512).
+# (4 x 32 x (232 + 232 + 40) = 64512). Three consumers: 16 warps launched at 128 registers, then
+# 160 per consumer and 32 for the producer's warpgroup (4 x 32 x (3 x 160 + 32) = 65536).
 WS_MAXNREG = 168
 WS_CONSUMER_REGS = 232
 WS_PRODUCER_REGS = 40
+WS_REGS = {
+    2: (WS_MAXNREG, WS_CONSUMER_REGS, WS_PRODUCER_REGS),
+    3: (128, 160, 32),
+}  # consumers -> maxnreg, each, producer
+SMEM_BYTES = 232448  # sm_90's opt-in shared memory per block (227 KB)
 WS_EXPECTATION = (
     "0.80-0.95x ours_gemm_row on M >= 4096, 0.7-0.9x on M = 512 (txt.proj weakest); written before the first WS run"
 )
@@ -287,19 +293,22 @@ if gluon is not None:
 
     @gluon.jit
     def _ws_producer(a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP: gl.constexpr):
-        """1 warp: fill the ring for every tile of this program. Slot s is refilled once both
-        consumers arrived on ``empty[s]``.
+        """1 warp: fill the ring for every tile of this program. Slot s is refilled once every
+        consumer arrived on ``empty[s]``. A slot holds one 64-row A box per consumer
+        (``a_smem[s * CONSUMERS + c]``) and the B tile.
 
         Phases: the partitions walk the same tiles and K steps, counting steps ``it`` over all
         tiles; step ``it`` uses slot it % S for the (it // S)-th time. A fresh mbarrier counts as
         having completed the phase before phase 0, so waiting ``empty`` with parity
         ((it // S) & 1) ^ 1 passes at once for the first S steps and then waits for the release
         of step it - S."""
-        NUM_STAGES: gl.constexpr = a_smem.shape[0]
-        BM: gl.constexpr = a_desc.block_type.shape[0]
+        NUM_STAGES: gl.constexpr = b_smem.shape[0]
+        CONSUMERS: gl.constexpr = a_smem.shape[0] // NUM_STAGES
+        BM_C: gl.constexpr = a_desc.block_type.shape[0]
+        BM: gl.constexpr = BM_C * CONSUMERS
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[0]
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        nbytes: gl.constexpr = CONSUMERS * a_desc.block_type.nbytes + b_desc.block_type.nbytes
         num_pid_m = gl.cdiv(M, BM)
         num_pid_n = gl.cdiv(N, BN)
         k_tiles = gl.cdiv(K, BK)
@@ -313,38 +322,53 @@ if gluon is not None:
                 mbarrier.wait(empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
                 bar = ready.index(s)
                 mbarrier.expect(bar, nbytes)
-                tma.async_copy_global_to_shared(a_desc, [off_m, j * BK], bar, a_smem.index(s))
+                for c in gl.static_range(CONSUMERS):
+                    tma.async_copy_global_to_shared(a_desc, [off_m + c * BM_C, j * BK], bar,
+                                                    a_smem.index(s * CONSUMERS + c))  # fmt: skip
                 tma.async_copy_global_to_shared(b_desc, [off_n, j * BK], bar, b_smem.index(s))
                 it += 1
 
     @gluon.jit
+    def _step_scales(sa_ptrs, sb_ptr, mask_m, j, stride_ask, stride_bsk):
+        """a_scale[m, j] (rows of the tile; 0 past M) and b_scale[pid_n, j], not yet multiplied."""
+        a_s = gl.load(sa_ptrs + j * stride_ask, mask=mask_m, other=0.0)
+        b_s = gl.load(sb_ptr + j * stride_bsk)
+        return a_s, b_s
+
+    @gluon.jit
     def _ws_consumer(
-        a_smem, b_smem, ready, empty, issued,
+        a_smem, b_smem, c_smem, ready, empty, issued, out_desc,
         a_scale_ptr, b_scale_ptr, out_ptr, res_ptr, gate_ptr,
         M, N, K,
         stride_asm, stride_ask, stride_bsn, stride_bsk, stride_om, stride_rm, stride_gn,
         HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
-        ORDERED: gl.constexpr, LAGGED: gl.constexpr,
+        ORDERED: gl.constexpr, LAGGED: gl.constexpr, DEFER_SCALE: gl.constexpr, TMA_STORE: gl.constexpr,
     ):  # fmt: skip
-        """One warpgroup (4 warps): rows [WG * 64, WG * 64 + 64) of each tile, lagged promotion
-        as in the non-specialized kernel, no barrier shared with the other consumer: it waits
-        ``ready[s]``, issues its m64n128 wgmma on its half of the A tile, promotes the previous
-        step while the wgmma runs, waits for it and releases the slot (``empty[s]``, count 2).
-        The epilogue (gate, residual, cast, masked store) of its 64 rows runs while the producer
-        already loads the next tile.
+        """One warpgroup (4 warps): rows [WG * 64, WG * 64 + 64) of each tile, no barrier shared with
+        the other consumers: it waits ``ready[s]``, issues its m64n128 wgmma on its A box, waits for
+        it, releases the slot (``empty[s]``, one arrival per consumer) and promotes. The epilogue
+        (gate, residual, cast, store) of its 64 rows runs while the producer already loads the next
+        tile.
 
-        ``ORDERED``: consumer 1 issues step ``it``'s wgmma only after consumer 0 issued its own
-        (``issued[s]``, count 1), so the two products run one after the other on the tensor cores
-        and each consumer's promotion and bookkeeping fall under the other's wgmma, instead of both
-        sharing the tensor cores in lockstep and then both leaving them idle. ``LAGGED=False``:
-        promote step k right after its wait (DeepGEMM's order; no lagged copy of the product),
-        relying on the other consumer's wgmma for the overlap."""
-        NUM_STAGES: gl.constexpr = a_smem.shape[0]
-        BM_TILE: gl.constexpr = a_smem.shape[1]
-        BM: gl.constexpr = 64
-        BK: gl.constexpr = a_smem.shape[2]
+        ``LAGGED``: promote step k-1 while step k's wgmma runs (the product copied into lagged
+        registers); otherwise promote step k right after its wait (DeepGEMM's order), relying on
+        the other consumers' wgmmas for the overlap. ``ORDERED`` (two consumers only): consumer 1
+        issues step ``it``'s wgmma only after consumer 0 issued its own (``issued[s]``).
+        ``DEFER_SCALE`` (unlagged): the next step's scales are loaded under the wgmma and multiplied
+        only at their promotion, a step later; multiplying them at once made ptxas wait for the
+        loads before the wgmma wait (ncu_block_ws run 1: 16 % of consumer 1's stall samples).
+        ``TMA_STORE``: the tile leaves through this consumer's shared-memory buffer and a TMA store,
+        which drains during the next tile's K loop (``c_smem``: [CONSUMERS, 64, BN] of the output
+        dtype)."""
+        NUM_STAGES: gl.constexpr = b_smem.shape[0]
+        CONSUMERS: gl.constexpr = a_smem.shape[0] // NUM_STAGES
+        BM: gl.constexpr = a_smem.shape[1]
+        BM_TILE: gl.constexpr = BM * CONSUMERS
         BN: gl.constexpr = b_smem.shape[1]
+        BK: gl.constexpr = b_smem.shape[2]
         gl.static_assert(gl.num_warps() == 4)
+        gl.static_assert(BM == 64)
+        gl.static_assert(CONSUMERS == 2 or not ORDERED)
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
         row_l: gl.constexpr = gl.SliceLayout(1, mma)
         col_l: gl.constexpr = gl.SliceLayout(0, mma)
@@ -356,34 +380,45 @@ if gluon is not None:
         it = 0
         for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_pids(tile_id, num_pid_m, num_pid_n, GROUP)
-            offs_m = pid_m * BM_TILE + WG * BM + gl.arange(0, BM, layout=row_l)
+            off_m = pid_m * BM_TILE + WG * BM
+            offs_m = off_m + gl.arange(0, BM, layout=row_l)
             mask_m = offs_m < M
             sa_ptrs = a_scale_ptr + offs_m * stride_asm
             sb_ptr = b_scale_ptr + pid_n * stride_bsn
 
             acc = gl.zeros([BM, BN], gl.float32, layout=mma)
-            part = gl.zeros([BM, BN], gl.float32, layout=mma)  # step j-1's product
+            part = gl.zeros([BM, BN], gl.float32, layout=mma)  # step j-1's product (LAGGED)
             scale = gl.zeros([BM], gl.float32, layout=row_l)  # its a_s * b_s
+            a_cur, b_cur = _step_scales(sa_ptrs, sb_ptr, mask_m, 0, stride_ask, stride_bsk)  # step 0's
             if not LAGGED:
-                scale = _step_scale(sa_ptrs, sb_ptr, mask_m, 0, k_tiles, stride_ask, stride_bsk)
+                scale = a_cur * b_cur
             for j in range(k_tiles):
                 s = it % NUM_STAGES
                 mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
                 if ORDERED and WG == 1:
                     mbarrier.wait(issued.index(s), (it // NUM_STAGES) & 1)
-                a_s = a_smem.index(s).slice(WG * BM, BM, dim=0)
+                a_s = a_smem.index(s * CONSUMERS + WG)
                 b_s = b_smem.index(s)
                 tok = warpgroup_mma(a_s, b_s.permute((1, 0)), zero, use_acc=False, is_async=True)
                 if ORDERED and WG == 0:
                     mbarrier.arrive(issued.index(s), count=1)
+                nxt_j = gl.minimum(j + 1, k_tiles - 1)
                 if LAGGED:
                     acc = acc + part * scale[:, None]
-                    scale = _step_scale(sa_ptrs, sb_ptr, mask_m, j, k_tiles, stride_ask, stride_bsk)
+                    a_cur, b_cur = _step_scales(sa_ptrs, sb_ptr, mask_m, j, stride_ask, stride_bsk)
+                    scale = a_cur * b_cur
                     part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
                     mbarrier.arrive(empty.index(s), count=1)
-                else:  # scales prefetched one step ahead: the LDG latency is not waited for
-                    nxt = _step_scale(sa_ptrs, sb_ptr, mask_m, gl.minimum(j + 1, k_tiles - 1), k_tiles,
-                                      stride_ask, stride_bsk)  # fmt: skip
+                elif DEFER_SCALE:  # raw scales of step j + 1 loaded now, multiplied at its promotion
+                    a_nxt, b_nxt = _step_scales(sa_ptrs, sb_ptr, mask_m, nxt_j, stride_ask, stride_bsk)
+                    part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
+                    mbarrier.arrive(empty.index(s), count=1)
+                    acc = acc + part * (a_cur * b_cur)[:, None]
+                    a_cur = a_nxt
+                    b_cur = b_nxt
+                else:  # scales of step j + 1 loaded and multiplied now
+                    a_nxt, b_nxt = _step_scales(sa_ptrs, sb_ptr, mask_m, nxt_j, stride_ask, stride_bsk)
+                    nxt = a_nxt * b_nxt
                     part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
                     mbarrier.arrive(empty.index(s), count=1)
                     acc = acc + part * scale[:, None]
@@ -392,7 +427,8 @@ if gluon is not None:
             if LAGGED:
                 acc = acc + part * scale[:, None]
 
-            offs_n = pid_n * BN + gl.arange(0, BN, layout=col_l)
+            off_n = pid_n * BN
+            offs_n = off_n + gl.arange(0, BN, layout=col_l)
             mask_n = offs_n < N
             if HAS_GATE:
                 g = gl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(gl.float32)
@@ -402,12 +438,22 @@ if gluon is not None:
             if HAS_RESIDUAL:
                 r = gl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0)
                 acc = acc + r.to(gl.float32)
-            gl.store(out_ptr + rows * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+            if TMA_STORE:  # rows / columns past M / N are clipped by the TMA unit
+                c_buf = c_smem.index(WG)
+                tma.store_wait(0)  # this consumer's previous tile has left c_buf
+                c_buf.store(acc.to(out_desc.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(out_desc, [off_m, off_n], c_buf)
+            else:
+                gl.store(out_ptr + rows * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        if TMA_STORE:
+            tma.store_wait(0)
 
     @gluon.jit
     def _fp8_block_gemm_sm90_ws_kernel(
-        a_desc,  # (M, K) e4m3, block [128, BLOCK_K]
+        a_desc,  # (M, K) e4m3, block [64, BLOCK_K]: one box per consumer
         b_desc,  # (N, K) e4m3, block [BLOCK_N, BLOCK_K]
+        out_desc,  # (M, N) output, block [64, BLOCK_N] (TMA_STORE; any descriptor otherwise)
         a_scale_ptr, b_scale_ptr, out_ptr, res_ptr, gate_ptr,
         M, N, K,
         stride_asm, stride_ask, stride_bsn, stride_bsk, stride_om, stride_rm, stride_gn,
@@ -419,103 +465,84 @@ if gluon is not None:
         CONSUMER_REGS: gl.constexpr,
         ORDERED: gl.constexpr,
         LAGGED: gl.constexpr,
+        CONSUMERS: gl.constexpr,
+        DEFER_SCALE: gl.constexpr,
+        TMA_STORE: gl.constexpr,
         num_warps: gl.constexpr,
     ):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[0]
-        gl.static_assert(BM == 128)
+        gl.static_assert(BM == 64)
         gl.static_assert(BK == 128)
         gl.static_assert(BN == 128)
+        gl.static_assert(CONSUMERS == 2 or CONSUMERS == 3)
         gl.static_assert(num_warps == 4)  # the default partition is consumer 0 (one warpgroup)
 
-        a_smem = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES, BM, BK], a_desc.layout)
+        a_smem = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES * CONSUMERS, BM, BK], a_desc.layout)
         b_smem = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES, BN, BK], b_desc.layout)
+        if TMA_STORE:
+            c_smem = gl.allocate_shared_memory(out_desc.dtype, [CONSUMERS, BM, BN], out_desc.layout)
+        else:
+            c_smem = b_smem  # unused
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         issued = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)  # the producer's expect; TMA bytes complete it
-            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(empty.index(i), count=CONSUMERS)  # one arrival per consumer warpgroup
             mbarrier.init(issued.index(i), count=1)  # consumer 0 issued its wgmma (ORDERED only)
         fence_async_shared()
 
         # Partition arguments: the worker partitions take no tensors (scalars, descriptors,
         # shared-memory views and constexprs only); a constexpr in an argument tuple must be a
         # named constexpr (a literal in a concatenated tuple reaches the builder as a plain int).
-        # The two consumer tuples are spelled out: building them as `shared + (WG0,)` does not
-        # compile with triton 3.6 (CompilationError at the warp_specialize call; tried in session 5).
+        # The consumer tuples are spelled out: building them as `shared + (WG0,)` does not compile
+        # with triton 3.6 (CompilationError at the warp_specialize call; tried in session 5).
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
-        gl.warp_specialize(
-            [
-                (  # default partition: the kernel's num_warps = 4 warps, consumer of rows 0..63
-                    _ws_consumer,
-                    (
-                        a_smem,
-                        b_smem,
-                        ready,
-                        empty,
-                        issued,
-                        a_scale_ptr,
-                        b_scale_ptr,
-                        out_ptr,
-                        res_ptr,
-                        gate_ptr,
-                        M,
-                        N,
-                        K,
-                        stride_asm,
-                        stride_ask,
-                        stride_bsn,
-                        stride_bsk,
-                        stride_om,
-                        stride_rm,
-                        stride_gn,
-                        HAS_RESIDUAL,
-                        HAS_GATE,
-                        GROUP,
-                        WG0,
-                        ORDERED,
-                        LAGGED,
-                    ),
-                ),  # fmt: skip
-                (  # worker 0: 4 warps, consumer of rows 64..127
-                    _ws_consumer,
-                    (
-                        a_smem,
-                        b_smem,
-                        ready,
-                        empty,
-                        issued,
-                        a_scale_ptr,
-                        b_scale_ptr,
-                        out_ptr,
-                        res_ptr,
-                        gate_ptr,
-                        M,
-                        N,
-                        K,
-                        stride_asm,
-                        stride_ask,
-                        stride_bsn,
-                        stride_bsk,
-                        stride_om,
-                        stride_rm,
-                        stride_gn,
-                        HAS_RESIDUAL,
-                        HAS_GATE,
-                        GROUP,
-                        WG1,
-                        ORDERED,
-                        LAGGED,
-                    ),
-                ),  # fmt: skip
-                (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),  # worker 1: 1 warp
-            ],
-            [4, 1],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )
+        WG2: gl.constexpr = 2
+        # (A tuple kept in a variable loses its constexprs too: the consumers then compiled both sides
+        # of every `if TMA_STORE:`.)
+        # fmt: off
+        if CONSUMERS == 2:
+            # default partition: the kernel's 4 warps (consumer 0); worker 0: consumer 1; worker 1: 1 TMA warp
+            gl.warp_specialize(
+                [
+                (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
+                                out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
+                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG0, ORDERED, LAGGED,
+                                DEFER_SCALE, TMA_STORE)),
+                (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
+                                out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
+                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG1, ORDERED, LAGGED,
+                                DEFER_SCALE, TMA_STORE)),
+                    (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),
+                ],
+                [4, 1],
+                [CONSUMER_REGS, PRODUCER_REGS],
+            )
+        else:  # default partition: consumer 0; workers 0 and 1: consumers 1 and 2; worker 2: 1 TMA warp
+            gl.warp_specialize(
+                [
+                (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
+                                out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
+                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG0, ORDERED, LAGGED,
+                                DEFER_SCALE, TMA_STORE)),
+                (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
+                                out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
+                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG1, ORDERED, LAGGED,
+                                DEFER_SCALE, TMA_STORE)),
+                (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
+                                out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
+                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG2, ORDERED, LAGGED,
+                                DEFER_SCALE, TMA_STORE)),
+                    (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),
+                ],
+                [4, 4, 1],
+                [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
+            )
+        # fmt: on
 
 
 # ----------------------------------------------------------------------------------------------
@@ -576,6 +603,9 @@ def fp8_block_gemm_sm90(
     warp_specialized: bool = False,
     ws_ordered: bool = False,
     ws_lagged: bool = True,
+    ws_consumers: int = 2,
+    ws_defer_scale: bool = False,
+    ws_tma_store: bool = False,
 ) -> torch.Tensor:
     """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` with 1x128 (A) and 128x128 (B) block
     scales on Hopper: e4m3 ``a`` (M, K), ``b`` (N, K); fp32 ``a_scale`` (M, ceil(K/128)), ``b_scale``
@@ -585,7 +615,10 @@ def fp8_block_gemm_sm90(
     the persistent warp-specialized kernel (one TMA producer warp, two consumer warpgroups of 64
     rows; block_m must be 128). ``ws_ordered`` / ``ws_lagged``: its schedule (``_ws_consumer``):
     consumer 1 issues each wgmma after consumer 0's / each consumer promotes the previous step
-    under its own wgmma (False: right after the wait)."""
+    under its own wgmma (False: right after the wait). ``ws_consumers``: 2 (128 x 128 tiles) or 3
+    (192 x 128 tiles, 160 registers per consumer). ``ws_defer_scale``: multiply each step's scales at
+    its promotion instead of when loaded (unlagged schedule). ``ws_tma_store``: write the tile through
+    shared memory and a TMA store (2-byte outputs with 16-byte aligned rows)."""
     _check_fp8_operands(a, b, out_dtype)  # fp8_gemm's own checks, then what TMA adds
     for name, t in (("a", a), ("b", b)):
         if t.stride(1) != 1:
@@ -606,8 +639,20 @@ def fp8_block_gemm_sm90(
         raise ValueError(f"block_m must be one of {sorted(_WARPS)}, got {block_m}")
     if not 2 <= num_stages <= 6:
         raise ValueError(f"num_stages must be in 2..6, got {num_stages}")
-    if (ws_ordered or not ws_lagged) and not warp_specialized:
-        raise ValueError("ws_ordered / ws_lagged are schedules of the warp-specialized kernel (warp_specialized=True)")
+    ws_options = ws_ordered or not ws_lagged or ws_consumers != 2 or ws_defer_scale or ws_tma_store
+    if ws_options and not warp_specialized:
+        raise ValueError(
+            "ws_ordered / ws_lagged / ws_consumers / ws_defer_scale / ws_tma_store are options of the "
+            "warp-specialized kernel (warp_specialized=True)"
+        )
+    if ws_consumers not in WS_REGS:
+        raise ValueError(f"ws_consumers must be one of {sorted(WS_REGS)}, got {ws_consumers}")
+    if ws_consumers != 2 and ws_ordered:
+        raise ValueError("ws_ordered orders two consumers; it needs ws_consumers=2")
+    if ws_defer_scale and ws_lagged:
+        raise ValueError("ws_defer_scale is a variant of the unlagged schedule (ws_lagged=False)")
+    if ws_tma_store and out_dtype.itemsize != 2:
+        raise ValueError(f"ws_tma_store writes 2-byte outputs (bf16 / fp16), got out_dtype={out_dtype}")
     if warp_specialized and block_m != 128:
         raise ValueError(f"warp_specialized needs block_m=128 (two consumer warpgroups of 64 rows), got {block_m}")
     devs = {t.device for t in (a, b, a_scale, b_scale, residual, gate) if t is not None}
@@ -636,8 +681,15 @@ def fp8_block_gemm_sm90(
     res = residual if residual is not None else out
     g = gate.reshape(-1) if gate is not None else out.view(-1)
     if warp_specialized:
-        return _launch_ws(a, b, a_scale, b_scale, out, res, g, residual is not None, gate is not None,
-                          num_stages, ws_ordered, ws_lagged)  # fmt: skip
+        opts = dict(ordered=ws_ordered, lagged=ws_lagged, consumers=ws_consumers, defer_scale=ws_defer_scale,
+                    tma_store=ws_tma_store and out.data_ptr() % 16 == 0 and (N * out.element_size()) % 16 == 0)  # fmt: skip
+        smem = _ws_smem_bytes(num_stages, ws_consumers, out.element_size() if opts["tma_store"] else 0)
+        if smem > SMEM_BYTES:
+            raise ValueError(f"num_stages={num_stages} with {ws_consumers} consumers needs {smem} B of shared memory, "
+                             f"more than sm_90's {SMEM_BYTES}")  # fmt: skip
+        return _launch_ws(
+            a, b, a_scale, b_scale, out, res, g, residual is not None, gate is not None, num_stages, **opts
+        )
     a_layout = gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K], gl.float8e4nv)
     b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float8e4nv)
     a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [block_m, BLOCK_K], a_layout)
@@ -663,13 +715,23 @@ FAST_LAUNCH = os.environ.get("FLUX2_FAST_LAUNCH", "1") == "1"
 _WS_LAUNCHERS: dict[tuple, tuple] = {}
 
 
-def _launch_ws(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, ordered, lagged):
+def _ws_smem_bytes(num_stages: int, consumers: int, out_bytes: int) -> int:
+    """Shared memory of the warp-specialized kernel: the ring (one 64 x 128 e4m3 A box per consumer and
+    the 128 x 128 B tile per stage), the TMA-store buffers (``out_bytes`` per element, 0: none) and 3
+    mbarriers per stage."""
+    return num_stages * (consumers * 64 + BLOCK_N) * BLOCK_K + consumers * 64 * BLOCK_N * out_bytes + 24 * num_stages
+
+
+def _launch_ws(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, *, ordered, lagged,
+               consumers=2, defer_scale=False, tma_store=False):  # fmt: skip
     M, K = a.shape
     N = b.shape[0]
+    maxnreg, consumer_regs, producer_regs = WS_REGS[consumers]
     ints = (M, N, K, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
             out.stride(0), res.stride(0), g.stride(0))  # fmt: skip
     consts = dict(HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=GROUP_M,
-                  PRODUCER_REGS=WS_PRODUCER_REGS, CONSUMER_REGS=WS_CONSUMER_REGS, ORDERED=ordered, LAGGED=lagged)  # fmt: skip
+                  PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, ORDERED=ordered, LAGGED=lagged,
+                  CONSUMERS=consumers, DEFER_SCALE=defer_scale, TMA_STORE=tma_store)  # fmt: skip
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     # everything the launch specializes on: integer values (Triton specializes on 1 and on 16-divisibility),
     # the pointers' 16-byte alignment, dtypes, the descriptors' row strides, the constexprs
@@ -677,22 +739,30 @@ def _launch_ws(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stage
            *(t.data_ptr() % 16 == 0 for t in (a_scale, b_scale, out, res, g)))  # fmt: skip
     hit = _WS_LAUNCHERS.get(key) if FAST_LAUNCH else None
     if hit is not None:
-        runner, a_desc, b_desc, tail = hit
-        runner(_rebased(a_desc, a), _rebased(b_desc, b), a_scale, b_scale, out, res, g, *ints, *tail)
+        runner, a_desc, b_desc, out_desc, tail = hit
+        o_desc = _rebased(out_desc, out) if tma_store else _rebased(a_desc, a)
+        runner(_rebased(a_desc, a), _rebased(b_desc, b), o_desc, a_scale, b_scale, out, res, g, *ints, *tail)
         return out
-    a_layout = gl.NVMMASharedLayout.get_default_for([128, BLOCK_K], gl.float8e4nv)
+    a_layout = gl.NVMMASharedLayout.get_default_for([64, BLOCK_K], gl.float8e4nv)
     b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float8e4nv)
-    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [128, BLOCK_K], a_layout)
+    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [64, BLOCK_K], a_layout)
     b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [BLOCK_N, BLOCK_K], b_layout)
-    grid = (min(-(-M // 128) * -(-N // BLOCK_N), _num_sms(index)), 1, 1)
+    if tma_store:
+        o_layout = gl.NVMMASharedLayout.get_default_for(
+            [64, BLOCK_N], {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[out.dtype]
+        )
+        out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [64, BLOCK_N], o_layout)
+    else:
+        out_desc = a_desc  # not read (TMA_STORE=False); the kernel's signature takes a descriptor there
+    grid = (min(-(-M // (64 * consumers)) * -(-N // BLOCK_N), _num_sms(index)), 1, 1)
     compiled = _fp8_block_gemm_sm90_ws_kernel[grid](
-        a_desc, b_desc, a_scale, b_scale, out, res, g, *ints, **consts, num_warps=4, maxnreg=WS_MAXNREG
+        a_desc, b_desc, out_desc, a_scale, b_scale, out, res, g, *ints, **consts, num_warps=4, maxnreg=maxnreg
     )
     if FAST_LAUNCH and compiled is not None and hasattr(compiled, "__getitem__"):
         names = _fp8_block_gemm_sm90_ws_kernel.arg_names
         full = {**consts, "num_warps": 4}
-        tail = tuple(full[n] for n in names[7 + len(ints) :])  # the constexpr parameters, in order
-        _WS_LAUNCHERS[key] = (compiled[grid], a_desc, b_desc, tail)
+        tail = tuple(full[n] for n in names[8 + len(ints) :])  # the constexpr parameters, in order
+        _WS_LAUNCHERS[key] = (compiled[grid], a_desc, b_desc, out_desc, tail)
     return out
 
 
@@ -708,9 +778,14 @@ def fp8_block_gemm_sm90_ws(
     num_stages: int = 4,
     ordered: bool = False,
     lagged: bool = True,
+    consumers: int = 2,
+    defer_scale: bool = False,
+    tma_store: bool = False,
 ) -> torch.Tensor:
-    """``fp8_block_gemm_sm90(..., block_m=128, warp_specialized=True)``: same arguments and maths."""
+    """``fp8_block_gemm_sm90(..., block_m=128, warp_specialized=True)``: same arguments and maths
+    (``consumers=3``: 192-row tiles)."""
     return fp8_block_gemm_sm90(
         a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate,
         block_m=128, num_stages=num_stages, warp_specialized=True, ws_ordered=ordered, ws_lagged=lagged,
+        ws_consumers=consumers, ws_defer_scale=defer_scale, ws_tma_store=tma_store,
     )  # fmt: skip

@@ -196,8 +196,66 @@ def test_ws_schedule_options_need_the_ws_kernel():
     a = torch.zeros(64, 128, dtype=E4M3)
     b = torch.zeros(128, 128, dtype=E4M3)
     sa, sb = torch.ones(64, 1), torch.ones(1, 1)
-    with pytest.raises(ValueError, match="warp-specialized"):
-        G.fp8_block_gemm_sm90(a, b, sa, sb, ws_ordered=True)
+    for kw in ({"ws_ordered": True}, {"ws_consumers": 3}, {"ws_tma_store": True}):
+        with pytest.raises(ValueError, match="warp-specialized"):
+            G.fp8_block_gemm_sm90(a, b, sa, sb, **kw)
+
+
+def test_ws_option_combinations_are_checked():
+    a = torch.zeros(64, 128, dtype=E4M3)
+    b = torch.zeros(128, 128, dtype=E4M3)
+    sa, sb = torch.ones(64, 1), torch.ones(1, 1)
+    with pytest.raises(ValueError, match="ws_consumers must be one of"):
+        G.fp8_block_gemm_sm90_ws(a, b, sa, sb, consumers=4)
+    with pytest.raises(ValueError, match="needs ws_consumers=2"):
+        G.fp8_block_gemm_sm90_ws(a, b, sa, sb, consumers=3, ordered=True, lagged=False)
+    with pytest.raises(ValueError, match="unlagged schedule"):
+        G.fp8_block_gemm_sm90_ws(a, b, sa, sb, defer_scale=True)
+    with pytest.raises(ValueError, match="2-byte outputs"):
+        G.fp8_block_gemm_sm90_ws(a, b, sa, sb, lagged=False, tma_store=True, out_dtype=torch.float32)
+
+
+def test_ws_shared_memory_budget():
+    """The ring, the TMA-store buffers and the barriers; the launcher refuses what sm_90 cannot hold."""
+    assert G._ws_smem_bytes(3, 2, 0) == 3 * 256 * 128 + 72
+    assert G._ws_smem_bytes(4, 3, 2) == 4 * 320 * 128 + 3 * 64 * 128 * 2 + 96
+    assert G._ws_smem_bytes(4, 3, 2) <= G.SMEM_BYTES < G._ws_smem_bytes(5, 3, 2)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_ws_refuses_a_ring_that_does_not_fit():
+    a, b, sa, sb = _operands(256, 256, 256, "cuda")
+    with pytest.raises(ValueError, match="shared memory"):
+        G.fp8_block_gemm_sm90_ws(a, b, sa, sb, consumers=3, lagged=False, tma_store=True, num_stages=6)
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize(
+    "kw",
+    [dict(ordered=True, defer_scale=True), dict(ordered=True, defer_scale=True, tma_store=True),
+     dict(consumers=3, defer_scale=True), dict(consumers=3, defer_scale=True, tma_store=True), dict(consumers=3)],
+    ids=["order+defer", "order+defer+tma", "c3+defer", "c3+defer+tma", "c3"],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "M, N, K, num_stages",
+    [(1000, 1111, 768, 4), (40, 384, 640, 3), (1100, 2 * 1024 + 40, 7 * 128 + 32, 3), (300, 640, 1040, 2)],
+)
+def test_ws_consumers_defer_and_tma_store_are_bit_identical(kw, M, N, K, num_stages):
+    """Three consumers (192-row tiles), deferred scale multiplies and the TMA-store epilogue change who
+    computes a row and how it leaves, not the fp32 operations on it: bf16 outputs (ragged M, N, K, with
+    and without the gated residual) must match the unlagged two-consumer kernel bit for bit."""
+    a, b, sa, sb = _operands(M, N, K, "cuda", seed=6)
+    res = (torch.randn(M, N, device="cuda") * 10).to(torch.bfloat16)
+    gate = torch.randn(N, device="cuda").to(torch.bfloat16)
+    for epi in ({}, {"residual": res, "gate": gate}):
+        base = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, num_stages=num_stages, lagged=False, **epi)
+        out = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, num_stages=num_stages, lagged=False, **kw, **epi)
+        assert torch.equal(out, base), f"max |diff| {(out.float() - base.float()).abs().max().item():.3g}"
+    ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)
+    out = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, lagged=False, **kw)
+    _check(out, ref, _abs_sum(a, b, sa, sb, None), torch.bfloat16, str(kw))
 
 
 @pytest.mark.gpu

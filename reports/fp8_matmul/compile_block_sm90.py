@@ -34,24 +34,28 @@ from kernels import fp8_block_gemm_sm90 as G  # noqa: E402
 BIN = Path(triton.__file__).parent / "backends/nvidia/bin"
 
 
-def desc_sig(rows: int) -> str:
-    """The signature string Triton's launcher builds for a Gluon TMA descriptor of [rows, 128] e4m3."""
-    t = torch.empty(256, 512, dtype=torch.float8_e4m3fn)
-    lay = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.float8e4nv)
+def desc_sig(rows: int, dtype=torch.float8_e4m3fn) -> str:
+    """The signature string Triton's launcher builds for a Gluon TMA descriptor of [rows, 128] ``dtype``."""
+    t = torch.empty(256, 512, dtype=dtype)
+    gdt = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[dtype]
+    lay = gl.NVMMASharedLayout.get_default_for([rows, 128], gdt)
     return mangle_type(TensorDescriptor(t, [256, 512], [512, 1], [rows, 128], lay))
 
 
 def compile_cfg(
     block_m: int, num_stages: int, has_res: bool, has_gate: bool, out: str, ws: bool = False, sched: str = "lag"
 ):
-    """``sched`` (warp-specialized kernel only): "lag", "lag+order" or "order" (ORDERED, not LAGGED).
-    (The 128 x 256 "wide" consumer compiled here at ae0bdcf: 276 bytes of spills; removed after
-    probe_ws_schedule run 2.)"""
+    """``sched`` (warp-specialized kernel only): "lag", "lag+order" or "order" (ORDERED, not LAGGED),
+    plus "+defer" (DEFER_SCALE), "+tma" (TMA_STORE), "+c3" (three consumers, 192-row tiles; not ordered:
+    "c3" alone is the unlagged schedule). (The 128 x 256 "wide" consumer compiled here at ae0bdcf: 276
+    bytes of spills; removed after probe_ws_schedule run 2.)"""
     fn = G._fp8_block_gemm_sm90_ws_kernel if ws else G._fp8_block_gemm_sm90_kernel
     num_warps = 4 if ws else G._WARPS[block_m]
+    odt = {"bf16": torch.bfloat16, "fp32": torch.float32}[out]
     sig = {
-        "a_desc": desc_sig(block_m),
+        "a_desc": desc_sig(64 if ws else block_m),
         "b_desc": desc_sig(G.BLOCK_N),
+        **({"out_desc": desc_sig(64, odt)} if ws else {}),
         "a_scale_ptr": "*fp32",
         "b_scale_ptr": "*fp32",
         "out_ptr": f"*{out}",
@@ -69,9 +73,12 @@ def compile_cfg(
         "stride_gn": "i32",
     }
     const = {"HAS_RESIDUAL": has_res, "HAS_GATE": has_gate, "NUM_STAGES": num_stages, "GROUP": G.GROUP_M}
+    consumers = 3 if "c3" in sched else 2
+    maxnreg, consumer_regs, producer_regs = G.WS_REGS[consumers]
     if ws:
-        const.update(PRODUCER_REGS=G.WS_PRODUCER_REGS, CONSUMER_REGS=G.WS_CONSUMER_REGS)
-        const.update(ORDERED="order" in sched, LAGGED="lag" in sched)
+        const.update(PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs)
+        const.update(ORDERED="order" in sched, LAGGED="lag" in sched, CONSUMERS=consumers)
+        const.update(DEFER_SCALE="defer" in sched, TMA_STORE="tma" in sched)
     const["num_warps"] = num_warps
     for c in const:
         sig[c] = "constexpr"
@@ -81,7 +88,7 @@ def compile_cfg(
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in div16}
     attrs[(names.index("stride_ask"),)] = []  # a_scale (M, kb) row-major: stride 1 along kb
     src = GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    opts = dict(num_warps=num_warps, maxnreg=G.WS_MAXNREG) if ws else dict(num_warps=num_warps)
+    opts = dict(num_warps=num_warps, maxnreg=maxnreg) if ws else dict(num_warps=num_warps)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
@@ -131,6 +138,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dump", default=None, help="folder for ttgir/ptx/sass of each config")
     ap.add_argument("--only-ws", action="store_true", help="the warp-specialized configs only")
+    ap.add_argument("--match", default=None, help="only the configs whose tag contains this string")
     args = ap.parse_args()
     print("triton", triton.__version__)
     cfgs = [(128, 4, False, False, "bf16", False), (128, 4, True, True, "bf16", False),
@@ -140,12 +148,17 @@ def main():
             (128, 3, False, False, "fp32", True), (128, 5, True, True, "fp32", True)]  # fmt: skip
     cfgs = [c + ("lag",) for c in cfgs]
     cfgs += [(128, 4, False, False, "bf16", True, "lag+order"), (128, 4, False, False, "bf16", True, "order"),
-             (128, 5, True, True, "bf16", True, "order")]  # fmt: skip
+             (128, 5, True, True, "bf16", True, "order"), (128, 3, False, False, "bf16", True, "order+defer"),
+             (128, 3, False, False, "bf16", True, "order+defer+tma"), (128, 4, True, True, "bf16", True, "c3+defer"),
+             (128, 4, False, False, "bf16", True, "c3+defer+tma"),
+             (128, 4, False, False, "bf16", True, "c3")]  # fmt: skip
     if args.only_ws:
         cfgs = [c for c in cfgs if c[5]]
     for block_m, stages, res, gate, out, ws, sched in cfgs:
         tag = f"bm{block_m}_s{stages}_{'res' if res else 'nores'}_{'gate' if gate else 'nogate'}_{out}"
         tag = f"ws_{sched}_" + tag if ws else tag
+        if args.match and args.match not in tag:
+            continue
         try:
             ck = compile_cfg(block_m, stages, res, gate, out, ws, sched)
         except Exception as e:  # noqa: BLE001 (report every config)
