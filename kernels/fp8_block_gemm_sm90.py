@@ -96,6 +96,28 @@ M = 1024, 5 below) is what ``fp8_gemm`` runs for block scales on sm_90 (``fp8_ma
 of each wgmma) and each warpgroup waited twice per K step; removed. On 128 x 128 tiles with two
 consumer warpgroups our row-wise kernel itself runs ~20 % below its 128 x 256 tile
 (probe_wide_tiles run 1), which bounds this kernel near 0.7x row-wise.
+
+Profile, and three more options (reports/fp8_matmul/ncu_block_ws.md, probe_ws_consumers.md)
+-------------------------------------------------------------------------------------------
+Nsight Compute on double.img.proj (the ordered, unlagged schedule): tensor pipe 55 % active, against
+76 % for cuBLAS's block kernel with the same 128 x 128 tile (6 stages, 1 x 2 cluster: 1.34x faster) and
+93 % for its row-wise one. Consumer 1 stalled on its scale loads before the wgmma wait (ptxas put the
+multiply of the next step's scales right after their loads); the epilogue (masked STG from registers)
+took ~9 % of the consumers' samples. Options, each bit-identical to the two-consumer kernel:
+
+- ``defer_scale``: the next step's raw scales are loaded under the wgmma and multiplied at their
+  promotion. Measured 1.02-1.03x (expected 1.03-1.08x).
+- ``tma_store``: the tile goes registers -> this consumer's 64 x 128 shared buffer -> TMA store, which
+  drains under the next tile's K loop (``tma.store_wait`` before the buffer is rewritten). With
+  ``defer_scale``: 1.08-1.09x (expected 1.05-1.13x). Deeper rings (4-6 stages) gave nothing more.
+- ``consumers=3``: 192 x 128 tiles, three consumer warpgroups of 160 registers (16 warps launched at
+  128, producer warpgroup at 32), each with its own 64-row A box. Expected 1.10-1.25x (a third wgmma
+  stream to cover the others' overhead, 17 % fewer L2 bytes per FLOP); measured 1.00x on M >= 4096 (1.04-
+  1.19x only on M = 4608, single.linear1/2) and 0.72-0.81x on M = 512 (a third of the last tile padding).
+  So neither overlap nor L2 traffic is what holds the kernel at ~1000 TFLOP/s; cuBLAS's remaining edge
+  is its 1 x 2 cluster (TMA multicast of one operand; not exposed by Gluon 3.6) and its scheduling.
+
+``fp8_matmul._block_gluon_options`` picks the dispatch from these measurements.
 """
 
 from __future__ import annotations

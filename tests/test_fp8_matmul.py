@@ -296,13 +296,28 @@ def test_gpu_stream_k_flux_text_shapes(M, K, N, granularity, monkeypatch):
     assert err < 1e-6, f"stream-K vs data-parallel (promoted accumulation): rel L2 {err:.2e}"
 
 
+def test_block_gluon_options_follow_the_measured_dispatch():
+    """Three consumers only where M is a multiple of 192 from 4608 rows (no padded tile rows; measured
+    faster on FLUX.2's single-stream linears), the TMA store only for 2-byte outputs."""
+    opts = F._block_gluon_options(4608, torch.bfloat16)
+    assert opts == dict(lagged=False, defer_scale=True, tma_store=True, consumers=3, num_stages=4)
+    assert F._block_gluon_options(4096, torch.bfloat16)["consumers"] == 2
+    assert F._block_gluon_options(16896, torch.float32) == dict(
+        lagged=False, defer_scale=True, tma_store=False, consumers=3, num_stages=4
+    )
+    small = F._block_gluon_options(512, torch.float16)
+    assert small == dict(lagged=False, defer_scale=True, tma_store=True, consumers=2, ordered=True, num_stages=5)
+    assert F._block_gluon_options(1152, torch.bfloat16)["consumers"] == 2  # a multiple of 192 below 4096
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "M, K, N, gluon",
     # FLUX.2 txt.qkv and img.proj: the Gluon kernel; txt.mlp_out (192 tiles, K = 18432): stream-K;
     # K = 1040 + 8 (rows not 16-byte aligned for TMA): the classic kernel
-    [(512, 6144, 18432, True), (1024, 6144, 6144, True), (512, 18432, 6144, False), (300, 1048, 640, False)],
-)
+    [(512, 6144, 18432, True), (1024, 6144, 6144, True), (512, 18432, 6144, False), (300, 1048, 640, False),
+     (4608, 1024, 768, True)],
+)  # fmt: skip
 def test_gpu_block_scales_dispatch(M, K, N, gluon, monkeypatch):
     """fp8_gemm with block scales on sm_90 takes the Gluon warp-specialized kernel where it was
     measured faster, and gives the Triton kernel's result within promoted-accumulation noise."""
@@ -323,10 +338,15 @@ def test_gpu_block_scales_dispatch(M, K, N, gluon, monkeypatch):
     ref = F.fp8_gemm_ref(xq, wq, xs, ws, residual=residual, gate=gate, out_dtype=torch.float32)
     err = (out - ref).norm().item() / ref.norm().item()
     assert not out.isnan().any() and err < 1e-3, f"rel L2 {err:.2e}"
+    if gluon:
+        assert calls[0] == F._block_gluon_options(M, torch.float32), calls[0]
+    out_bf16 = F.fp8_gemm(xq, wq, xs, ws, residual=residual, gate=gate)  # 2-byte output: the TMA store
     monkeypatch.setattr(F, "BLOCK_GLUON", False)
     tri = F.fp8_gemm(xq, wq, xs, ws, residual=residual, gate=gate, out_dtype=torch.float32)
     err = (out - tri).norm().item() / tri.norm().item()
     assert err < 1e-5, f"Gluon vs Triton block path: rel L2 {err:.2e}"
+    err = (out_bf16.float() - tri).norm().item() / tri.norm().item()
+    assert err < 4e-3, f"Gluon (bf16 out) vs Triton block path: rel L2 {err:.2e}"
 
 
 # ---------------------------------------------------------------------------------------------
