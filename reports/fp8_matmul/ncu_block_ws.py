@@ -3,7 +3,8 @@
 
 argv[1] picks the variant:
 
-- ``block``: the Gluon warp-specialized kernel as ``fp8_gemm`` dispatches it (ordered, unlagged, 3 stages);
+- ``block``: the Gluon warp-specialized kernel as ``fp8_gemm`` dispatches it (``_block_gluon_options``; run 1
+  at cac6c98: ordered, unlagged, 3 stages; run 2: plus deferred scale multiplies and the TMA store);
 - ``row``: our persistent row-wise kernel, autotuned as the library runs it;
 - ``cublas_block`` / ``cublas_row``: ``torch._scaled_mm`` with 1x128 x 128x128 block / row-wise scales
   (its kernel name gives cuBLAS's tile and cluster shape, LaunchStats its registers and shared memory).
@@ -97,8 +98,10 @@ else:
 if variant == "block":
     assert F._use_block_gluon(x8, w8, xs, ws, None), "fp8_gemm would not dispatch this shape to the Gluon kernel"
 
+    opts = F._block_gluon_options(M, torch.bfloat16)  # run 1 (cac6c98): num_stages=3, ordered, unlagged
+
     def call():
-        return G.fp8_block_gemm_sm90_ws(x8, w8, xs, ws, num_stages=3, ordered=True, lagged=False)
+        return G.fp8_block_gemm_sm90_ws(x8, w8, xs, ws, **opts)
 elif variant == "row":
 
     def call():
