@@ -112,10 +112,18 @@ took ~9 % of the consumers' samples. Options, each bit-identical to the two-cons
   ``defer_scale``: 1.08-1.09x (expected 1.05-1.13x). Deeper rings (4-6 stages) gave nothing more.
 - ``consumers=3``: 192 x 128 tiles, three consumer warpgroups of 160 registers (16 warps launched at
   128, producer warpgroup at 32), each with its own 64-row A box. Expected 1.10-1.25x (a third wgmma
-  stream to cover the others' overhead, 17 % fewer L2 bytes per FLOP); measured 1.00x on M >= 4096 (1.04-
-  1.19x only on M = 4608, single.linear1/2) and 0.72-0.81x on M = 512 (a third of the last tile padding).
+  stream to cover the others' overhead, 17 % fewer L2 bytes per FLOP); measured 1.00x on M >= 4096 (1.01-
+  1.19x only on M = 4608, single.linear1/2, runs 1-3) and 0.72-0.81x on M = 512 (a third of the last tile
+  padding).
   So neither overlap nor L2 traffic is what holds the kernel at ~1000 TFLOP/s; cuBLAS's remaining edge
   is its 1 x 2 cluster (TMA multicast of one operand; not exposed by Gluon 3.6) and its scheduling.
+
+With the dispatch of these options the tensor pipe is 62 % active on double.img.proj (ncu_block_ws run 2);
+consumer 1 still waits ~15 % of its samples on the loop-carried copy of its freshly loaded scales, which
+ptxas places before the wgmma wait. Staging the scale products through shared memory instead (the
+producer warp loading them a step ahead, at 1fc6630) measured 0.95x (two consumers) and 0.84x (three) in
+probe_ws_consumers run 3, expected 1.02-1.06x: the producer warp then waits on global loads between its
+TMA issues; the option was removed.
 
 ``fp8_matmul._block_gluon_options`` picks the dispatch from these measurements.
 """
@@ -314,15 +322,10 @@ if gluon is not None:
     # ------------------------------------------------------------------------------------------
 
     @gluon.jit
-    def _ws_producer(
-        a_desc, b_desc, a_smem, b_smem, sc_smem, ready, empty, a_scale_ptr, b_scale_ptr,
-        M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk, GROUP: gl.constexpr, SMEM_SCALES: gl.constexpr,
-    ):  # fmt: skip
+    def _ws_producer(a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP: gl.constexpr):
         """1 warp: fill the ring for every tile of this program. Slot s is refilled once every
         consumer arrived on ``empty[s]``. A slot holds one 64-row A box per consumer
-        (``a_smem[s * CONSUMERS + c]``) and the B tile; with ``SMEM_SCALES`` also the step's
-        ``a_scale[m, j] * b_scale[pid_n, j]`` for the tile's rows (``sc_smem[s]``, 0 past M), loaded a
-        step ahead, stored, then announced by a second arrival on ``ready[s]`` (count 2).
+        (``a_smem[s * CONSUMERS + c]``) and the B tile.
 
         Phases: the partitions walk the same tiles and K steps, counting steps ``it`` over all
         tiles; step ``it`` uses slot it % S for the (it // S)-th time. A fresh mbarrier counts as
@@ -339,19 +342,11 @@ if gluon is not None:
         num_pid_m = gl.cdiv(M, BM)
         num_pid_n = gl.cdiv(N, BN)
         k_tiles = gl.cdiv(K, BK)
-        SC: gl.constexpr = sc_smem.shape[1]  # BM rounded up to a power of two (SMEM_SCALES)
-        sc_l: gl.constexpr = gl.BlockedLayout([SC // 32], [32], [1], [0])
         it = 0
         for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_pids(tile_id, num_pid_m, num_pid_n, GROUP)
             off_m = pid_m * BM
             off_n = pid_n * BN
-            if SMEM_SCALES:
-                r = gl.arange(0, SC, layout=sc_l)
-                mask_r = (r < BM) & (off_m + r < M)
-                sa_ptrs = a_scale_ptr + (off_m + r) * stride_asm
-                sb_ptr = b_scale_ptr + pid_n * stride_bsn
-                nxt = gl.load(sa_ptrs, mask=mask_r, other=0.0) * gl.load(sb_ptr)  # step 0's
             for j in range(k_tiles):
                 s = it % NUM_STAGES
                 mbarrier.wait(empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
@@ -361,11 +356,6 @@ if gluon is not None:
                     tma.async_copy_global_to_shared(a_desc, [off_m + c * BM_C, j * BK], bar,
                                                     a_smem.index(s * CONSUMERS + c))  # fmt: skip
                 tma.async_copy_global_to_shared(b_desc, [off_n, j * BK], bar, b_smem.index(s))
-                if SMEM_SCALES:
-                    sc_smem.index(s).store(nxt)
-                    mbarrier.arrive(bar, count=1)
-                    jn = gl.minimum(j + 1, k_tiles - 1)
-                    nxt = gl.load(sa_ptrs + jn * stride_ask, mask=mask_r, other=0.0) * gl.load(sb_ptr + jn * stride_bsk)
                 it += 1
 
     @gluon.jit
@@ -377,13 +367,12 @@ if gluon is not None:
 
     @gluon.jit
     def _ws_consumer(
-        a_smem, b_smem, c_smem, sc_smem, ready, empty, issued, out_desc,
+        a_smem, b_smem, c_smem, ready, empty, issued, out_desc,
         a_scale_ptr, b_scale_ptr, out_ptr, res_ptr, gate_ptr,
         M, N, K,
         stride_asm, stride_ask, stride_bsn, stride_bsk, stride_om, stride_rm, stride_gn,
         HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
         ORDERED: gl.constexpr, LAGGED: gl.constexpr, DEFER_SCALE: gl.constexpr, TMA_STORE: gl.constexpr,
-        SMEM_SCALES: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup (4 warps): rows [WG * 64, WG * 64 + 64) of each tile, no barrier shared with
         the other consumers: it waits ``ready[s]``, issues its m64n128 wgmma on its A box, waits for
@@ -450,11 +439,6 @@ if gluon is not None:
                     scale = a_cur * b_cur
                     part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
                     mbarrier.arrive(empty.index(s), count=1)
-                elif SMEM_SCALES:  # the producer's a_s * b_s of this step, from shared memory
-                    scale = sc_smem.index(s).slice(WG * BM, BM).load(row_l)
-                    part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
-                    mbarrier.arrive(empty.index(s), count=1)
-                    acc = acc + part * scale[:, None]
                 elif DEFER_SCALE:  # raw scales of step j + 1 loaded now, multiplied at its promotion
                     a_nxt, b_nxt = _step_scales(sa_ptrs, sb_ptr, mask_m, nxt_j, stride_ask, stride_bsk)
                     part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
@@ -514,7 +498,6 @@ if gluon is not None:
         CONSUMERS: gl.constexpr,
         DEFER_SCALE: gl.constexpr,
         TMA_STORE: gl.constexpr,
-        SMEM_SCALES: gl.constexpr,
         num_warps: gl.constexpr,
     ):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -532,17 +515,11 @@ if gluon is not None:
             c_smem = gl.allocate_shared_memory(out_desc.dtype, [CONSUMERS, BM, BN], out_desc.layout)
         else:
             c_smem = b_smem  # unused
-        SC: gl.constexpr = 128 if CONSUMERS == 2 else 256  # rows of the scale vectors (a power of two)
-        if SMEM_SCALES:
-            sc_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, SC], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        else:
-            sc_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         issued = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
-            # the producer's expect (TMA bytes complete it), and its scale-store arrival (SMEM_SCALES)
-            mbarrier.init(ready.index(i), count=2 if SMEM_SCALES else 1)
+            mbarrier.init(ready.index(i), count=1)  # the producer's expect; TMA bytes complete it
             mbarrier.init(empty.index(i), count=CONSUMERS)  # one arrival per consumer warpgroup
             mbarrier.init(issued.index(i), count=1)  # consumer 0 issued its wgmma (ORDERED only)
         fence_async_shared()
@@ -562,16 +539,15 @@ if gluon is not None:
             # default partition: the kernel's 4 warps (consumer 0); worker 0: consumer 1; worker 1: 1 TMA warp
             gl.warp_specialize(
                 [
-                (_ws_consumer, (a_smem, b_smem, c_smem, sc_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
+                (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
                                 out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
                                 stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG0, ORDERED, LAGGED,
-                                DEFER_SCALE, TMA_STORE, SMEM_SCALES)),
-                (_ws_consumer, (a_smem, b_smem, c_smem, sc_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
+                                DEFER_SCALE, TMA_STORE)),
+                (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
                                 out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
                                 stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG1, ORDERED, LAGGED,
-                                DEFER_SCALE, TMA_STORE, SMEM_SCALES)),
-                    (_ws_producer, (a_desc, b_desc, a_smem, b_smem, sc_smem, ready, empty, a_scale_ptr, b_scale_ptr,
-                                    M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk, GROUP, SMEM_SCALES)),
+                                DEFER_SCALE, TMA_STORE)),
+                    (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),
                 ],
                 [4, 1],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -579,20 +555,19 @@ if gluon is not None:
         else:  # default partition: consumer 0; workers 0 and 1: consumers 1 and 2; worker 2: 1 TMA warp
             gl.warp_specialize(
                 [
-                (_ws_consumer, (a_smem, b_smem, c_smem, sc_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
+                (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
                                 out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
                                 stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG0, ORDERED, LAGGED,
-                                DEFER_SCALE, TMA_STORE, SMEM_SCALES)),
-                (_ws_consumer, (a_smem, b_smem, c_smem, sc_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
+                                DEFER_SCALE, TMA_STORE)),
+                (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
                                 out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
                                 stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG1, ORDERED, LAGGED,
-                                DEFER_SCALE, TMA_STORE, SMEM_SCALES)),
-                (_ws_consumer, (a_smem, b_smem, c_smem, sc_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
+                                DEFER_SCALE, TMA_STORE)),
+                (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
                                 out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
                                 stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG2, ORDERED, LAGGED,
-                                DEFER_SCALE, TMA_STORE, SMEM_SCALES)),
-                    (_ws_producer, (a_desc, b_desc, a_smem, b_smem, sc_smem, ready, empty, a_scale_ptr, b_scale_ptr,
-                                    M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk, GROUP, SMEM_SCALES)),
+                                DEFER_SCALE, TMA_STORE)),
+                    (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),
                 ],
                 [4, 4, 1],
                 [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
@@ -661,7 +636,6 @@ def fp8_block_gemm_sm90(
     ws_consumers: int = 2,
     ws_defer_scale: bool = False,
     ws_tma_store: bool = False,
-    ws_smem_scales: bool = False,
 ) -> torch.Tensor:
     """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` with 1x128 (A) and 128x128 (B) block
     scales on Hopper: e4m3 ``a`` (M, K), ``b`` (N, K); fp32 ``a_scale`` (M, ceil(K/128)), ``b_scale``
@@ -674,9 +648,7 @@ def fp8_block_gemm_sm90(
     under its own wgmma (False: right after the wait). ``ws_consumers``: 2 (128 x 128 tiles) or 3
     (192 x 128 tiles, 160 registers per consumer). ``ws_defer_scale``: multiply each step's scales at
     its promotion instead of when loaded (unlagged schedule). ``ws_tma_store``: write the tile through
-    shared memory and a TMA store (2-byte outputs with 16-byte aligned rows). ``ws_smem_scales``: the
-    producer warp loads each step's scales a step ahead and hands their products to the consumers
-    through shared memory (unlagged schedule)."""
+    shared memory and a TMA store (2-byte outputs with 16-byte aligned rows)."""
     _check_fp8_operands(a, b, out_dtype)  # fp8_gemm's own checks, then what TMA adds
     for name, t in (("a", a), ("b", b)):
         if t.stride(1) != 1:
@@ -697,18 +669,18 @@ def fp8_block_gemm_sm90(
         raise ValueError(f"block_m must be one of {sorted(_WARPS)}, got {block_m}")
     if not 2 <= num_stages <= 6:
         raise ValueError(f"num_stages must be in 2..6, got {num_stages}")
-    ws_options = ws_ordered or not ws_lagged or ws_consumers != 2 or ws_defer_scale or ws_tma_store or ws_smem_scales
+    ws_options = ws_ordered or not ws_lagged or ws_consumers != 2 or ws_defer_scale or ws_tma_store
     if ws_options and not warp_specialized:
         raise ValueError(
-            "ws_ordered / ws_lagged / ws_consumers / ws_defer_scale / ws_tma_store / ws_smem_scales are options of the "
+            "ws_ordered / ws_lagged / ws_consumers / ws_defer_scale / ws_tma_store are options of the "
             "warp-specialized kernel (warp_specialized=True)"
         )
     if ws_consumers not in WS_REGS:
         raise ValueError(f"ws_consumers must be one of {sorted(WS_REGS)}, got {ws_consumers}")
     if ws_consumers != 2 and ws_ordered:
         raise ValueError("ws_ordered orders two consumers; it needs ws_consumers=2")
-    if (ws_defer_scale or ws_smem_scales) and ws_lagged:
-        raise ValueError("ws_defer_scale / ws_smem_scales are variants of the unlagged schedule (ws_lagged=False)")
+    if ws_defer_scale and ws_lagged:
+        raise ValueError("ws_defer_scale is a variant of the unlagged schedule (ws_lagged=False)")
     if ws_tma_store and out_dtype.itemsize != 2:
         raise ValueError(f"ws_tma_store writes 2-byte outputs (bf16 / fp16), got out_dtype={out_dtype}")
     if warp_specialized and block_m != 128:
@@ -740,9 +712,8 @@ def fp8_block_gemm_sm90(
     g = gate.reshape(-1) if gate is not None else out.view(-1)
     if warp_specialized:
         opts = dict(ordered=ws_ordered, lagged=ws_lagged, consumers=ws_consumers, defer_scale=ws_defer_scale,
-                    smem_scales=ws_smem_scales,
                     tma_store=ws_tma_store and out.data_ptr() % 16 == 0 and (N * out.element_size()) % 16 == 0)  # fmt: skip
-        smem = _ws_smem_bytes(num_stages, ws_consumers, out.element_size() if opts["tma_store"] else 0, ws_smem_scales)
+        smem = _ws_smem_bytes(num_stages, ws_consumers, out.element_size() if opts["tma_store"] else 0)
         if smem > SMEM_BYTES:
             raise ValueError(f"num_stages={num_stages} with {ws_consumers} consumers needs {smem} B of shared memory, "
                              f"more than sm_90's {SMEM_BYTES}")  # fmt: skip
@@ -774,17 +745,15 @@ FAST_LAUNCH = os.environ.get("FLUX2_FAST_LAUNCH", "1") == "1"
 _WS_LAUNCHERS: dict[tuple, tuple] = {}
 
 
-def _ws_smem_bytes(num_stages: int, consumers: int, out_bytes: int, smem_scales: bool = False) -> int:
+def _ws_smem_bytes(num_stages: int, consumers: int, out_bytes: int) -> int:
     """Shared memory of the warp-specialized kernel: the ring (one 64 x 128 e4m3 A box per consumer and
-    the 128 x 128 B tile per stage), the TMA-store buffers (``out_bytes`` per element, 0: none), the scale
-    vectors (fp32, 128 or 256 per stage, or a 32-entry placeholder) and 3 mbarriers per stage."""
-    scales = (128 if consumers == 2 else 256) if smem_scales else 32
-    ring = num_stages * ((consumers * 64 + BLOCK_N) * BLOCK_K + 4 * scales + 24)
-    return ring + consumers * 64 * BLOCK_N * out_bytes
+    the 128 x 128 B tile per stage), the TMA-store buffers (``out_bytes`` per element, 0: none) and 3
+    mbarriers per stage."""
+    return num_stages * (consumers * 64 + BLOCK_N) * BLOCK_K + consumers * 64 * BLOCK_N * out_bytes + 24 * num_stages
 
 
 def _launch_ws(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, *, ordered, lagged,
-               consumers=2, defer_scale=False, tma_store=False, smem_scales=False):  # fmt: skip
+               consumers=2, defer_scale=False, tma_store=False):  # fmt: skip
     M, K = a.shape
     N = b.shape[0]
     maxnreg, consumer_regs, producer_regs = WS_REGS[consumers]
@@ -792,7 +761,7 @@ def _launch_ws(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stage
             out.stride(0), res.stride(0), g.stride(0))  # fmt: skip
     consts = dict(HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=GROUP_M,
                   PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, ORDERED=ordered, LAGGED=lagged,
-                  CONSUMERS=consumers, DEFER_SCALE=defer_scale, TMA_STORE=tma_store, SMEM_SCALES=smem_scales)  # fmt: skip
+                  CONSUMERS=consumers, DEFER_SCALE=defer_scale, TMA_STORE=tma_store)  # fmt: skip
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     # everything the launch specializes on: integer values (Triton specializes on 1 and on 16-divisibility),
     # the pointers' 16-byte alignment, dtypes, the descriptors' row strides, the constexprs
@@ -842,12 +811,11 @@ def fp8_block_gemm_sm90_ws(
     consumers: int = 2,
     defer_scale: bool = False,
     tma_store: bool = False,
-    smem_scales: bool = False,
 ) -> torch.Tensor:
     """``fp8_block_gemm_sm90(..., block_m=128, warp_specialized=True)``: same arguments and maths
     (``consumers=3``: 192-row tiles)."""
     return fp8_block_gemm_sm90(
         a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate,
         block_m=128, num_stages=num_stages, warp_specialized=True, ws_ordered=ordered, ws_lagged=lagged,
-        ws_consumers=consumers, ws_defer_scale=defer_scale, ws_tma_store=tma_store, ws_smem_scales=smem_scales,
+        ws_consumers=consumers, ws_defer_scale=defer_scale, ws_tma_store=tma_store,
     )  # fmt: skip

@@ -1193,7 +1193,7 @@ def _block_gluon_options(M: int, out_dtype: torch.dtype) -> dict:
     """The Gluon block kernel's schedule for ``fp8_gemm`` (reports/fp8_matmul/probe_ws_consumers.md, runs 1-2,
     H100): unlagged promotion with the scales' multiply deferred, and the TMA-store epilogue for 2-byte
     outputs (together 1.08-1.09x the previous dispatch, bit-identical). Three consumer warpgroups on 192-row
-    tiles where M is a multiple of 192 from 4608 rows (single.linear1/2 at M = 4608: 1.04-1.19x two consumers;
+    tiles where M is a multiple of 192 from 4608 rows (single.linear1/2 at M = 4608: 1.01-1.19x two consumers;
     at M = 4096, 21.3 tiles of 192 rows, 0.92-1.0x; at M = 512, 0.72-0.81x), with 4 stages; otherwise two
     ordered consumers, 3 stages from M = 1024 and 5 below (deeper rings with the TMA store: no gain)."""
     opts = dict(lagged=False, defer_scale=True, tma_store=out_dtype.itemsize == 2)

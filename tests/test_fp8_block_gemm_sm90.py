@@ -211,16 +211,14 @@ def test_ws_option_combinations_are_checked():
         G.fp8_block_gemm_sm90_ws(a, b, sa, sb, consumers=3, ordered=True, lagged=False)
     with pytest.raises(ValueError, match="unlagged schedule"):
         G.fp8_block_gemm_sm90_ws(a, b, sa, sb, defer_scale=True)
-    with pytest.raises(ValueError, match="unlagged schedule"):
-        G.fp8_block_gemm_sm90_ws(a, b, sa, sb, smem_scales=True)
     with pytest.raises(ValueError, match="2-byte outputs"):
         G.fp8_block_gemm_sm90_ws(a, b, sa, sb, lagged=False, tma_store=True, out_dtype=torch.float32)
 
 
 def test_ws_shared_memory_budget():
     """The ring, the TMA-store buffers and the barriers; the launcher refuses what sm_90 cannot hold."""
-    assert G._ws_smem_bytes(3, 2, 0) == 3 * (256 * 128 + 4 * 32 + 24)
-    assert G._ws_smem_bytes(4, 3, 2, smem_scales=True) == 4 * (320 * 128 + 4 * 256 + 24) + 3 * 64 * 128 * 2
+    assert G._ws_smem_bytes(3, 2, 0) == 3 * 256 * 128 + 72
+    assert G._ws_smem_bytes(4, 3, 2) == 4 * 320 * 128 + 3 * 64 * 128 * 2 + 96
     assert G._ws_smem_bytes(4, 3, 2) <= G.SMEM_BYTES < G._ws_smem_bytes(5, 3, 2)
 
 
@@ -237,11 +235,8 @@ def test_ws_refuses_a_ring_that_does_not_fit():
 @pytest.mark.parametrize(
     "kw",
     [dict(ordered=True, defer_scale=True), dict(ordered=True, defer_scale=True, tma_store=True),
-     dict(consumers=3, defer_scale=True), dict(consumers=3, defer_scale=True, tma_store=True), dict(consumers=3),
-     dict(ordered=True, smem_scales=True, tma_store=True), dict(consumers=3, smem_scales=True, tma_store=True),
-     dict(smem_scales=True)],
-    ids=["order+defer", "order+defer+tma", "c3+defer", "c3+defer+tma", "c3", "order+smem+tma", "c3+smem+tma",
-         "smem"],
+     dict(consumers=3, defer_scale=True), dict(consumers=3, defer_scale=True, tma_store=True), dict(consumers=3)],
+    ids=["order+defer", "order+defer+tma", "c3+defer", "c3+defer+tma", "c3"],
 )  # fmt: skip
 @pytest.mark.parametrize(
     "M, N, K, num_stages",

@@ -46,9 +46,9 @@ def compile_cfg(
     block_m: int, num_stages: int, has_res: bool, has_gate: bool, out: str, ws: bool = False, sched: str = "lag"
 ):
     """``sched`` (warp-specialized kernel only): "lag", "lag+order" or "order" (ORDERED, not LAGGED),
-    plus "+defer" (DEFER_SCALE), "+tma" (TMA_STORE), "+smem" (SMEM_SCALES), "+c3" (three consumers, 192-row
-    tiles; not ordered: "c3" alone is the unlagged schedule). (The 128 x 256 "wide" consumer compiled here
-    at ae0bdcf: 276 bytes of spills; removed after probe_ws_schedule run 2.)"""
+    plus "+defer" (DEFER_SCALE), "+tma" (TMA_STORE), "+c3" (three consumers, 192-row tiles; not ordered:
+    "c3" alone is the unlagged schedule). (The 128 x 256 "wide" consumer compiled here at ae0bdcf: 276
+    bytes of spills; removed after probe_ws_schedule run 2.)"""
     fn = G._fp8_block_gemm_sm90_ws_kernel if ws else G._fp8_block_gemm_sm90_kernel
     num_warps = 4 if ws else G._WARPS[block_m]
     odt = {"bf16": torch.bfloat16, "fp32": torch.float32}[out]
@@ -78,7 +78,7 @@ def compile_cfg(
     if ws:
         const.update(PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs)
         const.update(ORDERED="order" in sched, LAGGED="lag" in sched, CONSUMERS=consumers)
-        const.update(DEFER_SCALE="defer" in sched, TMA_STORE="tma" in sched, SMEM_SCALES="smem" in sched)
+        const.update(DEFER_SCALE="defer" in sched, TMA_STORE="tma" in sched)
     const["num_warps"] = num_warps
     for c in const:
         sig[c] = "constexpr"
@@ -151,7 +151,6 @@ def main():
              (128, 5, True, True, "bf16", True, "order"), (128, 3, False, False, "bf16", True, "order+defer"),
              (128, 3, False, False, "bf16", True, "order+defer+tma"), (128, 4, True, True, "bf16", True, "c3+defer"),
              (128, 4, False, False, "bf16", True, "c3+defer+tma"),
-             (128, 3, False, False, "bf16", True, "order+smem+tma"), (128, 4, True, True, "bf16", True, "c3+smem+tma"),
              (128, 4, False, False, "bf16", True, "c3")]  # fmt: skip
     if args.only_ws:
         cfgs = [c for c in cfgs if c[5]]
