@@ -50,8 +50,9 @@ def err(e):
     return f"{type(e).__name__}: {str(e)[:400]}"
 
 
-def run_shape(name, M, K, N, res, ws_ok=True):
-    row = {"res": res, "name": name, "M": M, "K": K, "N": N, "flops": 2 * M * N * K}
+def operands(M, K, N):
+    """The block and row-wise FP8 operands of one shape: random activations with outlier channels (as in
+    bench_fp8_matmul) and weights; returns ((x8b, xsb, w8b, wsb), (x8r, xsr, w8r, wsr))."""
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     x[:, :8] *= 20  # outlier channels, as in bench_fp8_matmul
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -59,6 +60,12 @@ def run_shape(name, M, K, N, res, ws_ok=True):
     (w8r, wsr), (w8b, wsb) = wq["row"], wq["block"]
     x8b, xsb = F.quantize_fp8(x, "block")
     x8r, xsr = F.quantize_fp8(x, "row")
+    return (x8b, xsb, w8b, wsb), (x8r, xsr, w8r, wsr)
+
+
+def run_shape(name, M, K, N, res, ws_ok=True):
+    row = {"res": res, "name": name, "M": M, "K": K, "N": N, "flops": 2 * M * N * K}
+    (x8b, xsb, w8b, wsb), (x8r, xsr, w8r, wsr) = operands(M, K, N)
     # 1. correctness on sampled rows against the fp32 reference
     rows = torch.randperm(M, device="cuda")[:256]
     ref = F.fp8_gemm_ref(x8b[rows], w8b, xsb[rows], wsb, out_dtype=torch.float32)

@@ -76,19 +76,14 @@ def err(e) -> str:
 
 
 def run_shape(name, M, K, N, ok_scheds):
-    from bench_fp8_matmul import _triton_block, bench_ab, bench_graph, quant_weights, scaled_mm
+    from bench_block_sm90 import operands
+    from bench_fp8_matmul import _triton_block, bench_ab, bench_graph, scaled_mm
 
     from flux2_bench.kernels import fp8_block_gemm_sm90 as G
     from flux2_bench.kernels import fp8_matmul as F
 
     row = {"name": name, "M": M, "K": K, "N": N, "flops": 2 * M * N * K, "check": {}, "times": {}, "ab": {}}
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    x[:, :8] *= 20  # outlier channels, as in bench_fp8_matmul
-    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-    wq = quant_weights(w)
-    (w8r, wsr), (w8b, wsb) = wq["row"], wq["block"]
-    x8b, xsb = F.quantize_fp8(x, "block")
-    x8r, xsr = F.quantize_fp8(x, "row")
+    (x8b, xsb, w8b, wsb), (x8r, xsr, w8r, wsr) = operands(M, K, N)
 
     def ws(sched, stages=4, out_dtype=torch.bfloat16):
         return lambda: G.fp8_block_gemm_sm90_ws(
@@ -139,6 +134,27 @@ def run_shape(name, M, K, N, ok_scheds):
                     row["ab"][f"{best}|{anchor}"] = {"error": err(e)}
     variants.clear()
     return row
+
+
+def probe_shapes(out: Path, data: dict, run_shape, res: int, t0: float) -> None:
+    """Run ``run_shape(name, M, K, N)`` on every FLUX.2-dev GEMM shape at ``res``, appending its row to
+    ``data["shapes"]`` and rewriting ``out`` after each (a failing shape is recorded, not fatal)."""
+    from bench_fp8_matmul import SHAPES, m_for
+
+    for name, K, N in SHAPES:
+        M = m_for(name, res)
+        try:
+            row = run_shape(name, M, K, N)
+        except Exception as e:  # noqa: BLE001 (a failing shape must not lose the others)
+            row = {"name": name, "M": M, "K": K, "N": N, "error": err(e), "trace": traceback.format_exc()[-1500:]}
+        data["shapes"].append(row)
+        data["meta"]["elapsed_s"] = round(time.time() - t0, 1)
+        out.write_text(json.dumps(data, indent=1))
+        t = row.get("times", {})
+        print(name, M, K, N, {k: round(v["tflops"]) for k, v in t.items() if "tflops" in v},
+              row.get("check"), {k: round(v.get("ratio", 0), 3) for k, v in row.get("ab", {}).items()},
+              row.get("error", ""), flush=True)  # fmt: skip
+        torch.cuda.empty_cache()
 
 
 def geo(xs):
@@ -213,7 +229,6 @@ def main():
     if not args.out:
         ap.error("--out or --render")
     import triton
-    from bench_fp8_matmul import SHAPES, m_for
 
     t0 = time.time()
     meta = {
@@ -235,20 +250,7 @@ def main():
         out.write_text(json.dumps(data, indent=1))
         print("the current schedule failed its smoke run; nothing to compare")
         return 1
-    for name, K, N in SHAPES:
-        M = m_for(name, args.res)
-        try:
-            row = run_shape(name, M, K, N, ok_scheds)
-        except Exception as e:  # noqa: BLE001 (a failing shape must not lose the others)
-            row = {"name": name, "M": M, "K": K, "N": N, "error": err(e), "trace": traceback.format_exc()[-1500:]}
-        data["shapes"].append(row)
-        meta["elapsed_s"] = round(time.time() - t0, 1)
-        out.write_text(json.dumps(data, indent=1))
-        t = row.get("times", {})
-        print(name, M, K, N, {k: round(v["tflops"]) for k, v in t.items() if "tflops" in v},
-              row.get("check"), {k: round(v.get("ratio", 0), 3) for k, v in row.get("ab", {}).items()},
-              row.get("error", ""), flush=True)  # fmt: skip
-        torch.cuda.empty_cache()
+    probe_shapes(out, data, lambda name, M, K, N: run_shape(name, M, K, N, ok_scheds), args.res, t0)
     print("\n".join(render_run(out)))
     return 0
 
