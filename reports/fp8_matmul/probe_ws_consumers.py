@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from probe_ws_schedule import err, geo, probe_shapes  # noqa: E402
+from probe_ws_schedule import geo, probe_shapes, time_and_ab  # noqa: E402
 
 UNLAGGED = dict(lagged=False)
 VARIANTS = {
@@ -116,7 +116,7 @@ def smoke(name: str) -> dict:
 
 def run_shape(name, M, K, N, ok):
     from bench_block_sm90 import operands
-    from bench_fp8_matmul import bench_ab, bench_graph, scaled_mm
+    from bench_fp8_matmul import scaled_mm
 
     from flux2_bench.kernels import fp8_block_gemm_sm90 as G
     from flux2_bench.kernels import fp8_matmul as F
@@ -147,24 +147,7 @@ def run_shape(name, M, K, N, ok):
     fns["scaled_mm_row_fast"] = lambda: scaled_mm(x8r, w8r, xsr, wsr.reshape(1, N), True)
     xsb_outer = xsb.t().contiguous().t()
     fns["scaled_mm_block"] = lambda: scaled_mm(x8b, w8b, xsb_outer, wsb.t(), False)
-    for key, fn in fns.items():
-        try:
-            t = bench_graph(fn)
-            t["tflops"] = row["flops"] / t["ms"] / 1e9
-        except Exception as e:  # noqa: BLE001 (record and go on)
-            t = {"error": err(e)}
-        row["times"][key] = t
-    new = [f"ws_{v}" for v in ok if v != BASE and "ms" in row["times"].get(f"ws_{v}", {})]
-    if new:
-        best = min(new, key=lambda k: row["times"][k]["ms"])
-        row["best"] = best
-        n = max(3, min(20, int(20e-3 / (row["times"][best]["ms"] * 1e-3 + 1e-9))))
-        for anchor in (f"ws_{BASE}", "ours_gemm_row"):
-            if anchor in fns:
-                try:
-                    row["ab"][f"{best}|{anchor}"] = bench_ab(fns[best], fns[anchor], n)
-                except Exception as e:  # noqa: BLE001
-                    row["ab"][f"{best}|{anchor}"] = {"error": err(e)}
+    time_and_ab(row, fns, [f"ws_{v}" for v in ok if v != BASE], (f"ws_{BASE}", "ours_gemm_row"), "best")
     fns.clear()
     return row
 

@@ -77,7 +77,7 @@ def err(e) -> str:
 
 def run_shape(name, M, K, N, ok_scheds):
     from bench_block_sm90 import operands
-    from bench_fp8_matmul import _triton_block, bench_ab, bench_graph, scaled_mm
+    from bench_fp8_matmul import _triton_block, scaled_mm
 
     from flux2_bench.kernels import fp8_block_gemm_sm90 as G
     from flux2_bench.kernels import fp8_matmul as F
@@ -113,27 +113,37 @@ def run_shape(name, M, K, N, ok_scheds):
     variants["scaled_mm_row_fast"] = lambda: scaled_mm(x8r, w8r, xsr, wsr.reshape(1, N), True)
     xsb_outer = xsb.t().contiguous().t()
     variants["scaled_mm_block"] = lambda: scaled_mm(x8b, w8b, xsb_outer, wsb.t(), False)
-    for key, fn in variants.items():
+    cands = ("ws_order", "ws_lag+order", "ws_order_s3", "ws_order_s5", "ws_wide", "ws_wide_s3")
+    time_and_ab(row, variants, cands, ("ws_lag", "ours_gemm_block_triton", "ours_gemm_row"), "best_new")
+    variants.clear()
+    return row
+
+
+def time_and_ab(row: dict, fns: dict, candidates, anchors, best_key: str) -> None:
+    """GPU time (``bench_graph``) and TFLOP/s of every function in ``fns`` into ``row["times"]``, then the
+    interleaved A/B (``bench_ab``) of the fastest timed candidate, recorded as ``row[best_key]``, against
+    each anchor in ``fns``. An error is recorded in place of a time and does not stop the others."""
+    from bench_fp8_matmul import bench_ab, bench_graph
+
+    for key, fn in fns.items():
         try:
             t = bench_graph(fn)
             t["tflops"] = row["flops"] / t["ms"] / 1e9
         except Exception as e:  # noqa: BLE001 (record and go on)
             t = {"error": err(e)}
         row["times"][key] = t
-    cands = ("ws_order", "ws_lag+order", "ws_order_s3", "ws_order_s5", "ws_wide", "ws_wide_s3")
-    new = [k for k in cands if "ms" in row["times"].get(k, {})]
-    if new:
-        best = min(new, key=lambda k: row["times"][k]["ms"])
-        row["best_new"] = best
-        n = max(3, min(20, int(20e-3 / (row["times"][best]["ms"] * 1e-3 + 1e-9))))
-        for anchor in ("ws_lag", "ours_gemm_block_triton", "ours_gemm_row"):
-            if anchor in variants:
-                try:
-                    row["ab"][f"{best}|{anchor}"] = bench_ab(variants[best], variants[anchor], n)
-                except Exception as e:  # noqa: BLE001
-                    row["ab"][f"{best}|{anchor}"] = {"error": err(e)}
-    variants.clear()
-    return row
+    new = [k for k in candidates if "ms" in row["times"].get(k, {})]
+    if not new:
+        return
+    best = min(new, key=lambda k: row["times"][k]["ms"])
+    row[best_key] = best
+    n = max(3, min(20, int(20e-3 / (row["times"][best]["ms"] * 1e-3 + 1e-9))))
+    for anchor in anchors:
+        if anchor in fns:
+            try:
+                row["ab"][f"{best}|{anchor}"] = bench_ab(fns[best], fns[anchor], n)
+            except Exception as e:  # noqa: BLE001
+                row["ab"][f"{best}|{anchor}"] = {"error": err(e)}
 
 
 def probe_shapes(out: Path, data: dict, run_shape, res: int, t0: float) -> None:
