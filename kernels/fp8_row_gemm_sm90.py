@@ -79,7 +79,7 @@ if gluon is not None:
 
     @gluon.jit
     def _row_consumer(
-        a_smem, b_smem, c_smem, ready, empty, out_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr,
+        a_smem, b_smem, c_smem, ready, empty, turn, out_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr,
         M, N, K, stride_asm, stride_bsn, stride_rm, stride_gn,
         HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
         PINGPONG: gl.constexpr,
@@ -89,7 +89,14 @@ if gluon is not None:
         even ones), skipping the other consumer's K steps in the ring count. Per K step: wait ``ready``,
         issue the async wgmma into the accumulator, wait until at most this one is in flight, release the
         previous step's slot (``empty``: one arrival per consumer using the slot). Then the epilogue:
-        scales, gate, residual, cast, TMA store through this consumer's shared buffer."""
+        scales, gate, residual, cast, TMA store through this consumer's shared buffer.
+
+        Ping-pong K loops strictly alternate (``turn[c]``: the other consumer finished issuing its tile's K
+        loop). Without that order, consumer 1 waited on ``ready`` for a step more than one ring lap ahead of
+        the producer, where the parity wait cannot tell the awaited phase from one two laps earlier: it read
+        slots before their data arrived (probe_row_ws run 1: launch failures; wrong results under
+        compute-sanitizer). With it, a consumer starts a tile only after every earlier step was waited for, so
+        the slot it waits on is at most one phase from the awaited one."""
         NUM_STAGES: gl.constexpr = b_smem.shape[0]
         BOXES: gl.constexpr = a_smem.shape[0] // NUM_STAGES  # A boxes per slot: 2 cooperative, 1 ping-pong
         BM: gl.constexpr = a_smem.shape[1]  # this consumer's rows
@@ -111,6 +118,7 @@ if gluon is not None:
             first = pid + WG * nprog
             stride = 2 * nprog
             it = WG * k_tiles  # ring steps of the tiles before this consumer's first one
+            n = 0  # tiles this consumer has run
             box = 0
             row0 = 0
         else:
@@ -124,6 +132,11 @@ if gluon is not None:
             off_m = pid_m * BM_TILE + row0
             off_n = pid_n * BN
             acc = gl.zeros([BM, BN], gl.float32, layout=mma)
+            if PINGPONG:  # this consumer's n-th tile: after the other's K loop of the tile before it
+                if WG == 0:
+                    mbarrier.wait(turn.index(0), (n + 1) & 1, pred=n > 0)
+                else:
+                    mbarrier.wait(turn.index(1), n & 1)
             for j in range(k_tiles):
                 s = it % NUM_STAGES
                 mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
@@ -132,6 +145,9 @@ if gluon is not None:
                 # the wgmma of step j - 1 has retired: its slot may be refilled
                 mbarrier.arrive(empty.index((it + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=j > 0)
                 it += 1
+            if PINGPONG:  # every wgmma of this tile issued: the other consumer's turn
+                mbarrier.arrive(turn.index(1 - WG), count=1)
+                n += 1
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index((it + NUM_STAGES - 1) % NUM_STAGES), count=1)
             if PINGPONG:
@@ -189,9 +205,12 @@ if gluon is not None:
         c_smem = gl.allocate_shared_memory(out_desc.dtype, [2, BM, BN], out_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)  # the producer's expect; TMA bytes complete it
             mbarrier.init(empty.index(i), count=BOXES)  # one arrival per consumer reading the slot
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)  # ping-pong: consumer i may start its next K loop
         fence_async_shared()
 
         # (argument tuples spelled out: see fp8_block_gemm_sm90's kernel for why)
@@ -200,10 +219,10 @@ if gluon is not None:
         # fmt: off
         gl.warp_specialize(
             [
-            (_row_consumer, (a_smem, b_smem, c_smem, ready, empty, out_desc, a_scale_ptr, b_scale_ptr, res_ptr,
+            (_row_consumer, (a_smem, b_smem, c_smem, ready, empty, turn, out_desc, a_scale_ptr, b_scale_ptr, res_ptr,
                              gate_ptr, M, N, K, stride_asm, stride_bsn, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE,
                              GROUP, WG0, PINGPONG)),
-            (_row_consumer, (a_smem, b_smem, c_smem, ready, empty, out_desc, a_scale_ptr, b_scale_ptr, res_ptr,
+            (_row_consumer, (a_smem, b_smem, c_smem, ready, empty, turn, out_desc, a_scale_ptr, b_scale_ptr, res_ptr,
                              gate_ptr, M, N, K, stride_asm, stride_bsn, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE,
                              GROUP, WG1, PINGPONG)),
             (_block._ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),
@@ -226,9 +245,9 @@ _OUT_GL = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 def smem_bytes(num_stages: int, block_n: int, pingpong: bool, out_bytes: int = 2) -> int:
     """Shared memory of the kernel: the ring (128 A rows and ``block_n`` B rows of 128 e4m3 per stage), the
-    two consumers' TMA-store buffers and 2 mbarriers per stage."""
+    two consumers' TMA-store buffers, 2 mbarriers per stage and the 2 ping-pong ones."""
     rows = 128 if pingpong else 64
-    return num_stages * (128 + block_n) * BLOCK_K + 2 * rows * block_n * out_bytes + 16 * num_stages
+    return num_stages * (128 + block_n) * BLOCK_K + 2 * rows * block_n * out_bytes + 16 * num_stages + 16
 
 
 def _scale_stride(s: torch.Tensor, n: int, name: str, shapes: tuple) -> int:

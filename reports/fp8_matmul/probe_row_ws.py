@@ -57,6 +57,12 @@ EXPECTATION = {
     "M = 512 0.85-1.0x (no stream-K: txt.proj and txt.mlp_out have 48-96 tiles); with the gated residual the "
     "cooperative 128 x 256 consumer spills (1.8 KB per thread in the epilogue, compile_row_sm90): 0.9-1.0x the "
     "library there; bits equal to the library's where it runs without stream-K; written before run 1",
+    2: "run 1: the ping-pong variants failed (consumer 1 waited on ready slots more than one ring lap ahead; fixed "
+    "with the turn mbarriers), coop_bn256_s3 ran at the library's speed (A/B 0.98-1.01x) with its bits, "
+    "coop_bn128_s6 slower on M >= 4096 but 1.05-1.12x on txt.qkv / txt.mlp_in; so the warp-specialized structure "
+    "alone gains nothing, and what remains is the epilogue (~2-4 % of a 128 x 256 tile): pingpong_s5 / s4 "
+    "0.97-1.04x the library on M >= 4096 (epilogue hidden, but 128 x 128 tiles read B twice as often from L2), "
+    "like coop_bn128_s6 on M = 512; written before run 2",
 }
 
 SMOKE = """
