@@ -53,6 +53,11 @@ Dispatch (measured on the H100, reports/fp8_matmul)
 - Block scales on sm_90 (fp8 A, TMA-aligned rows): the Gluon warp-specialized kernel of
   ``fp8_block_gemm_sm90`` (``BLOCK_GLUON``, env ``FLUX2_FP8_BLOCK_GLUON``, default 1), except on
   fewer than two waves of 128 x 128 tiles with K >= 12288, where stream-K below wins.
+- Row scales with fast accumulation on sm_90, fewer than 1024 rows and N >= 16384 (FLUX.2's txt.qkv and
+  txt.mlp_in): the Gluon warp-specialized kernel of ``fp8_row_gemm_sm90`` (cooperative 128 x 128 tiles,
+  6 stages; 1.05-1.13x the persistent kernel in reports/fp8_matmul/probe_row_ws.md, same bits).
+  ``ROW_GLUON``, env ``FLUX2_FP8_ROW_GLUON``, default 1. Elsewhere the persistent kernel is as fast or
+  faster (M >= 4096: the Gluon kernel's 128 x 256 tiles at 1.000-1.005x; M = 512 with N = 6144: stream-K).
 - Stream-K (persistent kernel, ``STREAM_K`` configs): for block scales and promoted accumulation
   on tile counts that leave a partial last wave (FLUX.2's M = 512 text GEMMs), lanes of programs per
   row of tiles share that row's N x K iterations and fix up split tiles through an fp32 workspace
@@ -108,6 +113,9 @@ PERSISTENT = os.environ.get("FLUX2_FP8_PERSISTENT", "1") == "1"
 # Block scales on sm_90: the Gluon warp-specialized kernel (kernels/fp8_block_gemm_sm90.py, ordered
 # consumers, promotion after the wait); env FLUX2_FP8_BLOCK_GLUON=0 keeps the Triton kernels.
 BLOCK_GLUON = os.environ.get("FLUX2_FP8_BLOCK_GLUON", "1") == "1"
+# Row scales on sm_90 for M < 1024 and N >= 16384: the Gluon warp-specialized kernel
+# (kernels/fp8_row_gemm_sm90.py); env FLUX2_FP8_ROW_GLUON=0 keeps the Triton kernels.
+ROW_GLUON = os.environ.get("FLUX2_FP8_ROW_GLUON", "1") == "1"
 # Autotuning timer: eager do_bench (what the model-level runs verified) unless FLUX2_AUTOTUNE_GRAPH=1,
 # which `_autotune_bench` ignores while PERSISTENT is on (that pair gives wrong outputs: see above).
 _AUTOTUNE_GRAPH = os.environ.get("FLUX2_AUTOTUNE_GRAPH", "0") == "1"
@@ -1202,6 +1210,35 @@ def _block_gluon_options(M: int, out_dtype: torch.dtype) -> dict:
     return dict(opts, consumers=2, ordered=True, num_stages=3 if M >= 1024 else 5)
 
 
+# fp8_row_gemm_sm90's schedule where it is dispatched (probe_row_ws runs 1-2: the fastest on txt.qkv)
+ROW_GLUON_OPTIONS = dict(block_n=128, num_stages=6)
+
+
+def _use_row_gluon(a, b, out_dtype, residual, fast_accum) -> bool:
+    """Row scales take the Gluon warp-specialized kernel on sm_90 where probe_row_ws (runs 1-2, H100, interleaved
+    A/B against the persistent kernel) measured it faster: fewer than 1024 rows with N >= 16384 (txt.qkv 1.13x,
+    txt.mlp_in 1.05x); fast accumulation, a 2-byte output, TMA-aligned rows, a residual contiguous along N.
+    At M >= 4096 it ran at the persistent kernel's speed (1.000-1.005x), and at M = 512 with N = 6144 stream-K
+    wins (0.95x)."""
+    if not (ROW_GLUON and PERSISTENT and fast_accum) or a.device.type != "cuda" or _INTERPRET:
+        return False
+    M, N = a.shape[0], b.shape[0]
+    if not (M < 1024 and N >= 16384) or out_dtype.itemsize != 2:
+        return False
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    if _props(index).major != 9:
+        return False
+    from flux2_bench.kernels import fp8_row_gemm_sm90 as R
+
+    if not R.is_available(a.device):
+        return False
+    if any(t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or t.stride(1) != 1 for t in (a, b)):
+        return False
+    if (N * out_dtype.itemsize) % 16:  # the output's rows, for the TMA store
+        return False
+    return residual is None or (residual.stride(1) == 1 and (residual.stride(0) * residual.element_size()) % 16 == 0)
+
+
 def _use_persistent(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool:
     """The persistent TMA kernel runs on sm_90 (measured there; sm_89 has no TMA, sm_100/sm_120 are
     untested) when TMA's 16-byte alignment holds for every row stride and base address. Everything
@@ -1238,6 +1275,12 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
             residual=residual,
             gate=gate,
             **_block_gluon_options(M, out_dtype),
+        )
+    if mode == SCALE_ROW and not a_bf16 and _use_row_gluon(a, b, out_dtype, residual, fast_accum):
+        from flux2_bench.kernels.fp8_row_gemm_sm90 import fp8_row_gemm_sm90
+
+        return fp8_row_gemm_sm90(
+            a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate, **ROW_GLUON_OPTIONS
         )
     out = torch.empty((M, N), device=a.device, dtype=out_dtype)
     if M == 0 or N == 0:

@@ -250,7 +250,7 @@ def smem_bytes(num_stages: int, block_n: int, pingpong: bool, out_bytes: int = 2
     return num_stages * (128 + block_n) * BLOCK_K + 2 * rows * block_n * out_bytes + 16 * num_stages + 16
 
 
-def _scale_stride(s: torch.Tensor, n: int, name: str, shapes: tuple) -> int:
+def _scale_stride(s: torch.Tensor, name: str, shapes: tuple) -> int:
     if not isinstance(s, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(s).__name__}")
     if s.dtype != torch.float32:
@@ -260,7 +260,7 @@ def _scale_stride(s: torch.Tensor, n: int, name: str, shapes: tuple) -> int:
     if tuple(s.shape) not in shapes:
         raise ValueError(f"{name} must be one element (per-tensor) or of shape {' / '.join(map(str, shapes))}, "
                          f"got {tuple(s.shape)}")  # fmt: skip
-    return s.reshape(-1).stride(0) if n > 1 else 0
+    return s.stride(1) if s.ndim == 2 and s.shape[0] == 1 else s.stride(0)  # along the rows / columns
 
 
 def fp8_row_gemm_sm90(
@@ -290,8 +290,8 @@ def fp8_row_gemm_sm90(
             raise ValueError(f"{name} must be contiguous along K, got strides {t.stride()}")
     M, K = a.shape
     N = b.shape[0]
-    s_am = _scale_stride(a_scale, M, "a_scale", ((M,), (M, 1)))
-    s_bn = _scale_stride(b_scale, N, "b_scale", ((N,), (N, 1), (1, N)))
+    s_am = _scale_stride(a_scale, "a_scale", ((M,), (M, 1)))
+    s_bn = _scale_stride(b_scale, "b_scale", ((N,), (N, 1), (1, N)))
     _check_epilogue(residual, gate, M, N)
     if residual is not None and residual.stride(1) != 1:
         raise ValueError(f"residual must be contiguous along N, got strides {residual.stride()}")

@@ -350,6 +350,47 @@ def test_gpu_block_scales_dispatch(M, K, N, gluon, monkeypatch):
     assert err < 4e-3, f"Gluon (bf16 out) vs Triton block path: rel L2 {err:.2e}"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "M, K, N, gluon",
+    # txt.qkv and txt.mlp_in shapes (smaller K): the Gluon kernel; txt.proj (N = 6144) and M >= 1024: the persistent
+    # kernel; N = 16392 (rows of 32784 B: aligned) at M = 300: Gluon
+    [(512, 1024, 18432, True), (300, 512, 16392, True), (512, 1024, 6144, False), (1024, 512, 18432, False)],
+)  # fmt: skip
+def test_gpu_row_scales_dispatch(M, K, N, gluon, monkeypatch):
+    """fp8_gemm with row scales on sm_90 takes the Gluon warp-specialized kernel where it was measured faster,
+    with the persistent kernel's bits (both chain the same wgmmas over K and share the epilogue's order)."""
+    from flux2_bench.kernels import fp8_row_gemm_sm90 as R
+
+    if not R.is_available():
+        pytest.skip("needs sm_90 and Gluon")
+    calls = []
+    real = R.fp8_row_gemm_sm90
+    monkeypatch.setattr(R, "fp8_row_gemm_sm90", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x = act(M, K)
+    _, wq, ws = make_weight(N, K, "row")
+    xq, xs = F.quantize_fp8(x, "row")
+    residual = torch.randn(M, N, device=DEV).to(torch.bfloat16)
+    gate = torch.randn(N, device=DEV).to(torch.bfloat16)
+    for epi in ({}, dict(residual=residual, gate=gate)):
+        calls.clear()
+        out = F.fp8_gemm(xq, wq, xs, ws, **epi)
+        assert bool(calls) == gluon, f"Gluon kernel called: {bool(calls)}, expected {gluon}"
+        if gluon:
+            assert {k: calls[0].get(k) for k in F.ROW_GLUON_OPTIONS} == F.ROW_GLUON_OPTIONS
+        monkeypatch.setattr(F, "ROW_GLUON", False)
+        tri = F.fp8_gemm(xq, wq, xs, ws, **epi)
+        monkeypatch.setattr(F, "ROW_GLUON", True)
+        assert torch.equal(out, tri), f"max |diff| vs the persistent kernel {(out.float() - tri.float()).abs().max()}"
+        ref = F.fp8_gemm_ref(xq, wq, xs, ws, out_dtype=torch.float32, **epi)
+        err = (out.float() - ref).norm().item() / ref.norm().item()
+        assert err < 8e-3, f"rel L2 {err:.2e}"
+    calls.clear()
+    F.fp8_gemm(xq, wq, xs, ws, out_dtype=torch.float32)  # 4-byte output: no TMA-store kernel
+    F.fp8_gemm(xq, wq, xs, ws, fast_accum=False)  # promoted accumulation: the Triton kernels
+    assert not calls
+
+
 # ---------------------------------------------------------------------------------------------
 # fp8_linear
 

@@ -226,6 +226,15 @@ tile with TMA, and runs three consumer warpgroups on 192-row tiles at M = 4608; 
 runs 1-2 measured 1.115x the run-13 dispatch by A/B, every output bit-identical): block / row-wise
 0.74-0.78 in GPU time and by A/B (target 0.9: still missed); Gluon / Triton block 1.18-1.25x. Row-wise,
 fp8_linear and weight-only unchanged within run-to-run noise (no change to their kernels).
+- Run 14: block / row-wise eager 0.753, GPU 0.755, A/B 0.734 (missed, as expected); Gluon / Triton
+  block 1.239x.
+
+Written before run 15 (row scales with M < 1024 and N >= 16384 now run the warp-specialized Gluon row
+kernel, cooperative 128 x 128 tiles with 6 stages: probe_row_ws runs 1-2 measured 1.13x (txt.qkv) and
+1.05x (txt.mlp_in) the persistent kernel by A/B, bit-identical; every other shape unchanged): row-wise /
+`_scaled_mm` row fast 0.975-0.99 in GPU time and by A/B (run 14: 0.975 / 0.963; target 1.0 still missed by
+the M >= 4096 shapes where cuBLAS's 1 x 2 cluster kernel leads by up to 8 % in A/B); block / row-wise a
+little lower (the denominator is faster on two shapes). fp8_linear row rises on those two shapes too.
 """
 
 
