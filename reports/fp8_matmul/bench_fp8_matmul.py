@@ -1149,6 +1149,8 @@ def analysis(data: dict, timed: list) -> str:
     def picked(s):
         pre = f"persistent({s['M']}, {s['N']}, {s['K']})|1|False|2|False"
         cfg = next((v for k, v in data.get("autotune", {}).items() if k.startswith(pre)), "")
+        if not cfg and data["meta"].get("run", 0) >= 15 and s["M"] < 1024 and s["N"] >= 16384:
+            return "the Gluon row kernel (not autotuned)"
         f = dict(x.split(": ") for x in cfg.split(", ") if ": " in x)
         return f"{f.get('BLOCK_M', '?')}x{f.get('BLOCK_N', '?')}"
 
@@ -1159,8 +1161,10 @@ def analysis(data: dict, timed: list) -> str:
         return f"{100 * min(v):+.0f}% to {100 * max(v):+.0f}%" if v else "n/a"
 
     out = [
-        f"- **GEMM row-wise: target >= 1.0 missed.** The persistent TMA kernel (sm_90) against `_scaled_mm` "
-        f"row-wise fast: eager {over(timed, row, smf):.3f}x over the timed shapes ({over(big, row, smf):.3f}x on "
+        f"- **GEMM row-wise: target >= 1.0 missed.** The library's row-wise dispatch (sm_90: the persistent TMA "
+        "kernel; from run 15 the warp-specialized Gluon kernel of `kernels/fp8_row_gemm_sm90.py` for M < 1024 with "
+        "N >= 16384) against `_scaled_mm` row-wise fast: "
+        f"eager {over(timed, row, smf):.3f}x over the timed shapes ({over(big, row, smf):.3f}x on "
         f"M >= 4096, {over(small, row, smf):.3f}x on M = 512); GPU time alone {over(timed, row + g, smf + g):.3f}x "
         f"({over(big, row + g, smf + g):.3f}x on M >= 4096, {over(small, row + g, smf + g):.3f}x on M = 512). "
         f"It is {over(timed, row + g, cls + g):.3f}x run 2's classic tiled kernel in GPU time "
@@ -1181,7 +1185,12 @@ def analysis(data: dict, timed: list) -> str:
         f"(GPU time of queued launches) picked {picks}. "
         + _streamk_note(data)
         + f"On M >= 4096 cuBLAS's eager medians are {drift(big, smf)} off its GPU times, ours "
-        f"{drift(big, row)}. Next step: a weight tile shared by a cluster of two CTAs through TMA multicast "
+        f"{drift(big, row)}. Warp specialization is not what is missing: the Gluon row kernel (one TMA producer "
+        "warp, two consumer warpgroups chaining their wgmmas on 128 x 256 tiles, TMA-store epilogue) ran at the "
+        "persistent kernel's speed with its bits on M >= 4096 (interleaved A/B 0.98-1.01x), and ping-pong "
+        "consumers that hide the epilogue under the other's K loop were slower (0.88x on 128 x 128 tiles; "
+        "`probe_row_ws.md`); it is dispatched only where it won (txt.qkv, txt.mlp_in: 1.05-1.13x). "
+        "Next step: a weight tile shared by a cluster of two CTAs through TMA multicast "
         "(half the L2-to-SM traffic of the weights, which is what cuBLAS's cluster kernels do), which neither "
         "Triton 3.6 (`num_ctas=2` does not compile the persistent kernel for sm_90: an LLVM error on the CTA "
         "dimension of a layout, checked on the CPU) nor Gluon 3.6 (its Hopper TMA copy takes no multicast "
