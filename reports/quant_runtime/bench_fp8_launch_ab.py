@@ -15,6 +15,9 @@ alternated A/B/C/A/B/C in one process (clock drift between device calls is about
   persistent kernel instead of the Gluon warp-specialized one (``FLUX2_FP8_BLOCK_GLUON=0``); the
   variants above it run the Gluon kernel for block scales on sm_90 (the persistent ones; the
   classic ones never do).
+- "persistent, Triton row" (fp8-row recipe only, from run 8 on): row scales on the Triton persistent kernel
+  everywhere (``FLUX2_FP8_ROW_GLUON=0``); the persistent variants above it run the Gluon warp-specialized
+  row kernel on the text GEMMs with N >= 16384 (txt.qkv, txt.mlp_in at M = 512), which must give the same bits.
 Each row reports ms/step and the output's SQNR against the first variant's output: the cached launcher
 must give the same bits (inf dB), and so must the data-parallel persistent kernel (its K loop is the
 classic kernel's, measured in runs 1-2); a stream-K split sums K in another order (finite, high dB).
@@ -42,12 +45,13 @@ from flux2_bench.model import use_fused  # noqa: E402
 from flux2_bench.quantize.formats import sqnr  # noqa: E402
 from flux2_bench.weights import model_bytes, synthetic_transformer  # noqa: E402
 
-VARIANTS = {  # name: (PERSISTENT, FAST_LAUNCH, stream-K configs allowed, BLOCK_GLUON)
-    "classic, triton launch": (False, False, True, True),
-    "classic, cached launch": (False, True, True, True),
-    "persistent, cached launch": (True, True, True, True),
-    "persistent, no stream-K": (True, True, False, True),
-    "persistent, Triton block": (True, True, True, False),
+VARIANTS = {  # name: (PERSISTENT, FAST_LAUNCH, stream-K configs allowed, BLOCK_GLUON, ROW_GLUON)
+    "classic, triton launch": (False, False, True, True, True),
+    "classic, cached launch": (False, True, True, True, True),
+    "persistent, cached launch": (True, True, True, True, True),
+    "persistent, no stream-K": (True, True, False, True, True),
+    "persistent, Triton block": (True, True, True, False, True),
+    "persistent, Triton row": (True, True, True, True, False),
 }
 
 
@@ -64,10 +68,12 @@ def run(recipe: str, rounds: int) -> list[dict]:
     tuned = {True: (kern.configs, {}), False: ([c for c in kern.configs if not c.kwargs["STREAM_K"]], {})}
     with torch.inference_mode(), use_fused(True):
         for rnd in range(rounds):
-            for name, (persistent, fast, stream_k, gluon) in VARIANTS.items():
+            for name, (persistent, fast, stream_k, gluon, row_gluon) in VARIANTS.items():
                 if recipe != "fp8-block" and not gluon:
                     continue  # BLOCK_GLUON only changes block-scaled GEMMs
-                F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON = persistent, fast, gluon
+                if recipe != "fp8-row" and not row_gluon:
+                    continue  # ROW_GLUON only changes row-scaled GEMMs
+                F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON, F.ROW_GLUON = persistent, fast, gluon, row_gluon
                 kern.configs, kern.cache = tuned[stream_k]  # each set autotunes once, into its own cache
                 free()
                 out = model(*call_args).float()
@@ -121,14 +127,14 @@ def main() -> None:
         return
     if not args.out:
         ap.error("--out or --markdown")
-    default = (F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON)
+    default = (F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON, F.ROW_GLUON)
     result = {"env": env_block(), "preset": PRESET, "size": 1024, "weights": "synthetic (random)",
               "git_sha": os.environ.get("GIT_SHA", "unknown")}  # fmt: skip
     configs = F._fp8_gemm_persistent.configs
     try:
         result["rows"] = run(args.recipe, args.rounds)
     finally:
-        F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON = default
+        F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON, F.ROW_GLUON = default
         F._fp8_gemm_persistent.configs = configs
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
