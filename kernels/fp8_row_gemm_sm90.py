@@ -46,8 +46,9 @@ Measured (reports/fp8_matmul/probe_row_ws.md, runs 1-2, H100; every variant bit-
 persistent kernel): cooperative 128 x 256 ran at the persistent kernel's speed on M >= 4096 (interleaved A/B
 0.98-1.01x; against cuBLAS 0.92-0.99x), so neither the unspecialized structure nor the epilogue is what
 separates that kernel from cuBLAS. Ping-pong (after the fix in ``_row_consumer``'s docstring) was slower:
-0.88x the persistent kernel on M >= 4096; a single warpgroup issuing m64n128 wgmmas does not keep the tensor
-cores as busy as two issuing together, which the hidden epilogue does not repay. Cooperative 128 x 128 with 6
+0.88x the persistent kernel on M >= 4096 (not profiled; the likely cause is that one warpgroup at a time
+issuing m64n128 wgmmas keeps the tensor cores less busy than two issuing together, which the hidden epilogue
+does not repay). Cooperative 128 x 128 with 6
 stages won on the M = 512 text GEMMs with N >= 16384 (txt.qkv 1.13x, txt.mlp_in 1.05x, by A/B): that is what
 ``fp8_matmul`` dispatches here (``_use_row_gluon``).
 """
