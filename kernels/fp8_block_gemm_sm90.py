@@ -605,6 +605,22 @@ def is_available(device: torch.device | str | int | None = None) -> bool:
     return _capability(index) == (9, 0)
 
 
+def check_sm90_launch(fn: str, *tensors: torch.Tensor | None) -> None:
+    """What a Gluon sm_90 launch of ``fn`` needs beyond its arguments' shapes: every tensor on one CUDA device,
+    Gluon importable, the device an sm_90 GPU."""
+    a = tensors[0]
+    devs = {t.device for t in tensors if t is not None}
+    if len(devs) > 1:
+        raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devs))}")
+    if a.device.type != "cuda":
+        raise ValueError(f"{fn} needs CUDA tensors, got {a.device}")
+    if gluon is None:
+        raise RuntimeError(f"{fn} needs triton.experimental.gluon (Triton >= 3.6): {_GLUON_ERROR}")
+    if not is_available(a.device):
+        major, minor = _capability(a.device.index if a.device.index is not None else torch.cuda.current_device())
+        raise RuntimeError(f"{fn} needs sm_90 (Hopper); {torch.cuda.get_device_name(a.device)} is sm_{major}{minor}")
+
+
 def _check_tma(t: torch.Tensor, name: str) -> None:
     """TMA descriptors need a 16-byte aligned base address and 16-byte aligned row strides."""
     if t.data_ptr() % 16 != 0:
@@ -685,18 +701,7 @@ def fp8_block_gemm_sm90(
         raise ValueError(f"ws_tma_store writes 2-byte outputs (bf16 / fp16), got out_dtype={out_dtype}")
     if warp_specialized and block_m != 128:
         raise ValueError(f"warp_specialized needs block_m=128 (two consumer warpgroups of 64 rows), got {block_m}")
-    devs = {t.device for t in (a, b, a_scale, b_scale, residual, gate) if t is not None}
-    if len(devs) > 1:
-        raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devs))}")
-    if a.device.type != "cuda":
-        raise ValueError(f"fp8_block_gemm_sm90 needs CUDA tensors, got {a.device}")
-    if gluon is None:
-        raise RuntimeError(f"fp8_block_gemm_sm90 needs triton.experimental.gluon (Triton >= 3.6): {_GLUON_ERROR}")
-    if not is_available(a.device):
-        major, minor = _capability(a.device.index if a.device.index is not None else torch.cuda.current_device())
-        raise RuntimeError(
-            f"fp8_block_gemm_sm90 needs sm_90 (Hopper); {torch.cuda.get_device_name(a.device)} is sm_{major}{minor}"
-        )
+    check_sm90_launch("fp8_block_gemm_sm90", a, b, a_scale, b_scale, residual, gate)
     _check_tma(a, "a")
     _check_tma(b, "b")
 

@@ -317,19 +317,7 @@ def fp8_row_gemm_sm90(
     if smem > SMEM_BYTES:
         raise ValueError(f"num_stages={num_stages} with block_n={block_n}{' (ping-pong)' if pingpong else ''} needs "
                          f"{smem} B of shared memory, more than sm_90's {SMEM_BYTES}")  # fmt: skip
-    devs = {t.device for t in (a, b, a_scale, b_scale, residual, gate) if t is not None}
-    if len(devs) > 1:
-        raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devs))}")
-    if a.device.type != "cuda":
-        raise ValueError(f"fp8_row_gemm_sm90 needs CUDA tensors, got {a.device}")
-    if gluon is None:
-        raise RuntimeError(f"fp8_row_gemm_sm90 needs triton.experimental.gluon (Triton >= 3.6): {_block._GLUON_ERROR}")
-    if not is_available(a.device):
-        index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-        major, minor = _block._capability(index)
-        raise RuntimeError(
-            f"fp8_row_gemm_sm90 needs sm_90 (Hopper); {torch.cuda.get_device_name(a.device)} is sm_{major}{minor}"
-        )
+    _block.check_sm90_launch("fp8_row_gemm_sm90", a, b, a_scale, b_scale, residual, gate)
     out = torch.empty((M, N), device=a.device, dtype=out_dtype)
     for name, t in (("a", a), ("b", b), ("out", out)):
         _block._check_tma(t, name)

@@ -30,9 +30,7 @@ with ``residual`` and ``gate`` (anchor: ``_scaled_mm`` then ``torch.addcmul``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import subprocess
 import sys
 import time
@@ -42,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from probe_ws_schedule import geo, probe_shapes, time_and_ab  # noqa: E402
+from probe_ws_schedule import geo, probe_meta, probe_shapes, time_and_ab  # noqa: E402
 
 VARIANTS = {
     "coop_bn256_s3": dict(block_n=256, num_stages=3),
@@ -223,16 +221,9 @@ def main():
         return 0
     if not args.out:
         ap.error("--out or --render")
-    import triton
 
     t0 = time.time()
-    meta = {
-        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-        "git_sha": os.environ.get("GIT_SHA", "unknown"),
-        "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "timer": "bench_graph: CUDA graphs of 20 x (L2 flush, call) minus 20 flushes, median of 5 replays",
-        "expectation": EXPECTATION[args.run], "run": args.run, "variants": args.variants,
-    }  # fmt: skip
+    meta = probe_meta(EXPECTATION[args.run], run=args.run, variants=args.variants)
     meta["smoke"] = {v: smoke(v) for v in args.variants}
     print("smoke", meta["smoke"], flush=True)
     ok = [v for v in args.variants if meta["smoke"][v]["ok"]]

@@ -37,9 +37,7 @@ interleaved A/B of the best variant against ``order`` and against our row-wise k
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -48,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from probe_ws_schedule import geo, probe_shapes, time_and_ab  # noqa: E402
+from probe_ws_schedule import geo, probe_meta, probe_shapes, time_and_ab  # noqa: E402
 
 UNLAGGED = dict(lagged=False)
 VARIANTS = {
@@ -219,17 +217,11 @@ def main():
         return 0
     if not args.out:
         ap.error("--out or --render")
-    import triton
 
     t0 = time.time()
-    meta = {
-        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-        "git_sha": os.environ.get("GIT_SHA", "unknown"),
-        "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "timer": "bench_graph: CUDA graphs of 20 x (L2 flush, call) minus 20 flushes, median of 5 replays",
-        "expectation": EXPECTATION[args.run], "run": args.run,
-        "variants": {k: {**VARIANTS[k]} for k in RUN_VARIANTS[args.run]},
-    }  # fmt: skip
+    meta = probe_meta(
+        EXPECTATION[args.run], run=args.run, variants={k: {**VARIANTS[k]} for k in RUN_VARIANTS[args.run]}
+    )
     meta["smoke"] = {v: smoke(v) for v in RUN_VARIANTS[args.run]}
     print("smoke:", json.dumps(meta["smoke"]), flush=True)
     ok = [v for v, r in meta["smoke"].items() if r["ok"]]

@@ -167,6 +167,20 @@ def probe_shapes(out: Path, data: dict, run_shape, res: int, t0: float) -> None:
         torch.cuda.empty_cache()
 
 
+def probe_meta(expectation, **extra) -> dict:
+    """The metadata every probe run records: GPU, versions, the commit (env GIT_SHA), time, timer, the
+    expectation written before the run, and ``extra``."""
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+        "git_sha": os.environ.get("GIT_SHA", "unknown"),
+        "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "timer": "bench_graph: CUDA graphs of 20 x (L2 flush, call) minus 20 flushes, median of 5 replays",
+        "expectation": expectation, **extra,
+    }  # fmt: skip
+
+
 def geo(xs):
     xs = [x for x in xs if x]
     return (math.exp(sum(map(math.log, xs)) / len(xs)), min(xs), max(xs)) if xs else None
@@ -238,18 +252,13 @@ def main():
         return 0
     if not args.out:
         ap.error("--out or --render")
-    import triton
 
     t0 = time.time()
-    meta = {
-        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-        "git_sha": os.environ.get("GIT_SHA", "unknown"),
-        "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "timer": "bench_graph: CUDA graphs of 20 x (L2 flush, call) minus 20 flushes, median of 5 replays",
-        "expectation": EXPECTATION,
-        "note": "ours_gemm_block is fp8_gemm's dispatch at this commit (from run 2 on: the Gluon kernel for block "
+    meta = probe_meta(
+        EXPECTATION,
+        note="ours_gemm_block is fp8_gemm's dispatch at this commit (from run 2 on: the Gluon kernel for block "
         "scales on sm_90); ours_gemm_block_triton forces the Triton persistent kernel (run 1's ours_gemm_block)",
-    }  # fmt: skip
+    )
     meta["smoke"] = {s: smoke(s) for s in SCHEDULES}
     print("smoke:", json.dumps(meta["smoke"]), flush=True)
     ok_scheds = [s for s, r in meta["smoke"].items() if r["ok"]]
