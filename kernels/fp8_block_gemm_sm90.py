@@ -793,12 +793,22 @@ def _launch_ws(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stage
     compiled = _fp8_block_gemm_sm90_ws_kernel[grid](
         a_desc, b_desc, out_desc, a_scale, b_scale, out, res, g, *ints, **consts, num_warps=4, maxnreg=maxnreg
     )
-    if FAST_LAUNCH and compiled is not None and hasattr(compiled, "__getitem__"):
-        names = _fp8_block_gemm_sm90_ws_kernel.arg_names
-        full = {**consts, "num_warps": 4}
-        tail = tuple(full[n] for n in names[8 + len(ints) :])  # the constexpr parameters, in order
-        _WS_LAUNCHERS[key] = (compiled[grid], a_desc, b_desc, out_desc, tail)
+    if FAST_LAUNCH:
+        cache_launcher(_WS_LAUNCHERS, key, _fp8_block_gemm_sm90_ws_kernel, compiled, grid, 8 + len(ints), consts,
+                       (a_desc, b_desc, out_desc))  # fmt: skip
     return out
+
+
+def cache_launcher(cache: dict, key: tuple, kernel, compiled, grid, n_runtime: int, consts: dict, descs: tuple) -> None:
+    """Keep ``(launcher, *descs, constexprs)`` for ``key``: the compiled kernel's launcher for ``grid``, the first
+    launch's TMA descriptors (re-pointed per call with ``_rebased``) and the constexpr arguments in parameter
+    order (the kernel's parameters after its ``n_runtime`` runtime ones). Nothing when the launch returned no
+    compiled kernel."""
+    if compiled is None or not hasattr(compiled, "__getitem__"):
+        return
+    full = {**consts, "num_warps": 4}
+    tail = tuple(full[n] for n in kernel.arg_names[n_runtime:])
+    cache[key] = (compiled[grid], *descs, tail)
 
 
 def fp8_block_gemm_sm90_ws(

@@ -364,9 +364,7 @@ def _launch(a, b, a_scale, b_scale, out, res, g, s_am, s_bn, has_res, has_gate, 
     compiled = _fp8_row_gemm_sm90_kernel[grid](
         a_desc, b_desc, out_desc, a_scale, b_scale, res, g, *ints, **consts, num_warps=4, maxnreg=MAXNREG
     )
-    if FAST_LAUNCH and compiled is not None and hasattr(compiled, "__getitem__"):
-        names = _fp8_row_gemm_sm90_kernel.arg_names
-        full = {**consts, "num_warps": 4}
-        tail = tuple(full[n] for n in names[7 + len(ints) :])  # the constexpr parameters, in order
-        _LAUNCHERS[key] = (compiled[grid], a_desc, b_desc, out_desc, tail)
+    if FAST_LAUNCH:
+        _block.cache_launcher(_LAUNCHERS, key, _fp8_row_gemm_sm90_kernel, compiled, grid, 7 + len(ints), consts,
+                              (a_desc, b_desc, out_desc))  # fmt: skip
     return out
