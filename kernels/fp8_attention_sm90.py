@@ -1,0 +1,372 @@
+"""FP8 flash attention for Hopper (sm_90) in Gluon, warp-specialized (FA3's structure).
+
+What
+----
+``fp8_attention_sm90(quant, v)`` runs the main loop of ``flux2_bench.kernels.fp8_attention`` on the output of
+its pre-pass (``quantize_qkv(..., pv="fp8")``): the same maths as ``_attn_fwd`` with fp8 P·V, so the same
+reference (``fp8_attention_ref``) holds::
+
+    S = (Q8 · K8ᵀ) · qs[row block] · ks[column block]      (log2 domain: qs carries scale · log2 e)
+    P = 2**(S - m + 8) cast to e4m3 (m the running row max; the 2**8 keeps P out of e4m3's subnormals)
+    O = (Σ P8 · V8ᵀᵀ) / Σ P · vs[channel]
+
+Q8 and K8 are e4m3 (or int8 for ``qk="int8"``) with one scale per ``scale_block`` tokens, V8 e4m3 stored
+transposed (D, Lp) with one scale per channel; all padded to a multiple of 128 tokens by the pre-pass.
+
+Why
+---
+The Triton kernel (``_attn_fwd``) is issue-bound at 700-770 TFLOP/s on the H100 (reports/fp8_attention,
+NOTES.md): the warps that run the softmax also issue the loads and wait for each wgmma, so the tensor cores
+idle during the softmax. Here (FA3, Shah et al. 2024):
+
+- one producer warp loads Q once and K / Vᵀ tiles into a ``NUM_STAGES`` ring with TMA;
+- two consumer warpgroups own 64 query rows each and share every K / Vᵀ tile (released through ``empty``,
+  one arrival per consumer);
+- within a consumer, the Q·Kᵀ of tile j and the P·V of tile j - 1 are issued together, and the softmax of
+  tile j runs while the P·V wgmma executes (FA3's intra-warpgroup overlap);
+- across consumers (``pingpong``), optional ``turn`` mbarriers make the two issue their wgmmas in turns, so
+  one's softmax runs under the other's MMAs (FA3's inter-warpgroup ping-pong).
+
+P stays in registers (the P·V wgmma takes its A operand from registers; e4m3 needs a 4-byte k-width layout,
+so the fp32 accumulator layout of S is converted).
+
+Expectation (written before the first GPU run, session 10)
+----------------------------------------------------------
+Main kernel alone on the H100, B=1, H=48, D=128: 900-1050 TFLOP/s at L >= 8704 and 850-950 at L = 4608
+(Triton kernel: 726-773), i.e. 1.45-1.7x cuDNN bf16's 607-629. FA3 FP8 is published near 1.2 PFLOP/s with
+persistent scheduling and in-kernel V transposes; this kernel is not persistent (13 waves at L = 4608, the
+last one 9 % full). Risk: the e4m3 layout conversion of P through shared memory instead of registers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from flux2_bench.kernels import fp8_block_gemm_sm90 as _block
+from flux2_bench.kernels.fp8_matmul import _rebased
+
+gluon, gl = _block.gluon, _block.gl
+if gluon is not None:
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BLOCK_M = 128  # query rows per program: 64 per consumer warpgroup
+CONSUMER_ROWS = 64
+P_SHIFT = 8.0  # as fp8_attention.P_SHIFT
+# launched as 12 warps at 168 registers; setmaxnreg gives each consumer 232, the producer's warpgroup 40
+MAXNREG, CONSUMER_REGS, PRODUCER_REGS = _block.WS_REGS[2]
+SMEM_BYTES = _block.SMEM_BYTES
+EXPECTATION = (
+    "kernel alone, H100, B=1 H=48 D=128: 900-1050 TFLOP/s at L >= 8704, 850-950 at L = 4608 (Triton kernel "
+    "726-773); written before the first GPU run (session 10)"
+)
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _attn_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, L, Lp):
+        """1 warp: Q's two 64-row boxes once, then K and Vᵀ tile j into slot j % NUM_STAGES after both
+        consumers released the slot's previous use (parity as in ``fp8_block_gemm_sm90._ws_producer``)."""
+        NUM_STAGES: gl.constexpr = k_smem.shape[0]
+        BN: gl.constexpr = k_smem.shape[1]
+        D: gl.constexpr = k_smem.shape[2]
+        BM_C: gl.constexpr = q_desc.block_type.shape[0]
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        row_q = bh * Lp + pid_m * (2 * BM_C)
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row_q, 0], q_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [row_q + BM_C, 0], q_bar, q_smem.index(1))
+        for j in range(gl.cdiv(L, BN)):
+            s = j % NUM_STAGES
+            mbarrier.wait(empty.index(s), ((j // NUM_STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [bh * Lp + j * BN, 0], k_ready.index(s), k_smem.index(s))
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [bh * D, j * BN], v_ready.index(s), v_smem.index(s))
+
+    @gluon.jit
+    def _turn_wait(turn, WG: gl.constexpr, k, PINGPONG: gl.constexpr):
+        """Ping-pong: before its k-th wgmma issue, consumer 0 waits for consumer 1's (k-1)-th, consumer 1 for
+        consumer 0's k-th (strict alternation; neither gets more than one phase ahead)."""
+        if PINGPONG:
+            if WG == 0:
+                mbarrier.wait(turn.index(0), (k + 1) & 1, pred=k > 0)
+            else:
+                mbarrier.wait(turn.index(1), k & 1)
+
+    @gluon.jit
+    def _turn_arrive(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - WG), count=1)
+
+    @gluon.jit
+    def _softmax_tile(qk, m_i, l_i, qs, ks_base, start_n, L, SCALE_BLOCK: gl.constexpr):
+        """Online softmax of one S tile (fp32 or int32 from the wgmma) in the exp2 domain, as
+        ``fp8_attention._attn_tile``: returns P = 2**(S - m_new + 8) (fp32, <= 256), m_new, the updated row
+        sum and alpha = 2**(m_old - m_new), the accumulator's rescale factor."""
+        BN: gl.constexpr = qk.shape[1]
+        col_l: gl.constexpr = gl.SliceLayout(0, qk.type.layout)
+        qk = qk.to(gl.float32)
+        if start_n + BN > L:  # the tail tile: keys past L (padding, or the next head's rows) get no weight
+            offs_n = gl.arange(0, BN, layout=col_l)
+            qk = gl.where((start_n + offs_n < L)[None, :], qk, float("-inf"))
+        if BN <= SCALE_BLOCK:  # one K scale per tile: it rides in the exp2 argument's FMA
+            c = qs * gl.load(ks_base + start_n // SCALE_BLOCK)
+            m_new = gl.maximum(m_i, gl.max(qk, axis=1) * c)
+            s = qk * c - (m_new - 8.0)[:, None]
+        else:  # two K scales per tile (BN = 2 * SCALE_BLOCK): a per-column factor
+            gl.static_assert(BN == 2 * SCALE_BLOCK)
+            offs_n = gl.arange(0, BN, layout=col_l)
+            c0 = qs * gl.load(ks_base + start_n // SCALE_BLOCK)
+            c1 = qs * gl.load(ks_base + start_n // SCALE_BLOCK + 1)
+            t = qk * gl.where(offs_n < SCALE_BLOCK, c0, c1)[None, :]
+            m_new = gl.maximum(m_i, gl.max(t, axis=1))
+            s = t - (m_new - 8.0)[:, None]
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        return p, m_new, l_i, alpha
+
+    @gluon.jit
+    def _attn_consumer(
+        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr, o_ptr,
+        L, H, n_sblk, stride_ob, stride_oh, stride_ol,
+        SCALE_BLOCK: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
+    ):  # fmt: skip
+        """One warpgroup: query rows [WG * 64, WG * 64 + 64) of the program's 128 against every key tile.
+        Iteration j issues S_j = Q·K_jᵀ and O += P_{j-1}·V_{j-1} (async), waits for S_j only, runs the
+        softmax of tile j under the P·V wgmma, then waits for it, releases slot j - 1 and rescales O."""
+        NUM_STAGES: gl.constexpr = k_smem.shape[0]
+        BN: gl.constexpr = k_smem.shape[1]
+        D: gl.constexpr = k_smem.shape[2]
+        BM: gl.constexpr = q_smem.shape[1]
+        gl.static_assert(gl.num_warps() == 4)
+        gl.static_assert(BM == 64)
+        QK_INT8: gl.constexpr = q_smem.dtype == gl.int8
+        acc_s_ty: gl.constexpr = gl.int32 if QK_INT8 else gl.float32
+        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
+        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32])
+        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=4)  # e4m3: 4 per 32 bits
+        row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+        row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
+        col_o: gl.constexpr = gl.SliceLayout(0, mma_o)
+
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        row0 = pid_m * (2 * BM) + WG * BM
+        qs = gl.load(qs_ptr + bh * n_sblk + row0 // SCALE_BLOCK)  # 64 rows share one Q scale (SCALE_BLOCK >= 64)
+        ks_base = ks_ptr + bh * n_sblk
+        n_tiles = gl.cdiv(L, BN)
+        q = q_smem.index(WG)
+        m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BM], gl.float32, row_s)
+        acc = gl.zeros([BM, D], gl.float32, mma_o)
+        mbarrier.wait(q_bar, 0)
+
+        # tile 0: S_0 and its softmax (O is still zero: no P·V yet)
+        _turn_wait(turn, WG, 0, PINGPONG)
+        mbarrier.wait(k_ready.index(0), 0)
+        qk = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BN], acc_s_ty, mma_s), use_acc=False,
+                           is_async=True)  # fmt: skip
+        _turn_arrive(turn, WG, PINGPONG)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qs, ks_base, 0, L, SCALE_BLOCK)
+        p_op = gl.convert_layout(p.to(gl.float8e4nv), p_l)
+
+        for j in range(1, n_tiles):
+            s = j % NUM_STAGES
+            sp = (j - 1) % NUM_STAGES
+            _turn_wait(turn, WG, j, PINGPONG)
+            mbarrier.wait(k_ready.index(s), (j // NUM_STAGES) & 1)
+            qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), gl.zeros([BM, BN], acc_s_ty, mma_s),
+                               use_acc=False, is_async=True)  # fmt: skip
+            mbarrier.wait(v_ready.index(sp), ((j - 1) // NUM_STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
+            _turn_arrive(turn, WG, PINGPONG)
+            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))  # S_j done; P_{j-1}·V_{j-1} may still run
+            p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qs, ks_base, j * BN, L, SCALE_BLOCK)
+            p_op = gl.convert_layout(p.to(gl.float8e4nv), p_l)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(sp), count=1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+
+        # the last tile's P·V
+        sp = (n_tiles - 1) % NUM_STAGES
+        _turn_wait(turn, WG, n_tiles, PINGPONG)
+        mbarrier.wait(v_ready.index(sp), ((n_tiles - 1) // NUM_STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
+        _turn_arrive(turn, WG, PINGPONG)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(sp), count=1)
+
+        offs_m = row0 + gl.arange(0, BM, layout=row_o)
+        offs_d = gl.arange(0, D, layout=col_o)
+        vs = gl.load(vs_ptr + bh * D + offs_d)
+        o = acc * (1.0 / gl.convert_layout(l_i, row_o))[:, None] * vs[None, :]
+        off_b = (bh // H).to(gl.int64)
+        off_h = (bh % H).to(gl.int64)
+        o_ptrs = (o_ptr + off_b * stride_ob + off_h * stride_oh + offs_m.to(gl.int64)[:, None] * stride_ol
+                  + offs_d[None, :])  # fmt: skip
+        gl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=(offs_m < L)[:, None])
+
+    @gluon.jit
+    def _fp8_attention_sm90_kernel(
+        q_desc,  # (B*H*Lp, D) e4m3 / int8, block [64, D]
+        k_desc,  # (B*H*Lp, D) e4m3 / int8, block [BLOCK_N, D]
+        v_desc,  # (B*H*D, Lp) e4m3 (Vᵀ), block [D, BLOCK_N]
+        qs_ptr, ks_ptr, vs_ptr, o_ptr,
+        L, Lp, H, n_sblk, stride_ob, stride_oh, stride_ol,
+        SCALE_BLOCK: gl.constexpr,
+        NUM_STAGES: gl.constexpr,
+        PINGPONG: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):  # fmt: skip
+        BM_C: gl.constexpr = q_desc.block_type.shape[0]
+        D: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        gl.static_assert(num_warps == 4)  # the default partition is consumer 0
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BM_C, D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, D, BN], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        fence_async_shared()
+
+        WG0: gl.constexpr = 0
+        WG1: gl.constexpr = 1
+        # fmt: off
+        gl.warp_specialize(
+            [
+            (_attn_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr,
+                              o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG0, PINGPONG)),
+            (_attn_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr,
+                              o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG1, PINGPONG)),
+            (_attn_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, L, Lp)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
+        # fmt: on
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+is_available = _block.is_available
+FAST_LAUNCH = os.environ.get("FLUX2_FAST_LAUNCH", "1") == "1"
+_LAUNCHERS: dict[tuple, tuple] = {}
+BLOCK_NS = (64, 128)
+
+
+def smem_bytes(num_stages: int, block_n: int, head_dim: int = 128) -> int:
+    """Shared memory of the kernel: Q's two 64-row boxes, the K and Vᵀ ring (``block_n`` x D bytes each per
+    stage) and the mbarriers."""
+    return 2 * CONSUMER_ROWS * head_dim + 2 * num_stages * block_n * head_dim + 8 * (1 + 3 * num_stages + 2)
+
+
+def check_config(head_dim: int, scale_block: int, block_n: int, num_stages: int) -> None:
+    """What the kernel supports; raises ValueError otherwise."""
+    if head_dim not in (64, 128):
+        raise ValueError(f"fp8_attention_sm90 needs head dim 64 or 128, got {head_dim}")
+    if block_n not in BLOCK_NS:
+        raise ValueError(f"block_n must be one of {BLOCK_NS}, got {block_n}")
+    if scale_block not in (64, 128):
+        raise ValueError(f"scale_block must be 64 or 128, got {scale_block}")
+    if block_n > 2 * scale_block:
+        raise ValueError(f"block_n={block_n} spans more than two K scale blocks of {scale_block}")
+    if not 2 <= num_stages <= 6:
+        raise ValueError(f"num_stages must be in 2..6, got {num_stages}")
+    smem = smem_bytes(num_stages, block_n, head_dim)
+    if smem > SMEM_BYTES:
+        raise ValueError(f"num_stages={num_stages} with block_n={block_n} needs {smem} B of shared memory, more "
+                         f"than sm_90's {SMEM_BYTES}")  # fmt: skip
+
+
+def fp8_attention_sm90(
+    quant: dict[str, torch.Tensor],
+    v: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    scale_block: int = 64,
+    block_n: int = 128,
+    num_stages: int = 2,
+    pingpong: bool = False,
+) -> torch.Tensor:
+    """The attention main loop on sm_90 (module docstring) on ``quant = quantize_qkv(q, k, v, pv="fp8",
+    scale_block=scale_block)`` (qk "fp8" or "int8"); ``v`` the original V, for shape and output dtype.
+    Returns (B, H, L, D) in v's dtype (or writes ``out``, any strides with a contiguous last dim).
+    ``block_n``: keys per tile (64 or 128); ``num_stages``: depth of the K / Vᵀ ring; ``pingpong``: the
+    two consumer warpgroups issue their wgmmas in turns."""
+    if "vt8" not in quant:
+        raise ValueError("fp8_attention_sm90 runs fp8 P·V only: quantize_qkv(..., pv='fp8')")
+    B, H, L, D = v.shape
+    q8, k8, vt8 = quant["q8"], quant["k8"], quant["vt8"]
+    Lp = q8.shape[2]
+    check_config(D, scale_block, block_n, num_stages)
+    if q8.shape != (B, H, Lp, D) or k8.shape != q8.shape or vt8.shape != (B, H, D, Lp) or Lp % 128:
+        raise ValueError(f"quant does not match v {tuple(v.shape)}: q8 {tuple(q8.shape)}, k8 {tuple(k8.shape)}, "
+                         f"vt8 {tuple(vt8.shape)}")  # fmt: skip
+    if quant["qs"].shape[2] * scale_block != Lp:
+        raise ValueError(f"quant was made with another scale_block than {scale_block}")
+    for name, t in (("q8", q8), ("k8", k8), ("vt8", vt8)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (as quantize_qkv writes it)")
+    if out is None:
+        out = torch.empty(B, H, L, D, device=v.device, dtype=v.dtype)
+    elif out.shape != v.shape or out.dtype != v.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(v.shape)} {v.dtype} with a contiguous last dim")
+    _block.check_sm90_launch("fp8_attention_sm90", q8, k8, vt8, quant["qs"], quant["ks"], quant["vs"], out)
+    if B * H == 0:
+        return out
+    qk_gl = gl.int8 if q8.dtype == torch.int8 else gl.float8e4nv
+    q2, k2, v2 = q8.view(-1, D), k8.view(-1, D), vt8.view(-1, Lp)
+    ints = (L, Lp, H, quant["qs"].shape[2], out.stride(0), out.stride(1), out.stride(2))
+    consts = dict(SCALE_BLOCK=scale_block, NUM_STAGES=num_stages, PINGPONG=pingpong, PRODUCER_REGS=PRODUCER_REGS,
+                  CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
+    grid = (Lp // BLOCK_M, B * H, 1)
+    index = v.device.index if v.device.index is not None else torch.cuda.current_device()
+    key = (index, q8.dtype, out.dtype, D, block_n, grid, *ints, *consts.values(),
+           *(t.data_ptr() % 16 == 0 for t in (quant["qs"], quant["ks"], quant["vs"], out)))  # fmt: skip
+    hit = _LAUNCHERS.get(key) if FAST_LAUNCH else None
+    if hit is not None:
+        runner, q_desc, k_desc, v_desc, tail = hit
+        runner(_rebased(q_desc, q2), _rebased(k_desc, k2), _rebased(v_desc, v2), quant["qs"], quant["ks"],
+               quant["vs"], out, *ints, *tail)  # fmt: skip
+        return out
+    q_desc = TensorDescriptor(q2, list(q2.shape), [D, 1], [CONSUMER_ROWS, D],
+                              gl.NVMMASharedLayout.get_default_for([CONSUMER_ROWS, D], qk_gl))  # fmt: skip
+    k_desc = TensorDescriptor(k2, list(k2.shape), [D, 1], [block_n, D],
+                              gl.NVMMASharedLayout.get_default_for([block_n, D], qk_gl))  # fmt: skip
+    v_desc = TensorDescriptor(v2, list(v2.shape), [Lp, 1], [D, block_n],
+                              gl.NVMMASharedLayout.get_default_for([D, block_n], gl.float8e4nv))  # fmt: skip
+    compiled = _fp8_attention_sm90_kernel[grid](
+        q_desc, k_desc, v_desc, quant["qs"], quant["ks"], quant["vs"], out, *ints, **consts, num_warps=4,
+        maxnreg=MAXNREG,
+    )  # fmt: skip
+    if FAST_LAUNCH:
+        _block.cache_launcher(_LAUNCHERS, key, _fp8_attention_sm90_kernel, compiled, grid, 7 + len(ints), consts,
+                              (q_desc, k_desc, v_desc))  # fmt: skip
+    return out

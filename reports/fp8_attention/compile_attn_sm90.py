@@ -1,0 +1,109 @@
+"""Compile kernels/fp8_attention_sm90.py's Gluon kernel for sm_90 on a machine without a GPU.
+
+Run with Triton 3.6 (the device's version) first on the path, as reports/fp8_matmul/compile_block_sm90.py. For
+each config it prints registers / spills (ptxas), shared memory, the setmaxnreg plan and each consumer's main
+loop (opcode histogram; the order of QGMMA / IGMMA issue, WARPGROUP.DEPBAR waits and mbarrier traffic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fp8_matmul"))
+
+from compile_block_sm90 import BIN, loops, opcode, order_summary, ptxas_report  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+
+from kernels import fp8_attention_sm90 as A  # noqa: E402
+
+
+def desc_sig(rows: int, cols: int, dtype) -> str:
+    """The signature string Triton's launcher builds for a Gluon TMA descriptor with a [rows, cols] box."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    t = torch.empty(512, 512, dtype=dtype)
+    gdt = {torch.float8_e4m3fn: gl.float8e4nv, torch.int8: gl.int8}[dtype]
+    lay = gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)
+    return mangle_type(TensorDescriptor(t, [512, 512], [512, 1], [rows, cols], lay))
+
+
+def compile_cfg(block_n: int, stages: int, pingpong: bool, scale_block: int, qk_int8: bool, d: int = 128):
+    qk_dt = torch.int8 if qk_int8 else torch.float8_e4m3fn
+    sig = {
+        "q_desc": desc_sig(A.CONSUMER_ROWS, d, qk_dt),
+        "k_desc": desc_sig(block_n, d, qk_dt),
+        "v_desc": desc_sig(d, block_n, torch.float8_e4m3fn),
+        "qs_ptr": "*fp32",
+        "ks_ptr": "*fp32",
+        "vs_ptr": "*fp32",
+        "o_ptr": "*bf16",
+        "L": "i32",
+        "Lp": "i32",
+        "H": "i32",
+        "n_sblk": "i32",
+        "stride_ob": "i32",
+        "stride_oh": "i32",
+        "stride_ol": "i32",
+    }
+    const = dict(SCALE_BLOCK=scale_block, NUM_STAGES=stages, PINGPONG=pingpong, PRODUCER_REGS=A.PRODUCER_REGS,
+                 CONSUMER_REGS=A.CONSUMER_REGS, num_warps=4)  # fmt: skip
+    for c in const:
+        sig[c] = "constexpr"
+    names = list(sig)
+    div16 = ["qs_ptr", "ks_ptr", "vs_ptr", "o_ptr", "Lp", "stride_ob", "stride_oh", "stride_ol"]
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in div16}
+    src = GluonASTSource(fn=A._fp8_attention_sm90_kernel, signature=sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=A.MAXNREG))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dump", default="/tmp/attn_sm90", help="folder for ttgir/ptx/sass of each config")
+    ap.add_argument("--match", default=None, help="only the configs whose tag contains this string")
+    args = ap.parse_args()
+    print("triton", triton.__version__)
+    cfgs = [(128, 2, False, 64, False), (128, 2, True, 64, False), (128, 2, False, 128, False),
+            (64, 3, False, 64, False), (128, 2, False, 64, True)]  # fmt: skip
+    for block_n, stages, pp, sb, i8 in cfgs:
+        tag = f"bn{block_n}_s{stages}_{'pp' if pp else 'nopp'}_sb{sb}_{'int8' if i8 else 'fp8'}"
+        if args.match and args.match not in tag:
+            continue
+        try:
+            ck = compile_cfg(block_n, stages, pp, sb, i8)
+        except Exception as e:  # noqa: BLE001 (report every config)
+            print(f"== {tag}: COMPILE FAILED {type(e).__name__}: {str(e)[:4000]}")
+            continue
+        d = Path(args.dump)
+        d.mkdir(parents=True, exist_ok=True)
+        for k in ("ttgir", "ptx"):
+            (d / f"{tag}.{k}").write_text(ck.asm[k])
+        cubin = d / f"{tag}.cubin"
+        cubin.write_bytes(ck.asm["cubin"])
+        sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
+        (d / f"{tag}.sass").write_text(sass)
+        print(f"== {tag}: smem={ck.metadata.shared} B (expected {A.smem_bytes(stages, block_n)})")
+        print("   ptxas -v:", ptxas_report(d / f"{tag}.ptx", d / f"{tag}_v.cubin"))
+        regs = re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ck.asm["ptx"])
+        print("   setmaxnreg in the PTX (in order):", " ".join(f"{a}{n}" for a, n in regs))
+        mma_loops = [lp for lp in loops(sass) if any(opcode(x).startswith(("QGMMA", "IGMMA")) for _, x in lp[2])]
+        for start, end, body in mma_loops:
+            ops = Counter(opcode(x).split(".")[0] for _, x in body)
+            top = ", ".join(f"{k} {v}" for k, v in ops.most_common(14))
+            print(f"   main loop {start:#x}-{end:#x}: {len(body)} instrs; {top}")
+            print(f"     order: {order_summary(body)}")
+
+
+if __name__ == "__main__":
+    main()

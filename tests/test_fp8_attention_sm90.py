@@ -1,0 +1,118 @@
+"""The warp-specialized sm_90 FP8 attention kernel (kernels/fp8_attention_sm90.py): validation on the CPU; on an
+H100 the maths against the emulating reference with the same key tiling, the Triton kernel and fp32 attention,
+on ragged and FLUX.2 lengths, every schedule and scale layout."""
+
+import pytest
+import torch
+from test_fp8_attention import describe, flux_like, rel_l2
+
+from flux2_bench.kernels import fp8_attention_sm90 as A
+from flux2_bench.kernels.fp8_attention import (
+    attention_fp32_ref,
+    fp8_attention_quantized,
+    fp8_attention_ref,
+    quantize_qkv,
+)
+
+HOPPER = A.is_available()
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((32, 64, 128, 2), "head dim"),
+        ((128, 64, 256, 2), "block_n"),
+        ((128, 32, 128, 2), "scale_block"),
+        ((128, 64, 128, 1), "num_stages"),
+        ((128, 64, 128, 7), "num_stages"),
+    ],
+)
+def test_check_config_rejects(args, match):
+    with pytest.raises(ValueError, match=match):
+        A.check_config(*args)
+
+
+def test_check_config_accepts_the_defaults_and_smem_fits():
+    A.check_config(128, 64, 128, 2)
+    A.check_config(64, 128, 64, 6)
+    assert A.smem_bytes(2, 128) == 2 * 64 * 128 + 2 * 2 * 128 * 128 + 8 * (1 + 6 + 2)
+    assert A.smem_bytes(6, 128) < A.SMEM_BYTES
+
+
+def test_rejects_bf16_pv_and_cpu_tensors():
+    q, k, v = flux_like(1, 2, 100, 64, device="cpu")
+    with pytest.raises(ValueError, match="fp8 P·V only"):
+        A.fp8_attention_sm90(quantize_qkv(q, k, v, pv="bf16"), v)
+    quant = quantize_qkv(q, k, v)
+    with pytest.raises(ValueError, match="another scale_block"):
+        A.fp8_attention_sm90(quant, v, scale_block=128)
+    with pytest.raises(ValueError, match="quant does not match"):
+        A.fp8_attention_sm90(quant, v[:, :1])
+    with pytest.raises(ValueError, match="out must be"):
+        A.fp8_attention_sm90(quant, v, out=torch.empty(1, 2, 100, 32))
+    with pytest.raises(ValueError, match="CUDA"):
+        A.fp8_attention_sm90(quant, v)
+
+
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU and Gluon")
+
+# (B, H, L, D, qk, scale_block, block_n, num_stages, pingpong): one tile, a ragged tail inside the first
+# tile, tails of 1 and 127 keys, two K scales per tile and one, 64-wide tiles, deeper rings, ping-pong,
+# int8 Q·K, head dim 64, two batches
+GPU_CASES = [
+    (1, 3, 128, 128, "fp8", 64, 128, 2, False),
+    (1, 3, 100, 128, "fp8", 64, 128, 2, False),
+    (1, 3, 1025, 128, "fp8", 64, 128, 2, False),
+    (1, 3, 1151, 128, "fp8", 128, 128, 3, False),
+    (1, 3, 1000, 128, "fp8", 64, 64, 3, False),
+    (1, 3, 1000, 128, "fp8", 64, 128, 2, True),
+    (1, 3, 1000, 128, "fp8", 128, 64, 4, True),
+    (1, 3, 1000, 128, "int8", 64, 128, 2, False),
+    (2, 2, 777, 64, "fp8", 64, 128, 2, False),
+    (2, 2, 777, 64, "int8", 128, 64, 2, True),
+]
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("B,H,L,D,qk,scale_block,block_n,num_stages,pingpong", GPU_CASES)
+def test_gpu_matches_refs(B, H, L, D, qk, scale_block, block_n, num_stages, pingpong):
+    q, k, v = flux_like(B, H, L, D, seed=L + D, dtype=torch.bfloat16)
+    quant = quantize_qkv(q, k, v, qk=qk, scale_block=scale_block)
+    out = A.fp8_attention_sm90(quant, v, scale_block=scale_block, block_n=block_n, num_stages=num_stages,
+                               pingpong=pingpong)  # fmt: skip
+    assert out.shape == v.shape and out.dtype == v.dtype
+    ref = fp8_attention_ref(q, k, v, qk=qk, scale_block=scale_block, block_n=block_n)
+    # (bf16 out, rel L2 1e-2): the same quantization and key tiling; exp2 is approximate on the GPU and
+    # P can round the other way at e4m3 boundaries (as test_fp8_attention's GPU test of the Triton kernel)
+    assert not out.isnan().any() and rel_l2(out, ref) < 1e-2, describe(out, ref, 0.1)
+    triton_out = fp8_attention_quantized(quant, v, scale_block=scale_block, block_n=block_n)
+    assert rel_l2(out, triton_out) < 1e-2, describe(out, triton_out, 0.1)
+    assert rel_l2(out, attention_fp32_ref(q, k, v)) < 0.08
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_gpu_flux_length_and_out_argument():
+    """FLUX.2's 1024² length with all 48 heads, written into a (B, L, H, D) buffer's (B, H, L, D) view (the
+    model's layout), and the cached launcher (second call, other tensors) giving the same bits."""
+    q, k, v = flux_like(1, 48, 4608, 128, dtype=torch.bfloat16)
+    quant = quantize_qkv(q, k, v)
+    buf = torch.full((1, 4608, 48, 128), float("nan"), device=q.device, dtype=q.dtype)
+    out = A.fp8_attention_sm90(quant, v, out=buf.transpose(1, 2))
+    ref = fp8_attention_ref(q, k, v, block_n=128)
+    assert not buf.isnan().any() and rel_l2(out, ref) < 1e-2, describe(out, ref, 0.1)
+    quant2 = {name: t.clone() for name, t in quant.items()}
+    again = A.fp8_attention_sm90(quant2, v.clone())
+    assert torch.equal(again, out.contiguous())
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_gpu_schedules_agree():
+    """Ping-pong only reorders wgmma issue: the same bits as the free-running consumers."""
+    q, k, v = flux_like(1, 4, 2000, 128, dtype=torch.bfloat16)
+    quant = quantize_qkv(q, k, v)
+    free = A.fp8_attention_sm90(quant, v, pingpong=False)
+    pp = A.fp8_attention_sm90(quant, v, pingpong=True, num_stages=3)
+    assert torch.equal(free, pp)
