@@ -47,6 +47,8 @@ from flux2_bench.kernels.qk_rope import _check as _check_norm_rope
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 P_SHIFT = 8.0  # P is computed as 2**8 * softmax numerator: max 256, smallest normal e4m3 2**-6 -> 2**-14
 LOG2E = 1.4426950408889634
+# quantize_qkv(v_perm16=True): token c of every 16 is stored at V_PERM16[c] (c = 8a + 2t + b -> 4t + 2a + b)
+V_PERM16 = tuple(((c >> 1) & 3) * 4 + ((c >> 3) & 1) * 2 + (c & 1) for c in range(16))
 PAD = 128  # quantized copies are padded to a multiple of this many tokens (>= every block size)
 # fp8 P·V: half of each tile's exp2 on the FMA pipe (`_exp2_fma`); FLUX2_ATTN_EXP2_SPLIT=1 turns it on.
 # Off: measured slower on the H100 (reports/fp8_attention/exp2_split.md) because this kernel is
@@ -146,7 +148,7 @@ def _quant_kernel(
     stride_cb, stride_cl,
     D: tl.constexpr, SCALE_BLOCK: tl.constexpr, WITH_V: tl.constexpr, QK_INT8: tl.constexpr,
     QK_MAX: tl.constexpr, EMULATE_CAST: tl.constexpr,
-    NORM_ROPE: tl.constexpr, ROUND: tl.constexpr, EXACT_BF16: tl.constexpr,
+    NORM_ROPE: tl.constexpr, ROUND: tl.constexpr, EXACT_BF16: tl.constexpr, V_PERM16: tl.constexpr,
 ):  # fmt: skip
     """One SCALE_BLOCK of tokens of one head: Q and smoothed K to fp8 with one scale each; V to fp8
     with its per-channel scale, stored transposed (block 0 also stores the V scales). Rows past L are
@@ -187,7 +189,10 @@ def _quant_kernel(
         v8 = _to_fp8(v * (448.0 / v_amax)[None, :], True, EMULATE_CAST)
         if pid_s == 0:
             tl.store(vs_ptr + pid_bh * D + offs_d, v_amax / 448.0)
-        tl.store(vt8_ptr + bh * D * Lp + offs_d[None, :] * Lp + offs_l[:, None], v8)
+        dst_l = offs_l
+        if V_PERM16:  # token 16 g + 8 a + 2 t + b stored at 16 g + 4 t + 2 a + b (fp8_attention_sm90's P order)
+            dst_l = (offs_l & -16) | (((offs_l >> 1) & 3) << 2) | (((offs_l >> 3) & 1) << 1) | (offs_l & 1)
+        tl.store(vt8_ptr + bh * D * Lp + offs_d[None, :] * Lp + dst_l[:, None], v8)
 
 
 @triton.jit
@@ -363,11 +368,15 @@ def quantize_qkv(
     qk: str = "fp8",
     norm_rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     eps: float = 1e-6,
+    v_perm16: bool = False,
 ) -> dict[str, Tensor]:
     """The pre-pass: K mean, Q/K fp8 (or int8) + block scales, V fp8 (transposed) + channel scales.
 
     Returns q8, k8 (B, H, Lp, D) e4m3 (int8 for qk="int8") with Lp = L rounded up to 128; qs, ks (B, H, Lp/scale_block) fp32
     (qs includes scale*log2(e)); for pv="fp8" also vt8 (B, H, D, Lp) e4m3 and vs (B, H, D) fp32.
+    v_perm16=True (pv="fp8"; for ``fp8_attention_sm90``): Vᵀ is returned as vt8p instead, its tokens permuted
+    within every 16 (``V_PERM16``: token c of a group stored at position V_PERM16[c]), the order in which
+    that kernel's P registers hold the keys.
 
     norm_rope=(q_weight, k_weight, cos, sin): q and k are taken before FLUX.2's QK-RMSNorm and RoPE,
     which the pre-pass applies as it loads them (``kernels/qk_rope.py``'s maths and roundings, `eps`
@@ -415,10 +424,13 @@ def quantize_qkv(
         "qs": torch.empty(B, H, n_sblk, device=dev, dtype=torch.float32),
         "ks": torch.empty(B, H, n_sblk, device=dev, dtype=torch.float32),
     }
+    if v_perm16 and not with_v:
+        raise ValueError("v_perm16 permutes the fp8 Vᵀ: it needs pv='fp8'")
+    vt_key = "vt8p" if v_perm16 else "vt8"
     if with_v:
-        out["vt8"] = torch.empty(B, H, D, Lp, device=dev, dtype=torch.float8_e4m3fn)
+        out[vt_key] = torch.empty(B, H, D, Lp, device=dev, dtype=torch.float8_e4m3fn)
         out["vs"] = torch.empty(B, H, D, device=dev, dtype=torch.float32)
-    vt8 = out.get("vt8", out["k8"])
+    vt8 = out.get(vt_key, out["k8"])
     vs = out.get("vs", out["qs"])
     _quant_kernel[(n_sblk, B * H)](
         q, k, v, ksum, vamax,
@@ -430,7 +442,7 @@ def quantize_qkv(
         v.stride(0), v.stride(1), v.stride(2),
         stride_cb, stride_cl,
         D=D, SCALE_BLOCK=scale_block, WITH_V=with_v, QK_INT8=qk == "int8", QK_MAX=QK_RANGE[qk],
-        EMULATE_CAST=emulate, num_warps=4, **rope_meta,
+        EMULATE_CAST=emulate, V_PERM16=v_perm16, num_warps=4, **rope_meta,
     )  # fmt: skip
     return out
 
@@ -450,6 +462,8 @@ def fp8_attention_quantized(
     """The attention kernel alone, on the output of `quantize_qkv` (v: the original V, for shape,
     dtype and the bf16 P·V path). Split out so the pre-pass and the main kernel can be timed apart."""
     B, H, L, D = v.shape
+    if "vt8p" in quant:
+        raise ValueError("quant holds Vᵀ in fp8_attention_sm90's token order (v_perm16=True); this kernel reads vt8")
     pv_fp8 = "vt8" in quant
     cfg = _default_config(D, v.device, "fp8" if pv_fp8 else "bf16")
     for key, val in (

@@ -68,6 +68,14 @@ EXPECTATION = (
     "kernel alone, H100, B=1 H=48 D=128: 900-1050 TFLOP/s at L >= 8704, 850-950 at L = 4608 (Triton kernel "
     "726-773); written before the first GPU run (session 10)"
 )
+EXPECTATION_RUN2 = (
+    "run 1 measured 557-716 TFLOP/s (below the Triton kernel's 719-766): the SASS loop spent 250 of its 692 "
+    "instructions per tile on moving P into the e4m3 operand layout (shuffles, byte extracts and repacks). With "
+    "V's tokens permuted so that P's registers are the operand as they are, and P converted next to its wgmma, "
+    "the steady-state loop is 466 instructions (scale_block 128). If the loop is issue-bound, time falls by "
+    "25-33 %: scale_block 128 from 644-716 to 850-950 TFLOP/s, 1.4-1.55x cuDNN; scale_block 64 about 8 % "
+    "behind (its per-column K scale adds 64 multiplies per tile); written before run 2 (session 10)"
+)
 
 
 if gluon is not None:
@@ -138,6 +146,27 @@ if gluon is not None:
         return p, m_new, l_i, alpha
 
     @gluon.jit
+    def _p_operand(p, p_l: gl.constexpr):
+        """P (fp32, the S accumulator's layout) as the e4m3 A operand of the P·V wgmma, without moving data
+        between threads. In the m64nN accumulator thread t of a quad holds, in every 16 columns, columns
+        {2t, 2t+1, 2t+8, 2t+9}; the k32 e4m3 A fragment wants keys {4t, ..., 4t+3}. Relabelling column
+        c = 8a + 2t + b (per 16) as key k = 4t + 2a + b makes the registers the operand as they are, which is
+        right because the pre-pass stored Vᵀ's tokens in that order (``V_PERM``; the sum over keys does not
+        care about their order)."""
+        BM: gl.constexpr = p.shape[0]
+        BN: gl.constexpr = p.shape[1]
+        p = gl.reshape(p, [BM, BN // 16, 2, 4, 2])  # c = 16 g + 8 a + 2 t + b
+        p = gl.reshape(gl.permute(p, [0, 1, 3, 2, 4]), [BM, BN])  # k = 16 g + 4 t + 2 a + b
+        # the same registers in the operand's order (4 consecutive keys per thread first): no data movement
+        p = gl.convert_layout(p, gl.DotOperandLayout(operand_index=0, parent=p_l.parent, k_width=4))
+        # 4 fp32 -> 4 e4m3 in one 32-bit register (two cvt.rn.satfinite, as Triton's own cast; P <= 256)
+        return gl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
+            "mov.b32 $0, {lo, hi}; }",
+            "=r,r,r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4,
+        )  # fmt: skip
+
+    @gluon.jit
     def _attn_consumer(
         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr, o_ptr,
         L, H, n_sblk, stride_ob, stride_oh, stride_ol,
@@ -180,8 +209,9 @@ if gluon is not None:
                            is_async=True)  # fmt: skip
         _turn_arrive(turn, WG, PINGPONG)
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+        # P stays fp32 across iterations and becomes the e4m3 operand next to the wgmma that reads it: a
+        # loop-carried e4m3 tensor is kept as one 16-bit register per element and repacked (2.5x the instructions)
         p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qs, ks_base, 0, L, SCALE_BLOCK)
-        p_op = gl.convert_layout(p.to(gl.float8e4nv), p_l)
 
         for j in range(1, n_tiles):
             s = j % NUM_STAGES
@@ -190,12 +220,12 @@ if gluon is not None:
             mbarrier.wait(k_ready.index(s), (j // NUM_STAGES) & 1)
             qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), gl.zeros([BM, BN], acc_s_ty, mma_s),
                                use_acc=False, is_async=True)  # fmt: skip
+            p_op = _p_operand(p, p_l)
             mbarrier.wait(v_ready.index(sp), ((j - 1) // NUM_STAGES) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
             _turn_arrive(turn, WG, PINGPONG)
             qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))  # S_j done; P_{j-1}·V_{j-1} may still run
             p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qs, ks_base, j * BN, L, SCALE_BLOCK)
-            p_op = gl.convert_layout(p.to(gl.float8e4nv), p_l)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index(sp), count=1)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -203,6 +233,7 @@ if gluon is not None:
         # the last tile's P·V
         sp = (n_tiles - 1) % NUM_STAGES
         _turn_wait(turn, WG, n_tiles, PINGPONG)
+        p_op = _p_operand(p, p_l)
         mbarrier.wait(v_ready.index(sp), ((n_tiles - 1) // NUM_STAGES) & 1)
         acc = warpgroup_mma(p_op, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
         _turn_arrive(turn, WG, PINGPONG)
@@ -316,14 +347,15 @@ def fp8_attention_sm90(
     pingpong: bool = False,
 ) -> torch.Tensor:
     """The attention main loop on sm_90 (module docstring) on ``quant = quantize_qkv(q, k, v, pv="fp8",
-    scale_block=scale_block)`` (qk "fp8" or "int8"); ``v`` the original V, for shape and output dtype.
+    scale_block=scale_block, v_perm16=True)`` (qk "fp8" or "int8"); ``v`` the original V, for shape and output dtype.
     Returns (B, H, L, D) in v's dtype (or writes ``out``, any strides with a contiguous last dim).
     ``block_n``: keys per tile (64 or 128); ``num_stages``: depth of the K / Vᵀ ring; ``pingpong``: the
     two consumer warpgroups issue their wgmmas in turns."""
-    if "vt8" not in quant:
-        raise ValueError("fp8_attention_sm90 runs fp8 P·V only: quantize_qkv(..., pv='fp8')")
+    if "vt8p" not in quant:
+        raise ValueError("fp8_attention_sm90 runs fp8 P·V on Vᵀ in its token order: quantize_qkv(..., pv='fp8', "
+                         "v_perm16=True)")  # fmt: skip
     B, H, L, D = v.shape
-    q8, k8, vt8 = quant["q8"], quant["k8"], quant["vt8"]
+    q8, k8, vt8 = quant["q8"], quant["k8"], quant["vt8p"]
     Lp = q8.shape[2]
     check_config(D, scale_block, block_n, num_stages)
     if q8.shape != (B, H, Lp, D) or k8.shape != q8.shape or vt8.shape != (B, H, D, Lp) or Lp % 128:
@@ -331,7 +363,7 @@ def fp8_attention_sm90(
                          f"vt8 {tuple(vt8.shape)}")  # fmt: skip
     if quant["qs"].shape[2] * scale_block != Lp:
         raise ValueError(f"quant was made with another scale_block than {scale_block}")
-    for name, t in (("q8", q8), ("k8", k8), ("vt8", vt8)):
+    for name, t in (("q8", q8), ("k8", k8), ("vt8p", vt8)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (as quantize_qkv writes it)")
     if out is None:

@@ -8,6 +8,7 @@ from test_fp8_attention import describe, flux_like, rel_l2
 
 from flux2_bench.kernels import fp8_attention_sm90 as A
 from flux2_bench.kernels.fp8_attention import (
+    V_PERM16,
     attention_fp32_ref,
     fp8_attention_quantized,
     fp8_attention_ref,
@@ -39,11 +40,15 @@ def test_check_config_accepts_the_defaults_and_smem_fits():
     assert A.smem_bytes(6, 128) < A.SMEM_BYTES
 
 
-def test_rejects_bf16_pv_and_cpu_tensors():
+def test_rejects_bad_quant_and_cpu_tensors():
     q, k, v = flux_like(1, 2, 100, 64, device="cpu")
-    with pytest.raises(ValueError, match="fp8 P·V only"):
-        A.fp8_attention_sm90(quantize_qkv(q, k, v, pv="bf16"), v)
-    quant = quantize_qkv(q, k, v)
+    with pytest.raises(ValueError, match="v_perm16=True"):
+        A.fp8_attention_sm90(quantize_qkv(q, k, v), v)  # Vᵀ in natural token order
+    with pytest.raises(ValueError, match="needs pv='fp8'"):
+        quantize_qkv(q, k, v, pv="bf16", v_perm16=True)
+    quant = quantize_qkv(q, k, v, v_perm16=True)
+    with pytest.raises(ValueError, match="token order"):
+        fp8_attention_quantized(quant, v)  # the Triton kernel reads the natural order
     with pytest.raises(ValueError, match="another scale_block"):
         A.fp8_attention_sm90(quant, v, scale_block=128)
     with pytest.raises(ValueError, match="quant does not match"):
@@ -52,6 +57,21 @@ def test_rejects_bf16_pv_and_cpu_tensors():
         A.fp8_attention_sm90(quant, v, out=torch.empty(1, 2, 100, 32))
     with pytest.raises(ValueError, match="CUDA"):
         A.fp8_attention_sm90(quant, v)
+
+
+def test_v_perm16_is_the_p_register_order():
+    """quantize_qkv(v_perm16=True) stores the same Vᵀ bytes with token c of every 16 at V_PERM16[c]: the key
+    order of the sm_90 kernel's P operand (thread t of a quad holds accumulator columns 2t, 2t+1, 2t+8, 2t+9 of
+    every 16 and the e4m3 A fragment keys 4t .. 4t+3), a permutation of the 16."""
+    assert sorted(V_PERM16) == list(range(16))
+    for t in range(4):
+        assert [V_PERM16[c] for c in (2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9)] == [4 * t + i for i in range(4)]
+    q, k, v = flux_like(1, 2, 100, 64, device="cpu")
+    plain = quantize_qkv(q, k, v)["vt8"]
+    perm = quantize_qkv(q, k, v, v_perm16=True)["vt8p"]
+    Lp = plain.shape[-1]
+    dst = torch.tensor([16 * (c // 16) + V_PERM16[c % 16] for c in range(Lp)])
+    assert torch.equal(perm[..., dst].view(torch.uint8), plain.view(torch.uint8))
 
 
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU and Gluon")
@@ -78,7 +98,7 @@ GPU_CASES = [
 @pytest.mark.parametrize("B,H,L,D,qk,scale_block,block_n,num_stages,pingpong", GPU_CASES)
 def test_gpu_matches_refs(B, H, L, D, qk, scale_block, block_n, num_stages, pingpong):
     q, k, v = flux_like(B, H, L, D, seed=L + D, dtype=torch.bfloat16)
-    quant = quantize_qkv(q, k, v, qk=qk, scale_block=scale_block)
+    quant = quantize_qkv(q, k, v, qk=qk, scale_block=scale_block, v_perm16=True)
     out = A.fp8_attention_sm90(quant, v, scale_block=scale_block, block_n=block_n, num_stages=num_stages,
                                pingpong=pingpong)  # fmt: skip
     assert out.shape == v.shape and out.dtype == v.dtype
@@ -86,7 +106,8 @@ def test_gpu_matches_refs(B, H, L, D, qk, scale_block, block_n, num_stages, ping
     # (bf16 out, rel L2 1e-2): the same quantization and key tiling; exp2 is approximate on the GPU and
     # P can round the other way at e4m3 boundaries (as test_fp8_attention's GPU test of the Triton kernel)
     assert not out.isnan().any() and rel_l2(out, ref) < 1e-2, describe(out, ref, 0.1)
-    triton_out = fp8_attention_quantized(quant, v, scale_block=scale_block, block_n=block_n)
+    triton_out = fp8_attention_quantized(quantize_qkv(q, k, v, qk=qk, scale_block=scale_block), v,
+                                         scale_block=scale_block, block_n=block_n)  # fmt: skip
     assert rel_l2(out, triton_out) < 1e-2, describe(out, triton_out, 0.1)
     assert rel_l2(out, attention_fp32_ref(q, k, v)) < 0.08
 
@@ -97,7 +118,7 @@ def test_gpu_flux_length_and_out_argument():
     """FLUX.2's 1024² length with all 48 heads, written into a (B, L, H, D) buffer's (B, H, L, D) view (the
     model's layout), and the cached launcher (second call, other tensors) giving the same bits."""
     q, k, v = flux_like(1, 48, 4608, 128, dtype=torch.bfloat16)
-    quant = quantize_qkv(q, k, v)
+    quant = quantize_qkv(q, k, v, v_perm16=True)
     buf = torch.full((1, 4608, 48, 128), float("nan"), device=q.device, dtype=q.dtype)
     out = A.fp8_attention_sm90(quant, v, out=buf.transpose(1, 2))
     ref = fp8_attention_ref(q, k, v, block_n=128)
@@ -112,7 +133,7 @@ def test_gpu_flux_length_and_out_argument():
 def test_gpu_schedules_agree():
     """Ping-pong only reorders wgmma issue: the same bits as the free-running consumers."""
     q, k, v = flux_like(1, 4, 2000, 128, dtype=torch.bfloat16)
-    quant = quantize_qkv(q, k, v)
+    quant = quantize_qkv(q, k, v, v_perm16=True)
     free = A.fp8_attention_sm90(quant, v, pingpong=False)
     pp = A.fp8_attention_sm90(quant, v, pingpong=True, num_stages=3)
     assert torch.equal(free, pp)
