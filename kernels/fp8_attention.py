@@ -24,7 +24,9 @@ fused variant (`norm_rope=(q_weight, k_weight, cos, sin)`) takes Q and K before 
 RoPE and applies them in the pre-pass as it loads them (kernels/qk_rope.py's `_norm_rope_rows`, same
 bits as the separate pass; reports/fp8_attention/fused_norm_rope.md measures whether it pays). The fp8
 P·V dot needs V K-major (sequence contiguous), hence the transpose. Quantized copies are padded to a
-multiple of 128 tokens so the main loop loads without masks.
+multiple of 128 tokens so the main loop loads without masks. On Hopper, `fp8_attention` runs the main loop
+in kernels/fp8_attention_sm90.py instead (warp-specialized, Gluon; the pre-pass then stores Vᵀ's tokens in
+that kernel's order, `v_perm16`).
 
 The interpreter's fp32 -> fp8 cast is wrong (no rounding to nearest, no saturation, subnormals
 flushed); under TRITON_INTERPRET=1 the kernels round to the e4m3 grid in fp32 before casting
@@ -325,6 +327,35 @@ def _default_config(head_dim: int, device: torch.device, pv: str = "fp8") -> dic
     return {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3 if pv == "fp8" else 2}
 
 
+# fp8_attention runs kernels/fp8_attention_sm90 (warp-specialized Gluon) where it applies; FLUX2_ATTN_SM90=0 keeps
+# the Triton kernel everywhere
+SM90 = os.environ.get("FLUX2_ATTN_SM90", "1") == "1"
+SM90_BLOCK_N = 128  # reports/fp8_attention/attn_sm90.md, run 2: 128-key tiles, 2 stages, no ping-pong
+
+
+def _use_sm90(q: Tensor, pv: str, block_n: int | None, triton_knobs: tuple) -> bool:
+    """Whether fp8_attention takes the sm_90 kernel: a Hopper GPU with Gluon, fp8 P·V, head dim 64 or 128, no
+    Triton launch knob (block_m, num_warps, num_stages) given and block_n unset or 64 / 128. Measured 1.05-1.15x
+    the Triton kernel's speed on the H100 with the same accuracy (reports/fp8_attention/attn_sm90.md)."""
+    if not (SM90 and q.is_cuda and pv == "fp8" and q.shape[-1] in (64, 128)):
+        return False
+    if any(k is not None for k in triton_knobs) or block_n not in (None, 64, 128):
+        return False
+    from flux2_bench.kernels import fp8_attention_sm90
+
+    return fp8_attention_sm90.gluon is not None and fp8_attention_sm90.is_available(q.device)
+
+
+def _default_block_n(q: Tensor, pv: str, block_n: int | None, triton_knobs: tuple) -> int:
+    """The key tile fp8_attention uses (P is rounded to e4m3 relative to the running max per key tile, so the
+    emulating reference must tile the same way)."""
+    if block_n is not None:
+        return block_n
+    if _use_sm90(q, pv, block_n, triton_knobs):
+        return SM90_BLOCK_N
+    return _default_config(q.shape[-1], q.device, pv)["block_n"]
+
+
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, pv: str, scale_block: int, qk: str = "fp8") -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -364,7 +395,7 @@ def quantize_qkv(
     *,
     scale: float | None = None,
     pv: str = "fp8",
-    scale_block: int = 64,
+    scale_block: int = 128,
     qk: str = "fp8",
     norm_rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     eps: float = 1e-6,
@@ -452,7 +483,7 @@ def fp8_attention_quantized(
     v: Tensor,
     *,
     out: Tensor | None = None,
-    scale_block: int = 64,
+    scale_block: int = 128,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -502,7 +533,7 @@ def fp8_attention(
     *,
     scale: float | None = None,
     pv: str = "fp8",
-    scale_block: int = 64,
+    scale_block: int = 128,
     qk: str = "fp8",
     norm_rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     eps: float = 1e-6,
@@ -519,7 +550,17 @@ def fp8_attention(
     H100; about 3x lower logit error than e4m3's 3 mantissa bits on RMS-normed inputs).
     norm_rope=(q_weight, k_weight, cos, sin): q and k before QK-RMSNorm and RoPE, applied in the
     pre-pass (the optional fused variant; `quantize_qkv`).
+    On an sm_90 GPU with fp8 P·V and D in {64, 128} the main loop is kernels/fp8_attention_sm90.py's
+    warp-specialized kernel (same quantization, 128-key tiles; `_use_sm90`), elsewhere `_attn_fwd`.
+    The default scale_block is 128: the same accuracy as 64 on FLUX.2-like inputs and a scalar K scale per
+    128-key tile in the sm_90 kernel (reports/fp8_attention/attn_sm90.md).
     """
+    if _use_sm90(q, pv, block_n, (block_m, num_warps, num_stages)):
+        from flux2_bench.kernels.fp8_attention_sm90 import fp8_attention_sm90
+
+        quant = quantize_qkv(q, k, v, scale=scale, pv=pv, scale_block=scale_block, qk=qk, norm_rope=norm_rope,
+                             eps=eps, v_perm16=True)  # fmt: skip
+        return fp8_attention_sm90(quant, v, scale_block=scale_block, block_n=block_n or SM90_BLOCK_N)
     quant = quantize_qkv(q, k, v, scale=scale, pv=pv, scale_block=scale_block, qk=qk, norm_rope=norm_rope, eps=eps)
     return fp8_attention_quantized(
         quant,
@@ -554,7 +595,7 @@ def fp8_attention_ref(
     *,
     scale: float | None = None,
     pv: str = "fp8",
-    scale_block: int = 64,
+    scale_block: int = 128,
     qk: str = "fp8",
     block_m: int | None = None,
     block_n: int | None = None,
@@ -566,7 +607,7 @@ def fp8_attention_ref(
     launch knobs do not change the math and are accepted for a matching signature."""
     _check_inputs(q, k, v, pv, scale_block, qk)
     B, H, L, D = q.shape
-    bn = block_n or _default_config(D, q.device)["block_n"]
+    bn = _default_block_n(q, pv, block_n, (block_m, num_warps, num_stages))
     Lp = triton.cdiv(L, PAD) * PAD
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 

@@ -76,6 +76,14 @@ EXPECTATION_RUN2 = (
     "25-33 %: scale_block 128 from 644-716 to 850-950 TFLOP/s, 1.4-1.55x cuDNN; scale_block 64 about 8 % "
     "behind (its per-column K scale adds 64 multiplies per tile); written before run 2 (session 10)"
 )
+EXPECTATION_RUN3 = (
+    "run 2 measured 772-885 TFLOP/s at scale_block 128 (1.22-1.43x cuDNN, 1.05-1.15x the Triton kernel). The exp2 "
+    "split moves 32 of each thread's 64 exp2 per tile off the MUFU pipe for 193 more issued instructions (855 vs 662 "
+    "per tile): if the MUFU pipe limits (16384 exp2 per 128x128 tile pair = 1024 cycles, as many as the tensor "
+    "cores' share at peak) it gains 5-10 %; if issue or latency limits (two warps per scheduler) it loses 10-20 %. I "
+    "expect the loss. fp8_attention as the model calls it (pre-pass + the sm_90 kernel): about 1.0x cuDNN at "
+    "L = 4608 (pre-pass ~0.19 ms), 1.35-1.4x at 45568; written before run 3 (session 10)"
+)
 
 
 if gluon is not None:
@@ -118,7 +126,17 @@ if gluon is not None:
             mbarrier.arrive(turn.index(1 - WG), count=1)
 
     @gluon.jit
-    def _softmax_tile(qk, m_i, l_i, qs, ks_base, start_n, L, SCALE_BLOCK: gl.constexpr):
+    def _exp2_poly(x):
+        """2**x without the MUFU unit, as fp8_attention._exp2_fma (same constants and error, 1.7e-3 relative;
+        P is rounded to e4m3 next)."""
+        x = gl.maximum(x, -127.0)
+        t = x + 12582912.0
+        f = x - (t - 12582912.0)
+        p = (0.2384257 * f + 0.7034428) * f + 1.000443
+        return (p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def _softmax_tile(qk, m_i, l_i, qs, ks_base, start_n, L, SCALE_BLOCK: gl.constexpr, EXP_SPLIT: gl.constexpr):
         """Online softmax of one S tile (fp32 or int32 from the wgmma) in the exp2 domain, as
         ``fp8_attention._attn_tile``: returns P = 2**(S - m_new + 8) (fp32, <= 256), m_new, the updated row
         sum and alpha = 2**(m_old - m_new), the accumulator's rescale factor."""
@@ -141,7 +159,12 @@ if gluon is not None:
             m_new = gl.maximum(m_i, gl.max(t, axis=1))
             s = t - (m_new - 8.0)[:, None]
         alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s)
+        if EXP_SPLIT:  # odd columns on the FMA pipe (FA4): each thread holds column pairs, the split is in registers
+            s0, s1 = gl.split(gl.reshape(s, [s.shape[0], BN // 2, 2]))
+            p = gl.reshape(gl.join(gl.exp2(s0), _exp2_poly(s1)), [s.shape[0], BN])
+            p = gl.convert_layout(p, qk.type.layout)
+        else:
+            p = gl.exp2(s)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, m_new, l_i, alpha
 
@@ -170,7 +193,7 @@ if gluon is not None:
     def _attn_consumer(
         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr, o_ptr,
         L, H, n_sblk, stride_ob, stride_oh, stride_ol,
-        SCALE_BLOCK: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
+        SCALE_BLOCK: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr, EXP_SPLIT: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup: query rows [WG * 64, WG * 64 + 64) of the program's 128 against every key tile.
         Iteration j issues S_j = Q·K_jᵀ and O += P_{j-1}·V_{j-1} (async), waits for S_j only, runs the
@@ -211,7 +234,7 @@ if gluon is not None:
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
         # P stays fp32 across iterations and becomes the e4m3 operand next to the wgmma that reads it: a
         # loop-carried e4m3 tensor is kept as one 16-bit register per element and repacked (2.5x the instructions)
-        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qs, ks_base, 0, L, SCALE_BLOCK)
+        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qs, ks_base, 0, L, SCALE_BLOCK, EXP_SPLIT)
 
         for j in range(1, n_tiles):
             s = j % NUM_STAGES
@@ -225,7 +248,7 @@ if gluon is not None:
             acc = warpgroup_mma(p_op, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
             _turn_arrive(turn, WG, PINGPONG)
             qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))  # S_j done; P_{j-1}·V_{j-1} may still run
-            p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qs, ks_base, j * BN, L, SCALE_BLOCK)
+            p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qs, ks_base, j * BN, L, SCALE_BLOCK, EXP_SPLIT)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index(sp), count=1)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -260,6 +283,7 @@ if gluon is not None:
         SCALE_BLOCK: gl.constexpr,
         NUM_STAGES: gl.constexpr,
         PINGPONG: gl.constexpr,
+        EXP_SPLIT: gl.constexpr,
         PRODUCER_REGS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         num_warps: gl.constexpr,
@@ -291,9 +315,11 @@ if gluon is not None:
         gl.warp_specialize(
             [
             (_attn_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr,
-                              o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG0, PINGPONG)),
+                              o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG0, PINGPONG,
+                              EXP_SPLIT)),
             (_attn_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr,
-                              o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG1, PINGPONG)),
+                              o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG1, PINGPONG,
+                              EXP_SPLIT)),
             (_attn_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, L, Lp)),
             ],
             [4, 1],
@@ -341,16 +367,18 @@ def fp8_attention_sm90(
     v: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
-    scale_block: int = 64,
+    scale_block: int = 128,
     block_n: int = 128,
     num_stages: int = 2,
     pingpong: bool = False,
+    exp_split: bool = False,
 ) -> torch.Tensor:
     """The attention main loop on sm_90 (module docstring) on ``quant = quantize_qkv(q, k, v, pv="fp8",
     scale_block=scale_block, v_perm16=True)`` (qk "fp8" or "int8"); ``v`` the original V, for shape and output dtype.
     Returns (B, H, L, D) in v's dtype (or writes ``out``, any strides with a contiguous last dim).
     ``block_n``: keys per tile (64 or 128); ``num_stages``: depth of the K / Vᵀ ring; ``pingpong``: the
-    two consumer warpgroups issue their wgmmas in turns."""
+    two consumer warpgroups issue their wgmmas in turns; ``exp_split``: half of each tile's exp2 on the FMA pipe
+    (``_exp2_poly``) instead of the MUFU unit."""
     if "vt8p" not in quant:
         raise ValueError("fp8_attention_sm90 runs fp8 P·V on Vᵀ in its token order: quantize_qkv(..., pv='fp8', "
                          "v_perm16=True)")  # fmt: skip
@@ -376,8 +404,8 @@ def fp8_attention_sm90(
     qk_gl = gl.int8 if q8.dtype == torch.int8 else gl.float8e4nv
     q2, k2, v2 = q8.view(-1, D), k8.view(-1, D), vt8.view(-1, Lp)
     ints = (L, Lp, H, quant["qs"].shape[2], out.stride(0), out.stride(1), out.stride(2))
-    consts = dict(SCALE_BLOCK=scale_block, NUM_STAGES=num_stages, PINGPONG=pingpong, PRODUCER_REGS=PRODUCER_REGS,
-                  CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
+    consts = dict(SCALE_BLOCK=scale_block, NUM_STAGES=num_stages, PINGPONG=pingpong, EXP_SPLIT=exp_split,
+                  PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
     grid = (Lp // BLOCK_M, B * H, 1)
     index = v.device.index if v.device.index is not None else torch.cuda.current_device()
     key = (index, q8.dtype, out.dtype, D, block_n, grid, *ints, *consts.values(),

@@ -6,10 +6,12 @@ import pytest
 import torch
 from test_fp8_attention import describe, flux_like, rel_l2
 
+from flux2_bench.kernels import fp8_attention as FA
 from flux2_bench.kernels import fp8_attention_sm90 as A
 from flux2_bench.kernels.fp8_attention import (
     V_PERM16,
     attention_fp32_ref,
+    fp8_attention,
     fp8_attention_quantized,
     fp8_attention_ref,
     quantize_qkv,
@@ -50,7 +52,7 @@ def test_rejects_bad_quant_and_cpu_tensors():
     with pytest.raises(ValueError, match="token order"):
         fp8_attention_quantized(quant, v)  # the Triton kernel reads the natural order
     with pytest.raises(ValueError, match="another scale_block"):
-        A.fp8_attention_sm90(quant, v, scale_block=128)
+        A.fp8_attention_sm90(quant, v, scale_block=64)
     with pytest.raises(ValueError, match="quant does not match"):
         A.fp8_attention_sm90(quant, v[:, :1])
     with pytest.raises(ValueError, match="out must be"):
@@ -137,3 +139,41 @@ def test_gpu_schedules_agree():
     free = A.fp8_attention_sm90(quant, v, pingpong=False)
     pp = A.fp8_attention_sm90(quant, v, pingpong=True, num_stages=3)
     assert torch.equal(free, pp)
+
+
+def test_dispatch_rule_on_cpu():
+    """Off a Hopper GPU fp8_attention keeps the Triton kernel and its 64-key tiles (the reference follows)."""
+    q = torch.zeros(1, 1, 8, 128)
+    assert not FA._use_sm90(q, "fp8", None, (None, None, None))
+    assert FA._default_block_n(q, "fp8", None, (None, None, None)) == 64
+    assert FA._default_block_n(q, "fp8", 32, (None, None, None)) == 32
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_gpu_fp8_attention_dispatches_to_sm90(monkeypatch):
+    """On an H100 fp8_attention (as the model calls it) is the sm_90 kernel after the permuting pre-pass, bit for
+    bit; a Triton launch knob, bf16 P·V or FLUX2_ATTN_SM90=0 (FA.SM90) keep the Triton kernel; the emulating
+    reference tiles keys as the kernel that runs."""
+    q, k, v = flux_like(1, 4, 1000, 128, dtype=torch.bfloat16)
+    assert FA._use_sm90(q, "fp8", None, (None, None, None))
+    assert not FA._use_sm90(q, "bf16", None, (None, None, None))
+    assert not FA._use_sm90(q, "fp8", None, (128, None, None))
+    out = fp8_attention(q, k, v)
+    direct = A.fp8_attention_sm90(quantize_qkv(q, k, v, v_perm16=True), v)
+    assert torch.equal(out, direct)
+    assert rel_l2(out, fp8_attention_ref(q, k, v)) < 1e-2
+    monkeypatch.setattr(FA, "SM90", False)
+    assert torch.equal(fp8_attention(q, k, v), fp8_attention_quantized(quantize_qkv(q, k, v), v))
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_gpu_exp2_split_matches_ref():
+    """exp_split: half the exp2 from the degree-2 polynomial (1.7e-3 relative) before P's e4m3 rounding."""
+    q, k, v = flux_like(1, 3, 1500, 128, dtype=torch.bfloat16)
+    quant = quantize_qkv(q, k, v, v_perm16=True)
+    out = A.fp8_attention_sm90(quant, v, exp_split=True)
+    ref = fp8_attention_ref(q, k, v, block_n=128)
+    assert rel_l2(out, ref) < 1e-2, describe(out, ref, 0.1)
+    assert rel_l2(out, A.fp8_attention_sm90(quant, v)) < 1e-2

@@ -39,7 +39,9 @@ def desc_sig(rows: int, cols: int, dtype) -> str:
     return mangle_type(TensorDescriptor(t, [512, 512], [512, 1], [rows, cols], lay))
 
 
-def compile_cfg(block_n: int, stages: int, pingpong: bool, scale_block: int, qk_int8: bool, d: int = 128):
+def compile_cfg(
+    block_n: int, stages: int, pingpong: bool, scale_block: int, qk_int8: bool, split: bool = False, d: int = 128
+):
     qk_dt = torch.int8 if qk_int8 else torch.float8_e4m3fn
     sig = {
         "q_desc": desc_sig(A.CONSUMER_ROWS, d, qk_dt),
@@ -57,8 +59,8 @@ def compile_cfg(block_n: int, stages: int, pingpong: bool, scale_block: int, qk_
         "stride_oh": "i32",
         "stride_ol": "i32",
     }
-    const = dict(SCALE_BLOCK=scale_block, NUM_STAGES=stages, PINGPONG=pingpong, PRODUCER_REGS=A.PRODUCER_REGS,
-                 CONSUMER_REGS=A.CONSUMER_REGS, num_warps=4)  # fmt: skip
+    const = dict(SCALE_BLOCK=scale_block, NUM_STAGES=stages, PINGPONG=pingpong, EXP_SPLIT=split,
+                 PRODUCER_REGS=A.PRODUCER_REGS, CONSUMER_REGS=A.CONSUMER_REGS, num_warps=4)  # fmt: skip
     for c in const:
         sig[c] = "constexpr"
     names = list(sig)
@@ -74,14 +76,17 @@ def main():
     ap.add_argument("--match", default=None, help="only the configs whose tag contains this string")
     args = ap.parse_args()
     print("triton", triton.__version__)
-    cfgs = [(128, 2, False, 64, False), (128, 2, True, 64, False), (128, 2, False, 128, False),
-            (64, 3, False, 64, False), (128, 2, False, 64, True)]  # fmt: skip
-    for block_n, stages, pp, sb, i8 in cfgs:
+    # (block_n, stages, ping-pong, scale_block, int8 Q·K, exp2 split)
+    cfgs = [(128, 2, False, 128, False, False), (128, 2, False, 128, False, True), (128, 2, True, 128, False, False),
+            (128, 2, False, 64, False, False), (64, 4, False, 128, False, False),
+            (128, 2, False, 128, True, False)]  # fmt: skip
+    for block_n, stages, pp, sb, i8, split in cfgs:
         tag = f"bn{block_n}_s{stages}_{'pp' if pp else 'nopp'}_sb{sb}_{'int8' if i8 else 'fp8'}"
+        tag += "_split" if split else ""
         if args.match and args.match not in tag:
             continue
         try:
-            ck = compile_cfg(block_n, stages, pp, sb, i8)
+            ck = compile_cfg(block_n, stages, pp, sb, i8, split)
         except Exception as e:  # noqa: BLE001 (report every config)
             print(f"== {tag}: COMPILE FAILED {type(e).__name__}: {str(e)[:4000]}")
             continue
