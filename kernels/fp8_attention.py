@@ -191,10 +191,12 @@ def _quant_kernel(
         v8 = _to_fp8(v * (448.0 / v_amax)[None, :], True, EMULATE_CAST)
         if pid_s == 0:
             tl.store(vs_ptr + pid_bh * D + offs_d, v_amax / 448.0)
-        dst_l = offs_l
-        if V_PERM16:  # token 16 g + 8 a + 2 t + b stored at 16 g + 4 t + 2 a + b (fp8_attention_sm90's P order)
-            dst_l = (offs_l & -16) | (((offs_l >> 1) & 3) << 2) | (((offs_l >> 3) & 1) << 1) | (offs_l & 1)
-        tl.store(vt8_ptr + bh * D * Lp + offs_d[None, :] * Lp + dst_l[:, None], v8)
+        if V_PERM16:  # token 16 g + 8 a + 2 t + b stored at 16 g + 4 t + 2 a + b (fp8_attention_sm90's P order),
+            # permuted in registers so that the store stays contiguous (an index permutation made it 1.2x slower)
+            v8 = tl.reshape(
+                tl.permute(tl.reshape(v8, (SCALE_BLOCK // 16, 2, 4, 2, D)), (0, 2, 1, 3, 4)), (SCALE_BLOCK, D)
+            )
+        tl.store(vt8_ptr + bh * D * Lp + offs_d[None, :] * Lp + offs_l[:, None], v8)
 
 
 @triton.jit
@@ -473,7 +475,7 @@ def quantize_qkv(
         v.stride(0), v.stride(1), v.stride(2),
         stride_cb, stride_cl,
         D=D, SCALE_BLOCK=scale_block, WITH_V=with_v, QK_INT8=qk == "int8", QK_MAX=QK_RANGE[qk],
-        EMULATE_CAST=emulate, V_PERM16=v_perm16, num_warps=4, **rope_meta,
+        EMULATE_CAST=emulate, V_PERM16=v_perm16, num_warps=scale_block // 16, **rope_meta,
     )  # fmt: skip
     return out
 
