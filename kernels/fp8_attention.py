@@ -317,6 +317,7 @@ PV_MODES = ("fp8", "bf16")
 QK_MODES = ("fp8", "int8")
 QK_RANGE = {"fp8": FP8_MAX, "int8": 127.0}
 SCALE_BLOCKS = (64, 128)
+PREPASS_WARPS = {64: 4, 128: 8}  # _quant_kernel's warps per scale block (reports/fp8_attention/probe_prepass.py)
 
 
 def _default_config(head_dim: int, device: torch.device, pv: str = "fp8") -> dict[str, int]:
@@ -475,7 +476,7 @@ def quantize_qkv(
         v.stride(0), v.stride(1), v.stride(2),
         stride_cb, stride_cl,
         D=D, SCALE_BLOCK=scale_block, WITH_V=with_v, QK_INT8=qk == "int8", QK_MAX=QK_RANGE[qk],
-        EMULATE_CAST=emulate, V_PERM16=v_perm16, num_warps=scale_block // 16, **rope_meta,
+        EMULATE_CAST=emulate, V_PERM16=v_perm16, num_warps=PREPASS_WARPS[scale_block], **rope_meta,
     )  # fmt: skip
     return out
 
