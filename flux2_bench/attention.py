@@ -6,7 +6,8 @@ Backends:
   (cuDNN, then flash, then memory-efficient, then math). On an H100 at FLUX.2-dev 1024²
   (B=1, H=48, L=4608, D=128) cuDNN measured 607 TFLOP/s against flash's 314 (reference/method.md),
   while torch's own default order puts flash first.
-- "fp8": the Triton FP8 flash-attention kernel (kernels/fp8_attention.py).
+- "fp8": the FP8 flash-attention kernel (kernels/fp8_attention.py; on Hopper its main loop is the
+  warp-specialized Gluon kernel of kernels/fp8_attention_sm90.py).
 """
 
 from __future__ import annotations

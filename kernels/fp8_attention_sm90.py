@@ -1,4 +1,5 @@
-"""FP8 flash attention for Hopper (sm_90) in Gluon, warp-specialized (FA3's structure).
+"""FP8 flash attention for Hopper (sm_90) in Gluon, warp-specialized (FA3's structure): fp8_attention's main loop on
+Hopper (``fp8_attention._use_sm90``).
 
 What
 ----
@@ -27,8 +28,25 @@ idle during the softmax. Here (FA3, Shah et al. 2024):
 - across consumers (``pingpong``), optional ``turn`` mbarriers make the two issue their wgmmas in turns, so
   one's softmax runs under the other's MMAs (FA3's inter-warpgroup ping-pong).
 
-P stays in registers (the P·V wgmma takes its A operand from registers; e4m3 needs a 4-byte k-width layout,
-so the fp32 accumulator layout of S is converted).
+P stays in registers: the P·V wgmma takes its A operand from registers, and the pre-pass stores Vᵀ's tokens in
+the order in which P's accumulator registers already hold the keys (``_p_operand``, ``quantize_qkv(v_perm16=True)``),
+so P needs two cvt per four keys and no exchange between threads.
+
+Measured (reports/fp8_attention/attn_sm90.md, runs 1-3, and fp8_attention run 4, H100)
+--------------------------------------------------------------------------------------
+- Run 1, P converted by Triton's layout conversion: 557-716 TFLOP/s, below the Triton kernel (719-766). The loop
+  spent 250 of its 692 instructions per tile moving P into the e4m3 operand layout.
+- Run 2, after the relabelling above and the conversion next to its wgmma (a loop-carried e4m3 tensor is kept as
+  one 16-bit register per element and repacked every iteration): 772-885 TFLOP/s with 128-token scale blocks,
+  1.05-1.15x the Triton kernel, 1.22-1.43x cuDNN bf16. 64-token K scales cost 8-18 % (a per-column factor);
+  ping-pong, 3 stages and 64-key tiles were not faster.
+- Run 3: the exp2 split (half the exp2 on the FMA pipe) 0.9x, as expected: the loop is not MUFU-bound.
+- What limits it (not profiled): the steady-state loop issues 466 instructions per thread and tile; with two
+  consumer warpgroups that is about 930 issue cycles per 128 x 128 tile pair per scheduler against about 1000
+  for the tensor cores and 1000 for the MUFU exp2 at their peaks, and the measured 870-890 TFLOP/s is about 2300
+  cycles per pair: the softmax's dependency chain (row max, exp2, row sum) runs on two warps per scheduler and
+  is only partly hidden. Next steps: the row sum through the P·V wgmma (a ones column in Vᵀ, N = 136), a third
+  consumer warpgroup with fewer live registers, and a persistent grid for the 13-wave tail at L = 4608.
 
 Expectation (written before the first GPU run, session 10)
 ----------------------------------------------------------
