@@ -8,8 +8,6 @@ loop (opcode histogram; the order of QGMMA / IGMMA issue, WARPGROUP.DEPBAR waits
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,22 +19,11 @@ from triton.backends.compiler import GPUTarget
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fp8_matmul"))
 
-from compile_block_sm90 import BIN, loops, opcode, order_summary, ptxas_report  # noqa: E402
+from compile_block_sm90 import loops, opcode, order_summary  # noqa: E402
+from compile_row_sm90 import desc_sig_n, dump_and_report  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 from kernels import fp8_attention_sm90 as A  # noqa: E402
-
-
-def desc_sig(rows: int, cols: int, dtype) -> str:
-    """The signature string Triton's launcher builds for a Gluon TMA descriptor with a [rows, cols] box."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.runtime.jit import mangle_type
-
-    t = torch.empty(512, 512, dtype=dtype)
-    gdt = {torch.float8_e4m3fn: gl.float8e4nv, torch.int8: gl.int8}[dtype]
-    lay = gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)
-    return mangle_type(TensorDescriptor(t, [512, 512], [512, 1], [rows, cols], lay))
 
 
 def compile_cfg(
@@ -44,9 +31,9 @@ def compile_cfg(
 ):
     qk_dt = torch.int8 if qk_int8 else torch.float8_e4m3fn
     sig = {
-        "q_desc": desc_sig(A.CONSUMER_ROWS, d, qk_dt),
-        "k_desc": desc_sig(block_n, d, qk_dt),
-        "v_desc": desc_sig(d, block_n, torch.float8_e4m3fn),
+        "q_desc": desc_sig_n(A.CONSUMER_ROWS, d, qk_dt),
+        "k_desc": desc_sig_n(block_n, d, qk_dt),
+        "v_desc": desc_sig_n(d, block_n, torch.float8_e4m3fn),
         "qs_ptr": "*fp32",
         "ks_ptr": "*fp32",
         "vs_ptr": "*fp32",
@@ -90,18 +77,7 @@ def main():
         except Exception as e:  # noqa: BLE001 (report every config)
             print(f"== {tag}: COMPILE FAILED {type(e).__name__}: {str(e)[:4000]}")
             continue
-        d = Path(args.dump)
-        d.mkdir(parents=True, exist_ok=True)
-        for k in ("ttgir", "ptx"):
-            (d / f"{tag}.{k}").write_text(ck.asm[k])
-        cubin = d / f"{tag}.cubin"
-        cubin.write_bytes(ck.asm["cubin"])
-        sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
-        (d / f"{tag}.sass").write_text(sass)
-        print(f"== {tag}: smem={ck.metadata.shared} B (expected {A.smem_bytes(stages, block_n)})")
-        print("   ptxas -v:", ptxas_report(d / f"{tag}.ptx", d / f"{tag}_v.cubin"))
-        regs = re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ck.asm["ptx"])
-        print("   setmaxnreg in the PTX (in order):", " ".join(f"{a}{n}" for a, n in regs))
+        sass = dump_and_report(ck, Path(args.dump), tag, A.smem_bytes(stages, block_n))
         mma_loops = [lp for lp in loops(sass) if any(opcode(x).startswith(("QGMMA", "IGMMA")) for _, x in lp[2])]
         for start, end, body in mma_loops:
             ops = Counter(opcode(x).split(".")[0] for _, x in body)

@@ -33,9 +33,26 @@ def desc_sig_n(rows: int, cols: int, dtype) -> str:
     from triton.runtime.jit import mangle_type
 
     t = torch.empty(512, 512, dtype=dtype)
-    gdt = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16}[dtype]
+    gdt = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.int8: gl.int8}[dtype]
     lay = gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)
     return mangle_type(TensorDescriptor(t, [512, 512], [512, 1], [rows, cols], lay))
+
+
+def dump_and_report(ck, d: Path, tag: str, expected_smem: int) -> str:
+    """Write the compiled kernel's TTGIR, PTX, cubin and SASS under ``d`` as ``tag.*``, print its shared memory,
+    ptxas registers / spills and setmaxnreg plan; return the SASS."""
+    d.mkdir(parents=True, exist_ok=True)
+    for k in ("ttgir", "ptx"):
+        (d / f"{tag}.{k}").write_text(ck.asm[k])
+    cubin = d / f"{tag}.cubin"
+    cubin.write_bytes(ck.asm["cubin"])
+    sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
+    (d / f"{tag}.sass").write_text(sass)
+    print(f"== {tag}: smem={ck.metadata.shared} B (expected {expected_smem})")
+    print("   ptxas -v:", ptxas_report(d / f"{tag}.ptx", d / f"{tag}_v.cubin"))
+    regs = re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ck.asm["ptx"])
+    print("   setmaxnreg in the PTX (in order):", " ".join(f"{a}{n}" for a, n in regs))
+    return sass
 
 
 def compile_cfg(block_n: int, stages: int, pingpong: bool, res: bool, gate: bool):
@@ -85,18 +102,7 @@ def main():
         except Exception as e:  # noqa: BLE001 (report every config)
             print(f"== {tag}: COMPILE FAILED {type(e).__name__}: {str(e)[:3000]}")
             continue
-        d = Path(args.dump)
-        d.mkdir(parents=True, exist_ok=True)
-        for k in ("ttgir", "ptx"):
-            (d / f"{tag}.{k}").write_text(ck.asm[k])
-        cubin = d / f"{tag}.cubin"
-        cubin.write_bytes(ck.asm["cubin"])
-        sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
-        (d / f"{tag}.sass").write_text(sass)
-        print(f"== {tag}: smem={ck.metadata.shared} B (expected {R.smem_bytes(stages, block_n, pp)})")
-        print("   ptxas -v:", ptxas_report(d / f"{tag}.ptx", d / f"{tag}_v.cubin"))
-        regs = re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ck.asm["ptx"])
-        print("   setmaxnreg in the PTX (in order):", " ".join(f"{a}{n}" for a, n in regs))
+        sass = dump_and_report(ck, Path(args.dump), tag, R.smem_bytes(stages, block_n, pp))
         tma_loops = [lp for lp in loops(sass) if any(opcode(x).startswith("UTMALDG") for _, x in lp[2])]
         for start, end, body in tma_loops[:1]:
             print(f"   producer loop {start:#x}-{end:#x}: {len(body)} instrs, order: {order_summary(body)}")
