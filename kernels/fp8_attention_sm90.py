@@ -63,6 +63,7 @@ import os
 import torch
 
 from flux2_bench.kernels import fp8_block_gemm_sm90 as _block
+from flux2_bench.kernels.fp8_attention import P_SHIFT as _P_SHIFT
 from flux2_bench.kernels.fp8_matmul import _rebased
 
 gluon, gl = _block.gluon, _block.gl
@@ -78,7 +79,8 @@ if gluon is not None:
 
 BLOCK_M = 128  # query rows per program: 64 per consumer warpgroup
 CONSUMER_ROWS = 64
-P_SHIFT = 8.0  # as fp8_attention.P_SHIFT
+# P = 2**(S - m + P_SHIFT), the Triton kernel's shift (a constexpr global, readable inside the Gluon kernels)
+P_SHIFT = gl.constexpr(_P_SHIFT) if gluon is not None else _P_SHIFT
 # launched as 12 warps at 168 registers; setmaxnreg gives each consumer 232, the producer's warpgroup 40
 MAXNREG, CONSUMER_REGS, PRODUCER_REGS = _block.WS_REGS[2]
 SMEM_BYTES = _block.SMEM_BYTES
@@ -167,7 +169,7 @@ if gluon is not None:
         if BN <= SCALE_BLOCK:  # one K scale per tile: it rides in the exp2 argument's FMA
             c = qs * gl.load(ks_base + start_n // SCALE_BLOCK)
             m_new = gl.maximum(m_i, gl.max(qk, axis=1) * c)
-            s = qk * c - (m_new - 8.0)[:, None]
+            s = qk * c - (m_new - P_SHIFT)[:, None]
         else:  # two K scales per tile (BN = 2 * SCALE_BLOCK): a per-column factor
             gl.static_assert(BN == 2 * SCALE_BLOCK)
             offs_n = gl.arange(0, BN, layout=col_l)
@@ -175,7 +177,7 @@ if gluon is not None:
             c1 = qs * gl.load(ks_base + start_n // SCALE_BLOCK + 1)
             t = qk * gl.where(offs_n < SCALE_BLOCK, c0, c1)[None, :]
             m_new = gl.maximum(m_i, gl.max(t, axis=1))
-            s = t - (m_new - 8.0)[:, None]
+            s = t - (m_new - P_SHIFT)[:, None]
         alpha = gl.exp2(m_i - m_new)
         if EXP_SPLIT:  # odd columns on the FMA pipe (FA4): each thread holds column pairs, the split is in registers
             s0, s1 = gl.split(gl.reshape(s, [s.shape[0], BN // 2, 2]))
