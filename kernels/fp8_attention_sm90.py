@@ -105,6 +105,14 @@ EXPECTATION_RUN3 = (
     "L = 4608 (pre-pass ~0.19 ms), 1.35-1.4x at 45568; written before run 3 (session 10)"
 )
 
+EXPECTATION_RUN4 = (
+    "ncu (ncu_attn_sm90.md) found the tensor pipe 45 % and the MUFU 46.5 % busy at L = 8704: their phases add up "
+    "instead of overlapping, because both consumers run their exp2 at the same time (and pp1, turns passed at issue, "
+    "does not offset them); the row max is a 33-deep FMNMX chain. Passing the turn once S is complete (pp2) forces "
+    "one consumer's softmax under the other's wgmmas: 1.2-1.5x the kernel (950-1200 TFLOP/s). The tree row max/sum "
+    "(9-deep): +3-8 % alone, less on top of pp2. Late rescale (FA3's order): 0-5 %. Written before run 4 (session 11)"
+)
+
 
 if gluon is not None:
 
@@ -132,17 +140,18 @@ if gluon is not None:
 
     @gluon.jit
     def _turn_wait(turn, WG: gl.constexpr, k, PINGPONG: gl.constexpr):
-        """Ping-pong: before its k-th wgmma issue, consumer 0 waits for consumer 1's (k-1)-th, consumer 1 for
-        consumer 0's k-th (strict alternation; neither gets more than one phase ahead)."""
-        if PINGPONG:
+        """Ping-pong: before its k-th wgmma issue, consumer 0 waits for consumer 1's (k-1)-th turn, consumer 1 for
+        consumer 0's k-th (strict alternation; neither gets more than one phase ahead). A consumer passes its turn
+        right after issuing (PINGPONG 1) or once its S tile is complete (PINGPONG 2)."""
+        if PINGPONG > 0:
             if WG == 0:
                 mbarrier.wait(turn.index(0), (k + 1) & 1, pred=k > 0)
             else:
                 mbarrier.wait(turn.index(1), k & 1)
 
     @gluon.jit
-    def _turn_arrive(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
-        if PINGPONG:
+    def _turn_arrive(turn, WG: gl.constexpr, PINGPONG: gl.constexpr, WHEN: gl.constexpr):
+        if PINGPONG == WHEN:
             mbarrier.arrive(turn.index(1 - WG), count=1)
 
     @gluon.jit
@@ -156,7 +165,37 @@ if gluon is not None:
         return (p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)).to(gl.float32, bitcast=True)
 
     @gluon.jit
-    def _softmax_tile(qk, m_i, l_i, qs, ks_base, start_n, L, SCALE_BLOCK: gl.constexpr, EXP_SPLIT: gl.constexpr):
+    def _row_reduce(x, IS_MAX: gl.constexpr, ROW_TREE: gl.constexpr):
+        """Row max or sum of an S / P tile. A thread holds, per row, columns 8 g + 2 t + b (g < BN / 8); ``gl.max``
+        and ``gl.sum`` fold them in one chain of BN / 4 - 1 dependent instructions per row (ncu: the max chain
+        took 15 % of the consumer's stall samples). ROW_TREE folds the g axis in two levels first (16, then 4
+        independent chains of 3 per thread), then b and t: 8 dependent steps instead of 32 for BN = 128."""
+        if ROW_TREE:  # the reshape only relabels registers; the result holds each row where gl.max(x, 1) does
+            t = gl.reshape(x, [x.shape[0], 4, x.shape[1] // 32, 8])  # g = 4 g1 + g0
+            if IS_MAX:
+                r = gl.max(gl.max(gl.max(t, axis=1), axis=1), axis=1)
+            else:
+                r = gl.sum(gl.sum(gl.sum(t, axis=1), axis=1), axis=1)
+            r = gl.convert_layout(r, gl.SliceLayout(1, x.type.layout))
+        elif IS_MAX:
+            r = gl.max(x, axis=1)
+        else:
+            r = gl.sum(x, axis=1)
+        return r
+
+    @gluon.jit
+    def _softmax_tile(
+        qk,
+        m_i,
+        l_i,
+        qs,
+        ks_base,
+        start_n,
+        L,
+        SCALE_BLOCK: gl.constexpr,
+        EXP_SPLIT: gl.constexpr,
+        ROW_TREE: gl.constexpr,
+    ):
         """Online softmax of one S tile (fp32 or int32 from the wgmma) in the exp2 domain, as
         ``fp8_attention._attn_tile``: returns P = 2**(S - m_new + 8) (fp32, <= 256), m_new, the updated row
         sum and alpha = 2**(m_old - m_new), the accumulator's rescale factor."""
@@ -168,7 +207,7 @@ if gluon is not None:
             qk = gl.where((start_n + offs_n < L)[None, :], qk, float("-inf"))
         if BN <= SCALE_BLOCK:  # one K scale per tile: it rides in the exp2 argument's FMA
             c = qs * gl.load(ks_base + start_n // SCALE_BLOCK)
-            m_new = gl.maximum(m_i, gl.max(qk, axis=1) * c)
+            m_new = gl.maximum(m_i, _row_reduce(qk, True, ROW_TREE) * c)
             s = qk * c - (m_new - P_SHIFT)[:, None]
         else:  # two K scales per tile (BN = 2 * SCALE_BLOCK): a per-column factor
             gl.static_assert(BN == 2 * SCALE_BLOCK)
@@ -176,7 +215,7 @@ if gluon is not None:
             c0 = qs * gl.load(ks_base + start_n // SCALE_BLOCK)
             c1 = qs * gl.load(ks_base + start_n // SCALE_BLOCK + 1)
             t = qk * gl.where(offs_n < SCALE_BLOCK, c0, c1)[None, :]
-            m_new = gl.maximum(m_i, gl.max(t, axis=1))
+            m_new = gl.maximum(m_i, _row_reduce(t, True, ROW_TREE))
             s = t - (m_new - P_SHIFT)[:, None]
         alpha = gl.exp2(m_i - m_new)
         if EXP_SPLIT:  # odd columns on the FMA pipe (FA4): each thread holds column pairs, the split is in registers
@@ -185,7 +224,7 @@ if gluon is not None:
             p = gl.convert_layout(p, qk.type.layout)
         else:
             p = gl.exp2(s)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
+        l_i = l_i * alpha + _row_reduce(p, False, ROW_TREE)
         return p, m_new, l_i, alpha
 
     @gluon.jit
@@ -214,10 +253,13 @@ if gluon is not None:
         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr, o_ptr,
         L, H, n_sblk, stride_ob, stride_oh, stride_ol,
         SCALE_BLOCK: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr, EXP_SPLIT: gl.constexpr,
+        ROW_TREE: gl.constexpr, LATE_RESCALE: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup: query rows [WG * 64, WG * 64 + 64) of the program's 128 against every key tile.
         Iteration j issues S_j = Q·K_jᵀ and O += P_{j-1}·V_{j-1} (async), waits for S_j only, runs the
-        softmax of tile j under the P·V wgmma, then waits for it, releases slot j - 1 and rescales O."""
+        softmax of tile j under the P·V wgmma, then waits for it and releases slot j - 1. O is rescaled by
+        alpha_j at the end of iteration j, or (LATE_RESCALE, FA3's order) in iteration j + 1 between the two
+        issues, where it runs under the Q·K wgmma instead of before it."""
         NUM_STAGES: gl.constexpr = k_smem.shape[0]
         BN: gl.constexpr = k_smem.shape[1]
         D: gl.constexpr = k_smem.shape[2]
@@ -232,6 +274,8 @@ if gluon is not None:
         row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
         row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
         col_o: gl.constexpr = gl.SliceLayout(0, mma_o)
+        AT_ISSUE: gl.constexpr = 1
+        AT_S_DONE: gl.constexpr = 2
 
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
@@ -250,11 +294,12 @@ if gluon is not None:
         mbarrier.wait(k_ready.index(0), 0)
         qk = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BN], acc_s_ty, mma_s), use_acc=False,
                            is_async=True)  # fmt: skip
-        _turn_arrive(turn, WG, PINGPONG)
+        _turn_arrive(turn, WG, PINGPONG, AT_ISSUE)
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+        _turn_arrive(turn, WG, PINGPONG, AT_S_DONE)
         # P stays fp32 across iterations and becomes the e4m3 operand next to the wgmma that reads it: a
         # loop-carried e4m3 tensor is kept as one 16-bit register per element and repacked (2.5x the instructions)
-        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qs, ks_base, 0, L, SCALE_BLOCK, EXP_SPLIT)
+        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qs, ks_base, 0, L, SCALE_BLOCK, EXP_SPLIT, ROW_TREE)
 
         for j in range(1, n_tiles):
             s = j % NUM_STAGES
@@ -263,23 +308,30 @@ if gluon is not None:
             mbarrier.wait(k_ready.index(s), (j // NUM_STAGES) & 1)
             qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), gl.zeros([BM, BN], acc_s_ty, mma_s),
                                use_acc=False, is_async=True)  # fmt: skip
+            if LATE_RESCALE:  # alpha_{j-1}: O (sum over tiles < j - 1) from m_{j-2} to m_{j-1}
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = _p_operand(p, p_l)
             mbarrier.wait(v_ready.index(sp), ((j - 1) // NUM_STAGES) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
-            _turn_arrive(turn, WG, PINGPONG)
+            _turn_arrive(turn, WG, PINGPONG, AT_ISSUE)
             qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))  # S_j done; P_{j-1}·V_{j-1} may still run
-            p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qs, ks_base, j * BN, L, SCALE_BLOCK, EXP_SPLIT)
+            _turn_arrive(turn, WG, PINGPONG, AT_S_DONE)
+            p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qs, ks_base, j * BN, L, SCALE_BLOCK, EXP_SPLIT, ROW_TREE)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index(sp), count=1)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            if not LATE_RESCALE:
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
 
         # the last tile's P·V
         sp = (n_tiles - 1) % NUM_STAGES
         _turn_wait(turn, WG, n_tiles, PINGPONG)
+        if LATE_RESCALE:
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         p_op = _p_operand(p, p_l)
         mbarrier.wait(v_ready.index(sp), ((n_tiles - 1) // NUM_STAGES) & 1)
         acc = warpgroup_mma(p_op, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
-        _turn_arrive(turn, WG, PINGPONG)
+        _turn_arrive(turn, WG, PINGPONG, AT_ISSUE)
+        _turn_arrive(turn, WG, PINGPONG, AT_S_DONE)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index(sp), count=1)
 
@@ -304,6 +356,8 @@ if gluon is not None:
         NUM_STAGES: gl.constexpr,
         PINGPONG: gl.constexpr,
         EXP_SPLIT: gl.constexpr,
+        ROW_TREE: gl.constexpr,
+        LATE_RESCALE: gl.constexpr,
         PRODUCER_REGS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         num_warps: gl.constexpr,
@@ -336,10 +390,10 @@ if gluon is not None:
             [
             (_attn_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG0, PINGPONG,
-                              EXP_SPLIT)),
+                              EXP_SPLIT, ROW_TREE, LATE_RESCALE)),
             (_attn_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG1, PINGPONG,
-                              EXP_SPLIT)),
+                              EXP_SPLIT, ROW_TREE, LATE_RESCALE)),
             (_attn_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, L, Lp)),
             ],
             [4, 1],
@@ -356,6 +410,8 @@ is_available = _block.is_available
 FAST_LAUNCH = os.environ.get("FLUX2_FAST_LAUNCH", "1") == "1"
 _LAUNCHERS: dict[tuple, tuple] = {}
 BLOCK_NS = (64, 128)
+BLOCK_N_DEFAULT = 128
+PINGPONG_MODES = {0: "off", 1: "turn passed at issue", 2: "turn passed when S is complete"}
 
 
 def smem_bytes(num_stages: int, block_n: int, head_dim: int = 128) -> int:
@@ -388,17 +444,24 @@ def fp8_attention_sm90(
     *,
     out: torch.Tensor | None = None,
     scale_block: int = 128,
-    block_n: int = 128,
+    block_n: int = BLOCK_N_DEFAULT,
     num_stages: int = 2,
-    pingpong: bool = False,
+    pingpong: int = 0,
     exp_split: bool = False,
+    row_tree: bool = False,
+    late_rescale: bool = False,
 ) -> torch.Tensor:
     """The attention main loop on sm_90 (module docstring) on ``quant = quantize_qkv(q, k, v, pv="fp8",
     scale_block=scale_block, v_perm16=True)`` (qk "fp8" or "int8"); ``v`` the original V, for shape and output dtype.
     Returns (B, H, L, D) in v's dtype (or writes ``out``, any strides with a contiguous last dim).
     ``block_n``: keys per tile (64 or 128); ``num_stages``: depth of the K / Vᵀ ring; ``pingpong``: the
-    two consumer warpgroups issue their wgmmas in turns; ``exp_split``: half of each tile's exp2 on the FMA pipe
-    (``_exp2_poly``) instead of the MUFU unit."""
+    two consumer warpgroups issue their wgmmas in turns, passing the turn right after issuing (1) or once their S
+    tile is complete (2; ``PINGPONG_MODES``); ``exp_split``: half of each tile's exp2 on the FMA pipe
+    (``_exp2_poly``) instead of the MUFU unit; ``row_tree``: the row max in four chains per thread instead of one
+    (``_row_max``); ``late_rescale``: O rescaled under the next Q·K wgmma (FA3's order)."""
+    if int(pingpong) not in PINGPONG_MODES:
+        raise ValueError(f"pingpong must be one of {sorted(PINGPONG_MODES)} ({PINGPONG_MODES}), got {pingpong!r}")
+    pingpong = int(pingpong)
     if "vt8p" not in quant:
         raise ValueError("fp8_attention_sm90 runs fp8 P·V on Vᵀ in its token order: quantize_qkv(..., pv='fp8', "
                          "v_perm16=True)")  # fmt: skip
@@ -424,8 +487,9 @@ def fp8_attention_sm90(
     qk_gl = gl.int8 if q8.dtype == torch.int8 else gl.float8e4nv
     q2, k2, v2 = q8.view(-1, D), k8.view(-1, D), vt8.view(-1, Lp)
     ints = (L, Lp, H, quant["qs"].shape[2], out.stride(0), out.stride(1), out.stride(2))
-    consts = dict(SCALE_BLOCK=scale_block, NUM_STAGES=num_stages, PINGPONG=pingpong, EXP_SPLIT=exp_split,
-                  PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
+    consts = dict(SCALE_BLOCK=scale_block, NUM_STAGES=num_stages, PINGPONG=pingpong, EXP_SPLIT=bool(exp_split),
+                  ROW_TREE=bool(row_tree), LATE_RESCALE=bool(late_rescale), PRODUCER_REGS=PRODUCER_REGS,
+                  CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
     grid = (Lp // BLOCK_M, B * H, 1)
     index = v.device.index if v.device.index is not None else torch.cuda.current_device()
     key = (index, q8.dtype, out.dtype, D, block_n, grid, *ints, *consts.values(),

@@ -79,8 +79,8 @@ def test_v_perm16_is_the_p_register_order():
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU and Gluon")
 
 # (B, H, L, D, qk, scale_block, block_n, num_stages, pingpong): one tile, a ragged tail inside the first
-# tile, tails of 1 and 127 keys, two K scales per tile and one, 64-wide tiles, deeper rings, ping-pong,
-# int8 Q·K, head dim 64, two batches
+# tile, tails of 1 and 127 keys, two K scales per tile and one, 64-wide tiles, deeper rings, both ping-pong
+# modes, int8 Q·K, head dim 64, two batches
 GPU_CASES = [
     (1, 3, 128, 128, "fp8", 64, 128, 2, False),
     (1, 3, 100, 128, "fp8", 64, 128, 2, False),
@@ -89,6 +89,8 @@ GPU_CASES = [
     (1, 3, 1000, 128, "fp8", 64, 64, 3, False),
     (1, 3, 1000, 128, "fp8", 64, 128, 2, True),
     (1, 3, 1000, 128, "fp8", 128, 64, 4, True),
+    (1, 3, 1151, 128, "fp8", 128, 128, 2, 2),
+    (1, 3, 1000, 128, "fp8", 64, 64, 3, 2),
     (1, 3, 1000, 128, "int8", 64, 128, 2, False),
     (2, 2, 777, 64, "fp8", 64, 128, 2, False),
     (2, 2, 777, 64, "int8", 128, 64, 2, True),
@@ -133,12 +135,25 @@ def test_gpu_flux_length_and_out_argument():
 @pytest.mark.gpu
 @needs_hopper
 def test_gpu_schedules_agree():
-    """Ping-pong only reorders wgmma issue: the same bits as the free-running consumers."""
+    """Ping-pong (either mode) only reorders wgmma issue and the late rescale only moves O's multiply by alpha
+    between the same two wgmmas: the same bits as the free-running consumers. The row trees change the order
+    of the row sum only (the max is exact in any order)."""
     q, k, v = flux_like(1, 4, 2000, 128, dtype=torch.bfloat16)
     quant = quantize_qkv(q, k, v, v_perm16=True)
     free = A.fp8_attention_sm90(quant, v, pingpong=False)
-    pp = A.fp8_attention_sm90(quant, v, pingpong=True, num_stages=3)
-    assert torch.equal(free, pp)
+    for kw in (dict(pingpong=True, num_stages=3), dict(pingpong=2), dict(late_rescale=True),
+               dict(pingpong=2, late_rescale=True)):  # fmt: skip
+        assert torch.equal(free, A.fp8_attention_sm90(quant, v, **kw)), kw
+    tree = A.fp8_attention_sm90(quant, v, row_tree=True)
+    assert rel_l2(tree, free) < 2e-3
+    assert rel_l2(tree, fp8_attention_ref(q, k, v, block_n=128)) < 1e-2
+    assert torch.equal(tree, A.fp8_attention_sm90(quant, v, row_tree=True, pingpong=2, late_rescale=True))
+
+
+def test_rejects_unknown_pingpong_mode():
+    q, k, v = flux_like(1, 2, 100, 64, device="cpu")
+    with pytest.raises(ValueError, match="pingpong must be one of"):
+        A.fp8_attention_sm90(quantize_qkv(q, k, v, v_perm16=True), v, pingpong=3)
 
 
 def test_dispatch_rule_on_cpu():

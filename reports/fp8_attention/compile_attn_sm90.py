@@ -27,8 +27,9 @@ from kernels import fp8_attention_sm90 as A  # noqa: E402
 
 
 def compile_cfg(
-    block_n: int, stages: int, pingpong: bool, scale_block: int, qk_int8: bool, split: bool = False, d: int = 128
-):
+    block_n: int, stages: int, pingpong: int, scale_block: int, qk_int8: bool, split: bool = False, d: int = 128,
+    tree: bool = False, late: bool = False,
+):  # fmt: skip
     qk_dt = torch.int8 if qk_int8 else torch.float8_e4m3fn
     sig = {
         "q_desc": desc_sig_n(A.CONSUMER_ROWS, d, qk_dt),
@@ -46,7 +47,8 @@ def compile_cfg(
         "stride_oh": "i32",
         "stride_ol": "i32",
     }
-    const = dict(SCALE_BLOCK=scale_block, NUM_STAGES=stages, PINGPONG=pingpong, EXP_SPLIT=split,
+    const = dict(SCALE_BLOCK=scale_block, NUM_STAGES=stages, PINGPONG=int(pingpong), EXP_SPLIT=split,
+                 ROW_TREE=tree, LATE_RESCALE=late,
                  PRODUCER_REGS=A.PRODUCER_REGS, CONSUMER_REGS=A.CONSUMER_REGS, num_warps=4)  # fmt: skip
     for c in const:
         sig[c] = "constexpr"
@@ -63,17 +65,20 @@ def main():
     ap.add_argument("--match", default=None, help="only the configs whose tag contains this string")
     args = ap.parse_args()
     print("triton", triton.__version__)
-    # (block_n, stages, ping-pong, scale_block, int8 Q·K, exp2 split)
-    cfgs = [(128, 2, False, 128, False, False), (128, 2, False, 128, False, True), (128, 2, True, 128, False, False),
-            (128, 2, False, 64, False, False), (64, 4, False, 128, False, False),
-            (128, 2, False, 128, True, False)]  # fmt: skip
-    for block_n, stages, pp, sb, i8, split in cfgs:
-        tag = f"bn{block_n}_s{stages}_{'pp' if pp else 'nopp'}_sb{sb}_{'int8' if i8 else 'fp8'}"
-        tag += "_split" if split else ""
+    # (block_n, stages, ping-pong mode, scale_block, int8 Q·K, exp2 split, tree row max, late rescale)
+    cfgs = [(128, 2, 0, 128, False, False, False, False), (128, 2, 0, 128, False, True, False, False),
+            (128, 2, 1, 128, False, False, False, False), (128, 2, 2, 128, False, False, False, False),
+            (128, 2, 0, 128, False, False, True, False), (128, 2, 0, 128, False, False, False, True),
+            (128, 2, 2, 128, False, False, True, True),
+            (128, 2, 0, 64, False, False, False, False), (64, 4, 0, 128, False, False, False, False),
+            (128, 2, 0, 128, True, False, False, False)]  # fmt: skip
+    for block_n, stages, pp, sb, i8, split, tree, late in cfgs:
+        tag = f"bn{block_n}_s{stages}_{f'pp{pp}' if pp else 'nopp'}_sb{sb}_{'int8' if i8 else 'fp8'}"
+        tag += ("_split" if split else "") + ("_tree" if tree else "") + ("_late" if late else "")
         if args.match and args.match not in tag:
             continue
         try:
-            ck = compile_cfg(block_n, stages, pp, sb, i8, split)
+            ck = compile_cfg(block_n, stages, pp, sb, i8, split, tree=tree, late=late)
         except Exception as e:  # noqa: BLE001 (report every config)
             print(f"== {tag}: COMPILE FAILED {type(e).__name__}: {str(e)[:4000]}")
             continue
