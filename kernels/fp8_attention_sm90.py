@@ -26,7 +26,7 @@ idle during the softmax. Here (FA3, Shah et al. 2024):
 - within a consumer, the Q·Kᵀ of tile j and the P·V of tile j - 1 are issued together, and the softmax of
   tile j runs while the P·V wgmma executes (FA3's intra-warpgroup overlap);
 - across consumers (``pingpong``), optional ``turn`` mbarriers make the two issue their wgmmas in turns, so
-  one's softmax runs under the other's MMAs (FA3's inter-warpgroup ping-pong).
+  one's softmax runs under the other's MMAs (FA3's inter-warpgroup ping-pong; not faster here, below).
 
 P stays in registers: the P·V wgmma takes its A operand from registers, and the pre-pass stores Vᵀ's tokens in
 the order in which P's accumulator registers already hold the keys (``_p_operand``, ``quantize_qkv(v_perm16=True)``),
@@ -41,12 +41,18 @@ Measured (reports/fp8_attention/attn_sm90.md, runs 1-3, and fp8_attention run 4,
   1.05-1.15x the Triton kernel, 1.22-1.43x cuDNN bf16. 64-token K scales cost 8-18 % (a per-column factor);
   ping-pong, 3 stages and 64-key tiles were not faster.
 - Run 3: the exp2 split (half the exp2 on the FMA pipe) 0.9x, as expected: the loop is not MUFU-bound.
-- What limits it (not profiled): the steady-state loop issues 466 instructions per thread and tile; with two
-  consumer warpgroups that is about 930 issue cycles per 128 x 128 tile pair per scheduler against about 1000
-  for the tensor cores and 1000 for the MUFU exp2 at their peaks, and the measured 870-890 TFLOP/s is about 2300
-  cycles per pair: the softmax's dependency chain (row max, exp2, row sum) runs on two warps per scheduler and
-  is only partly hidden. Next steps: the row sum through the P·V wgmma (a ones column in Vᵀ, N = 136), a third
-  consumer warpgroup with fewer live registers, and a persistent grid for the 13-wave tail at L = 4608.
+- What limits it (Nsight Compute, ``ncu_attn_sm90.md``, L = 8704 at ncu's base clock): 2344 cycles per 128 x 128
+  tile pair per SM, with the tensor pipe 45 % and the MUFU (XU) pipe 46.5 % busy and 42 % of the issue slots
+  used; cuDNN bf16 keeps its tensor pipe 77 % busy. The consumers' time goes to their own softmax chain: per warp,
+  the exp2 sequence (64 MUFU at 8 cycles each) holds 26 % of the loop's stall samples, the row max 16 %, the
+  wgmma waits only 9 %. Each warp's exp2 section (~680 cycles) is mostly outside the other consumer's (the XU is
+  busy ~1090 cycles per pair), so the two are not in lockstep, and two warps per scheduler do not hide the rest.
+- Run 4 (attn_sm90.md) tried what that suggested and each lost: the turn passed once S is complete (pingpong=2,
+  forcing the offset) 0.96-1.0x, the row max / sum as trees (``row_tree``, 9 dependent steps instead of 33)
+  0.92-0.97x, FA3's late rescale 0.95-1.0x; ex2.approx.f16x2 is two MUFU.EX2.F16 on sm_90 (no packed exp2).
+  Next steps: a third consumer warpgroup (more warps to hide the chain; 152 registers each, so 64-key tiles or
+  P kept as e4m3), the row sum through the P·V wgmma (a ones column in Vᵀ, N = 136), and a persistent grid for
+  the 13-wave tail at L = 4608.
 
 Expectation (written before the first GPU run, session 10)
 ----------------------------------------------------------

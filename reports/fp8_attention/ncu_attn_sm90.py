@@ -19,16 +19,15 @@ import sys
 from pathlib import Path
 
 RAW_METRICS = {  # raw-page metric -> label
-    "gpu__time_duration.sum": "duration (ns)",
-    "sm__cycles_elapsed.avg.per_second": "SM clock (Hz)",
-    "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active": "tensor (GMMA) pipe active %",
+    "gpu__time_duration.sum": "duration",
+    "sm__cycles_elapsed.avg.per_second": "SM clock",
+    "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active": "tensor pipe active %",
     "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active": "XU (MUFU) pipe issue %",
     "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active": "FMA pipe active %",
     "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active": "ALU pipe active %",
-    "sm__inst_executed.avg.per_cycle_active": "IPC (per SM, active cycles)",
     "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue slots busy %",
-    "dram__throughput.avg.pct_of_peak_sustained_elapsed": "DRAM throughput %",
-    "lts__t_sectors_srcunit_tex_lookup_hit.sum.pct_of_peak_sustained_elapsed": "L2 hit (tex) %",
+    "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed": "memory throughput %",
+    "sm__warps_active.avg.pct_of_peak_sustained_active": "warps active %",
     "launch__registers_per_thread": "registers / thread",
     "launch__grid_size": "grid size",
 }
@@ -36,11 +35,12 @@ VARIANTS = ("sm90", "sm90_pp", "cudnn", "prepass")
 
 
 def raw_metrics(path: Path) -> list[dict[str, str]]:
-    """Rows (one per profiled kernel) of ``ncu --page raw --csv``: metric name -> value."""
+    """Rows (one per profiled kernel) of ``ncu --page raw --csv``: metric name -> value (with its unit)."""
     rows = list(csv.reader(path.open()))
     start = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
-    hdr = rows[start]
-    return [dict(zip(hdr, r, strict=True)) for r in rows[start + 2 :] if len(r) == len(hdr)]
+    hdr, units = rows[start], rows[start + 1]
+    return [{h: f"{v} {u}".strip() if u and u != "%" else v for h, v, u in zip(hdr, r, units, strict=True)}
+            for r in rows[start + 2 :] if len(r) == len(hdr)]  # fmt: skip
 
 
 def stall_regions(path: Path) -> list[str]:
@@ -65,6 +65,27 @@ def stall_regions(path: Path) -> list[str]:
         if n >= 0.02 * total:
             top = ", ".join(f"{k[6:]} {v}" for k, v in sorted(sums.items(), key=lambda x: -x[1])[:5] if v)
             L.append(f"| {a}-{b} | {e} | `{data[a][1].strip()[:40]}` | {n} | {top} |")
+    # the consumers' main loop: the instructions executed as often as the one with the most samples per count
+    per_count: dict[int, int] = {}
+    for r in data:
+        per_count[int(r[i_e] or 0)] = per_count.get(int(r[i_e] or 0), 0) + int(r[i_s] or 0)
+    loop_n = max((n for n in per_count if n > 0), key=lambda n: per_count[n])
+    ops: dict[str, dict[str, int]] = {}
+    for r in data:
+        if int(r[i_e] or 0) != loop_n:
+            continue
+        words = r[1].strip().split()
+        op = (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+        for h in reasons:
+            ops.setdefault(op, {}).setdefault(h[6:], 0)
+            ops[op][h[6:]] += int(r[hdr.index(h)] or 0)
+    n_loop = sum(sum(v.values()) for v in ops.values())
+    L += ["", f"Main loop (instructions executed {loop_n} times, all warps): {n_loop} samples, by opcode:", "",
+          "| opcode | samples | share | top stall reasons |", "|---|---|---|---|"]  # fmt: skip
+    for op, c in sorted(ops.items(), key=lambda x: -sum(x[1].values()))[:14]:
+        n = sum(c.values())
+        top = ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda x: -x[1])[:4] if v)
+        L.append(f"| {op} | {n} | {100 * n / max(n_loop, 1):.1f} % | {top} |")
     L += ["", "Instructions with >= 1 % of the samples:", "", "| # | SASS | samples | executed |", "|---|---|---|---|"]
     for k, r in enumerate(data):
         if int(r[i_s] or 0) >= 0.01 * total:
@@ -86,8 +107,9 @@ def summarize(d: Path) -> list[str]:
             vals = []
             for m in RAW_METRICS:
                 x = r.get(m, "")
+                num, _, unit = x.partition(" ")
                 with contextlib.suppress(ValueError):
-                    x = f"{float(x.replace(',', '')):.4g}"
+                    x = f"{float(num.replace(',', '')):.4g} {unit}".strip()
                 vals.append(x or "n/a")
             L.append(f"| {v} | `{r.get('Kernel Name', '?')[:40]}` | " + " | ".join(vals) + " |")
     for v in ("sm90", "sm90_pp"):
