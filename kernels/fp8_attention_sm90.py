@@ -67,6 +67,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 
 from flux2_bench.kernels import fp8_block_gemm_sm90 as _block
 from flux2_bench.kernels.fp8_attention import P_SHIFT as _P_SHIFT
@@ -83,12 +84,12 @@ if gluon is not None:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-BLOCK_M = 128  # query rows per program: 64 per consumer warpgroup
-CONSUMER_ROWS = 64
+CONSUMER_ROWS = 64  # query rows per consumer warpgroup; a program has 2 (or 3) consumers
 # P = 2**(S - m + P_SHIFT), the Triton kernel's shift (a constexpr global, readable inside the Gluon kernels)
 P_SHIFT = gl.constexpr(_P_SHIFT) if gluon is not None else _P_SHIFT
-# launched as 12 warps at 168 registers; setmaxnreg gives each consumer 232, the producer's warpgroup 40
-MAXNREG, CONSUMER_REGS, PRODUCER_REGS = _block.WS_REGS[2]
+# consumers -> (maxnreg at launch, setmaxnreg of each consumer, of the producer's warpgroup): 2 consumers launch
+# 12 warps at 168 and take 232 each (the producer 40); 3 launch 16 warps at 128 and take 160 each (the producer 32)
+WS_REGS = _block.WS_REGS
 SMEM_BYTES = _block.SMEM_BYTES
 EXPECTATION = (
     "kernel alone, H100, B=1 H=48 D=128: 900-1050 TFLOP/s at L >= 8704, 850-950 at L = 4608 (Triton kernel "
@@ -119,23 +120,32 @@ EXPECTATION_RUN4 = (
     "(9-deep): +3-8 % alone, less on top of pp2. Late rescale (FA3's order): 0-5 %. Written before run 4 (session 11)"
 )
 
+EXPECTATION_RUN5 = (
+    "run 4 and ncu: each consumer warp spends its loop on its own softmax chain (MUFU, row max, issue) and two "
+    "consumer warps per scheduler do not hide it. A third consumer warpgroup (192 query rows per program, 160 "
+    "registers each) adds a third chain per scheduler: with 64-key tiles (no spills; 64-key tiles alone measured "
+    "0.9x in run 2) 1.05-1.25x the library kernel; with 128-key tiles (13 spill loads and 19 stores per tile) "
+    "0.9-1.2x. Written before run 5 (session 11)"
+)
+
 
 if gluon is not None:
 
     @gluon.jit
     def _attn_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, L, Lp):
-        """1 warp: Q's two 64-row boxes once, then K and Vᵀ tile j into slot j % NUM_STAGES after both
-        consumers released the slot's previous use (parity as in ``fp8_block_gemm_sm90._ws_producer``)."""
+        """1 warp: Q's 64-row boxes (one per consumer) once, then K and Vᵀ tile j into slot j % NUM_STAGES after
+        every consumer released the slot's previous use (parity as in ``fp8_block_gemm_sm90._ws_producer``)."""
         NUM_STAGES: gl.constexpr = k_smem.shape[0]
         BN: gl.constexpr = k_smem.shape[1]
         D: gl.constexpr = k_smem.shape[2]
         BM_C: gl.constexpr = q_desc.block_type.shape[0]
+        CONSUMERS: gl.constexpr = q_smem.shape[0]
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
-        row_q = bh * Lp + pid_m * (2 * BM_C)
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [row_q, 0], q_bar, q_smem.index(0))
-        tma.async_copy_global_to_shared(q_desc, [row_q + BM_C, 0], q_bar, q_smem.index(1))
+        row_q = bh * Lp + pid_m * (CONSUMERS * BM_C)  # rows past Lp: the next head's or zeros (masked at the store)
+        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+        for c in gl.static_range(CONSUMERS):
+            tma.async_copy_global_to_shared(q_desc, [row_q + c * BM_C, 0], q_bar, q_smem.index(c))
         for j in range(gl.cdiv(L, BN)):
             s = j % NUM_STAGES
             mbarrier.wait(empty.index(s), ((j // NUM_STAGES) & 1) ^ 1)
@@ -285,8 +295,10 @@ if gluon is not None:
 
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
-        row0 = pid_m * (2 * BM) + WG * BM
-        qs = gl.load(qs_ptr + bh * n_sblk + row0 // SCALE_BLOCK)  # 64 rows share one Q scale (SCALE_BLOCK >= 64)
+        CONSUMERS: gl.constexpr = q_smem.shape[0]
+        row0 = pid_m * (CONSUMERS * BM) + WG * BM
+        # 64 rows share one Q scale (SCALE_BLOCK >= 64); with three consumers the last rows can lie past Lp
+        qs = gl.load(qs_ptr + bh * n_sblk + gl.minimum(row0 // SCALE_BLOCK, n_sblk - 1))
         ks_base = ks_ptr + bh * n_sblk
         n_tiles = gl.cdiv(L, BN)
         q = q_smem.index(WG)
@@ -364,6 +376,7 @@ if gluon is not None:
         EXP_SPLIT: gl.constexpr,
         ROW_TREE: gl.constexpr,
         LATE_RESCALE: gl.constexpr,
+        CONSUMERS: gl.constexpr,
         PRODUCER_REGS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         num_warps: gl.constexpr,
@@ -372,7 +385,7 @@ if gluon is not None:
         D: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
         gl.static_assert(num_warps == 4)  # the default partition is consumer 0
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BM_C, D], q_desc.layout)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS, BM_C, D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, D, BN], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -384,27 +397,50 @@ if gluon is not None:
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer
+            mbarrier.init(empty.index(i), count=CONSUMERS)  # one arrival per consumer
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
         fence_async_shared()
 
+        # the consumer tuples are spelled out (see fp8_block_gemm_sm90: tuples built from a shared prefix lose
+        # their constexprs in triton 3.6); the default partition (the kernel's 4 warps) is consumer 0
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
+        WG2: gl.constexpr = 2
         # fmt: off
-        gl.warp_specialize(
-            [
-            (_attn_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr,
-                              o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG0, PINGPONG,
-                              EXP_SPLIT, ROW_TREE, LATE_RESCALE)),
-            (_attn_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr,
-                              o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG1, PINGPONG,
-                              EXP_SPLIT, ROW_TREE, LATE_RESCALE)),
-            (_attn_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, L, Lp)),
-            ],
-            [4, 1],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )
+        if CONSUMERS == 2:
+            gl.warp_specialize(
+                [
+                (_attn_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr,
+                                  o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG0, PINGPONG,
+                                  EXP_SPLIT, ROW_TREE, LATE_RESCALE)),
+                (_attn_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr,
+                                  o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG1, PINGPONG,
+                                  EXP_SPLIT, ROW_TREE, LATE_RESCALE)),
+                (_attn_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, L,
+                                  Lp)),
+                ],
+                [4, 1],
+                [CONSUMER_REGS, PRODUCER_REGS],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                (_attn_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr,
+                                  o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG0, PINGPONG,
+                                  EXP_SPLIT, ROW_TREE, LATE_RESCALE)),
+                (_attn_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr,
+                                  o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG1, PINGPONG,
+                                  EXP_SPLIT, ROW_TREE, LATE_RESCALE)),
+                (_attn_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, turn, qs_ptr, ks_ptr, vs_ptr,
+                                  o_ptr, L, H, n_sblk, stride_ob, stride_oh, stride_ol, SCALE_BLOCK, WG2, PINGPONG,
+                                  EXP_SPLIT, ROW_TREE, LATE_RESCALE)),
+                (_attn_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, L,
+                                  Lp)),
+                ],
+                [4, 4, 1],
+                [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
+            )
         # fmt: on
 
 
@@ -420,14 +456,16 @@ BLOCK_N_DEFAULT = 128
 PINGPONG_MODES = {0: "off", 1: "turn passed at issue", 2: "turn passed when S is complete"}
 
 
-def smem_bytes(num_stages: int, block_n: int, head_dim: int = 128) -> int:
-    """Shared memory of the kernel: Q's two 64-row boxes, the K and Vᵀ ring (``block_n`` x D bytes each per
-    stage) and the mbarriers."""
-    return 2 * CONSUMER_ROWS * head_dim + 2 * num_stages * block_n * head_dim + 8 * (1 + 3 * num_stages + 2)
+def smem_bytes(num_stages: int, block_n: int, head_dim: int = 128, consumers: int = 2) -> int:
+    """Shared memory of the kernel: Q's 64-row boxes (one per consumer), the K and Vᵀ ring (``block_n`` x D bytes
+    each per stage) and the mbarriers."""
+    return consumers * CONSUMER_ROWS * head_dim + 2 * num_stages * block_n * head_dim + 8 * (1 + 3 * num_stages + 2)
 
 
-def check_config(head_dim: int, scale_block: int, block_n: int, num_stages: int) -> None:
+def check_config(head_dim: int, scale_block: int, block_n: int, num_stages: int, consumers: int = 2) -> None:
     """What the kernel supports; raises ValueError otherwise."""
+    if consumers not in WS_REGS:
+        raise ValueError(f"consumers must be one of {sorted(WS_REGS)}, got {consumers}")
     if head_dim not in (64, 128):
         raise ValueError(f"fp8_attention_sm90 needs head dim 64 or 128, got {head_dim}")
     if block_n not in BLOCK_NS:
@@ -438,7 +476,7 @@ def check_config(head_dim: int, scale_block: int, block_n: int, num_stages: int)
         raise ValueError(f"block_n={block_n} spans more than two K scale blocks of {scale_block}")
     if not 2 <= num_stages <= 6:
         raise ValueError(f"num_stages must be in 2..6, got {num_stages}")
-    smem = smem_bytes(num_stages, block_n, head_dim)
+    smem = smem_bytes(num_stages, block_n, head_dim, consumers)
     if smem > SMEM_BYTES:
         raise ValueError(f"num_stages={num_stages} with block_n={block_n} needs {smem} B of shared memory, more "
                          f"than sm_90's {SMEM_BYTES}")  # fmt: skip
@@ -456,6 +494,7 @@ def fp8_attention_sm90(
     exp_split: bool = False,
     row_tree: bool = False,
     late_rescale: bool = False,
+    consumers: int = 2,
 ) -> torch.Tensor:
     """The attention main loop on sm_90 (module docstring) on ``quant = quantize_qkv(q, k, v, pv="fp8",
     scale_block=scale_block, v_perm16=True)`` (qk "fp8" or "int8"); ``v`` the original V, for shape and output dtype.
@@ -463,8 +502,9 @@ def fp8_attention_sm90(
     ``block_n``: keys per tile (64 or 128); ``num_stages``: depth of the K / Vᵀ ring; ``pingpong``: the
     two consumer warpgroups issue their wgmmas in turns, passing the turn right after issuing (1) or once their S
     tile is complete (2; ``PINGPONG_MODES``); ``exp_split``: half of each tile's exp2 on the FMA pipe
-    (``_exp2_poly``) instead of the MUFU unit; ``row_tree``: the row max in four chains per thread instead of one
-    (``_row_max``); ``late_rescale``: O rescaled under the next Q·K wgmma (FA3's order)."""
+    (``_exp2_poly``) instead of the MUFU unit; ``row_tree``: the row max and sum as trees instead of one chain
+    (``_row_reduce``); ``late_rescale``: O rescaled under the next Q·K wgmma (FA3's order); ``consumers``: 2 or 3
+    consumer warpgroups of 64 query rows per program (3: 160 registers each instead of 232, no ping-pong)."""
     if int(pingpong) not in PINGPONG_MODES:
         raise ValueError(f"pingpong must be one of {sorted(PINGPONG_MODES)} ({PINGPONG_MODES}), got {pingpong!r}")
     pingpong = int(pingpong)
@@ -474,7 +514,9 @@ def fp8_attention_sm90(
     B, H, L, D = v.shape
     q8, k8, vt8 = quant["q8"], quant["k8"], quant["vt8p"]
     Lp = q8.shape[2]
-    check_config(D, scale_block, block_n, num_stages)
+    check_config(D, scale_block, block_n, num_stages, consumers)
+    if consumers != 2 and pingpong:
+        raise ValueError("pingpong alternates two consumers: it needs consumers=2")
     if q8.shape != (B, H, Lp, D) or k8.shape != q8.shape or vt8.shape != (B, H, D, Lp) or Lp % 128:
         raise ValueError(f"quant does not match v {tuple(v.shape)}: q8 {tuple(q8.shape)}, k8 {tuple(k8.shape)}, "
                          f"vt8 {tuple(vt8.shape)}")  # fmt: skip
@@ -494,9 +536,9 @@ def fp8_attention_sm90(
     q2, k2, v2 = q8.view(-1, D), k8.view(-1, D), vt8.view(-1, Lp)
     ints = (L, Lp, H, quant["qs"].shape[2], out.stride(0), out.stride(1), out.stride(2))
     consts = dict(SCALE_BLOCK=scale_block, NUM_STAGES=num_stages, PINGPONG=pingpong, EXP_SPLIT=bool(exp_split),
-                  ROW_TREE=bool(row_tree), LATE_RESCALE=bool(late_rescale), PRODUCER_REGS=PRODUCER_REGS,
-                  CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
-    grid = (Lp // BLOCK_M, B * H, 1)
+                  ROW_TREE=bool(row_tree), LATE_RESCALE=bool(late_rescale), CONSUMERS=consumers,
+                  PRODUCER_REGS=WS_REGS[consumers][2], CONSUMER_REGS=WS_REGS[consumers][1])  # fmt: skip
+    grid = (triton.cdiv(Lp, consumers * CONSUMER_ROWS), B * H, 1)
     index = v.device.index if v.device.index is not None else torch.cuda.current_device()
     key = (index, q8.dtype, out.dtype, D, block_n, grid, *ints, *consts.values(),
            *(t.data_ptr() % 16 == 0 for t in (quant["qs"], quant["ks"], quant["vs"], out)))  # fmt: skip
@@ -514,7 +556,7 @@ def fp8_attention_sm90(
                               gl.NVMMASharedLayout.get_default_for([D, block_n], gl.float8e4nv))  # fmt: skip
     compiled = _fp8_attention_sm90_kernel[grid](
         q_desc, k_desc, v_desc, quant["qs"], quant["ks"], quant["vs"], out, *ints, **consts, num_warps=4,
-        maxnreg=MAXNREG,
+        maxnreg=WS_REGS[consumers][0],
     )  # fmt: skip
     if FAST_LAUNCH:
         _block.cache_launcher(_LAUNCHERS, key, _fp8_attention_sm90_kernel, compiled, grid, 7 + len(ints), consts,

@@ -150,10 +150,28 @@ def test_gpu_schedules_agree():
     assert torch.equal(tree, A.fp8_attention_sm90(quant, v, row_tree=True, pingpong=2, late_rescale=True))
 
 
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("L,block_n", [(100, 64), (1000, 64), (1151, 128), (4608, 64)])
+def test_gpu_three_consumers_same_bits(L, block_n):
+    """Three consumer warpgroups (192 query rows per program; the last program's rows can run past the padded
+    length) compute every row exactly as two do: the same bits."""
+    q, k, v = flux_like(1, 3, L, 128, seed=L, dtype=torch.bfloat16)
+    quant = quantize_qkv(q, k, v, v_perm16=True)
+    two = A.fp8_attention_sm90(quant, v, block_n=block_n)
+    three = A.fp8_attention_sm90(quant, v, block_n=block_n, consumers=3)
+    assert torch.equal(two, three)
+    assert rel_l2(three, fp8_attention_ref(q, k, v, block_n=block_n)) < 1e-2
+
+
 def test_rejects_unknown_pingpong_mode():
     q, k, v = flux_like(1, 2, 100, 64, device="cpu")
     with pytest.raises(ValueError, match="pingpong must be one of"):
         A.fp8_attention_sm90(quantize_qkv(q, k, v, v_perm16=True), v, pingpong=3)
+    with pytest.raises(ValueError, match="consumers must be one of"):
+        A.fp8_attention_sm90(quantize_qkv(q, k, v, v_perm16=True), v, consumers=4)
+    with pytest.raises(ValueError, match="needs consumers=2"):
+        A.fp8_attention_sm90(quantize_qkv(q, k, v, v_perm16=True), v, consumers=3, pingpong=1)
 
 
 def test_dispatch_rule_on_cpu():
