@@ -50,9 +50,16 @@ Measured (reports/fp8_attention/attn_sm90.md, runs 1-3, and fp8_attention run 4,
 - Run 4 (attn_sm90.md) tried what that suggested and each lost: the turn passed once S is complete (pingpong=2,
   forcing the offset) 0.96-1.0x, the row max / sum as trees (``row_tree``, 9 dependent steps instead of 33)
   0.92-0.97x, FA3's late rescale 0.95-1.0x; ex2.approx.f16x2 is two MUFU.EX2.F16 on sm_90 (no packed exp2).
-  Next steps: a third consumer warpgroup (more warps to hide the chain; 152 registers each, so 64-key tiles or
-  P kept as e4m3), the row sum through the P·V wgmma (a ones column in Vᵀ, N = 136), and a persistent grid for
-  the 13-wave tail at L = 4608.
+- Run 5: a third consumer warpgroup (``consumers=3``: 192 query rows per program, 160 registers each) is
+  1.09-1.10x two consumers on 64-key tiles (the same bits), so more warps do hide part of the chain; but 64-key
+  tiles cost more than that (two consumers on them are 0.85-0.90x the default), so 0.92-0.98x the default in
+  all; on 128-key tiles the 160 registers spill (13 loads and 19 stores per tile) and it is 0.82-0.83x.
+  Issuing P_j·V_j right after its softmax (no P carried across iterations) spills 2.4 KB at 160 registers and
+  makes ptxas serialize the wgmmas (compiled on the CPU; not run). Next steps: P kept as packed e4m3 across
+  iterations (16 registers instead of 64: three consumers on 128-key tiles without spills; Gluon 3.6 keeps a
+  loop-carried e4m3 tensor as one 16-bit register per element), the row sum through the P·V wgmma (a ones
+  column in Vᵀ, N = 136), and split-KV for the 13-wave tail at L = 4608 (a persistent grid alone does not
+  remove it: 1728 equal tiles on 132 SMs are 14 rounds either way).
 
 Expectation (written before the first GPU run, session 10)
 ----------------------------------------------------------
