@@ -98,6 +98,10 @@ WO_DEQUANT_MIN_M = 1024  # weight-only: from this many rows on, dequantize to bf
 # weight-only, bf16 activations on the GPU: decode e4m3 with 4-byte PTX (``_e4m3_bits_to_bf16``) rather
 # than Triton's 16-bit integer ops; a module global so benchmarks can A/B both in one process
 WO_ASM_DECODE = os.environ.get("FLUX2_WO_ASM_DECODE", "1") == "1"
+# weight-only on sm_90 with bf16 activations: the Gluon warp-specialized kernel (fp8_weight_only_sm90) below
+# WO_SM90_MAX_M rows (FLUX2_WO_SM90=0: the Triton fused kernel / dequantize + cuBLAS as on other GPUs)
+WO_SM90 = os.environ.get("FLUX2_WO_SM90", "1") == "1"
+WO_SM90_MAX_M = WO_DEQUANT_MIN_M
 # fp8 A on sm_90: the persistent TMA kernel. Off by default: inside the FLUX.2-dev forward (run 3 of
 # reports/quant_runtime) the model's output fell to 24 dB / 13 dB SQNR (fp8-row unfused / fp8-tensor)
 # against 37 dB with the classic kernel, while every config pinned alone was exact. Reproduced by
@@ -1580,6 +1584,25 @@ def dequantize_fp8_weight(w: torch.Tensor, w_scale: torch.Tensor, dtype: torch.d
     return _dequant_launch(w, w_scale, mode, s_n, s_k, dtype)
 
 
+def _use_wo_sm90(x2, w, out_dtype, residual) -> bool:
+    """Weight-only takes the Gluon kernel on sm_90 (``WO_SM90``) for bf16 x and a 2-byte output, where TMA's
+    16-byte alignment holds for every row and base address and a residual (if any) is in the output's dtype."""
+    if not WO_SM90 or _INTERPRET or x2.device.type != "cuda" or x2.dtype != torch.bfloat16:
+        return False
+    if out_dtype not in (torch.bfloat16, torch.float16) or (w.shape[0] * 2) % 16:
+        return False
+    from flux2_bench.kernels import fp8_weight_only_sm90 as W
+
+    if not W.is_available(x2.device):
+        return False
+    if any(t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or t.stride(1) != 1 for t in (x2, w)):
+        return False
+    if residual is None:
+        return True
+    return (residual.dtype == out_dtype and residual.stride(1) == 1 and residual.data_ptr() % 16 == 0
+            and (residual.stride(0) * residual.element_size()) % 16 == 0)  # fmt: skip
+
+
 def fp8_weight_only_linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -1618,6 +1641,11 @@ def fp8_weight_only_linear(
         residual = residual.reshape(M, N) if residual.numel() == M * N else residual
     _check_epilogue(residual, gate, M, N)
     _check_device(x2, w, w_scale, residual, gate)
+    if M < WO_SM90_MAX_M and _use_wo_sm90(x2, w, out_dtype, residual):
+        from flux2_bench.kernels import fp8_weight_only_sm90 as W
+
+        out = W.fp8_weight_only_sm90(x2, w, w_scale, out_dtype=out_dtype, residual=residual, gate=gate)
+        return out.reshape(*x.shape[:-1], N)
     if M >= WO_DEQUANT_MIN_M and N > 0:
         # large M: the GEMM is compute-bound and cuBLAS's bf16 MMA beats the fused decode; the one
         # extra pass over the weights (1 byte read, 2 written per weight) is amortized over M rows

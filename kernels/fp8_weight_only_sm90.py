@@ -1,0 +1,372 @@
+"""Weight-only FP8 GEMM for Hopper (sm_90) in Gluon, warp-specialized, e4m3 weights decoded in registers.
+
+What
+----
+``fp8_weight_only_sm90(x, w, w_scale)`` computes what ``flux2_bench.kernels.fp8_matmul.fp8_weight_only_linear``
+computes (reference: ``fp8_weight_only_linear_ref``) for bf16 activations::
+
+    out = residual + gate[None, :] * (x @ (w * w_scale).T)
+
+- ``x``: (M, K) bf16, K contiguous. ``w``: (N, K) e4m3 (or its uint8 view), K contiguous.
+- ``w_scale``: one element (per-tensor), (N,) / (N, 1) per output channel, or (ceil(N/128), ceil(K/128))
+  128 x 128 blocks.
+
+fp32 accumulation; per-tensor and per-channel scales are applied once, in the epilogue; block scales multiply
+the decoded weights of each K step (in fp32, rounded to bf16 for the MMA, as the Triton kernel does).
+
+Why
+---
+The weight-only path exists for GPUs without FP8 tensor cores (sm_80/86), where the Triton kernel
+(``fp8_matmul._fp8_weight_only_kernel``) runs. On the H100, where the issue's target is measured (within 1.1x of
+bf16 cuBLAS time), that kernel reached 0.58-0.66x cuBLAS (reports/fp8_matmul run 15): its warps issue the
+activation loads (cp.async), read and decode the weights and issue the wgmmas in one stream, 2 warps per
+scheduler, and ncu (ncu_wo_m512.txt, txt.qkv) shows 23 % of issue slots and 41 % of the tensor pipe used, i.e.
+latency, not work. Large M was routed to "dequantize to bf16 + cuBLAS" instead, which costs a bf16 copy of the
+weight (up to 680 MB for single.linear1) and a pass over it per call.
+
+This kernel is the row GEMM's warp-specialized structure (``fp8_row_gemm_sm90``: one TMA producer warp, two
+consumer warpgroups, ``ready`` / ``empty`` mbarriers per ring slot, persistent grid) with the tile computed
+transposed, Cᵀ = W·Xᵀ ("swap AB", as the Triton kernel): the decoded weights are the wgmma's A operand, which
+Hopper takes from registers, and the activations are its B operand in shared memory. Per K step (64) each
+consumer issues the async wgmmas (m64nBTk16 x 4) of step k on weights decoded in the step before, then waits
+for step k + 1's slot, reads its 64 x 64 weight bytes into the A-fragment layout and decodes them (PRMT / LOP /
+one packed FMA per two weights: ``_e4m3_bits_to_bf16`` of fp8_matmul) under those wgmmas, then waits for them.
+No wgmma stays in flight across the loop's back edge: when one did (wait until one is in flight, the row
+GEMM's scheme), ptxas serialized every wgmma, as it reads its A operand from registers ("insufficient register
+resources", C7512). The epilogue transposes through shared memory and stores with TMA.
+
+Expectation (written before the first GPU run, session 12)
+----------------------------------------------------------
+GPU time against bf16 cuBLAS (``torch.mm``), FLUX.2-dev shapes at 1024²: the M = 512 text GEMMs 0.80-0.95x
+(from 0.58-0.63x; the tile count sets the ceiling there: txt.qkv 288 tiles of 128 x 256 on 132 SMs is 2.2
+waves), the M >= 4096 shapes 0.85-1.0x (the decode is about 3 ALU instructions per 256 MACs per thread).
+Risk: the A fragment read from the swizzled byte tile may be many narrow shared loads.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from flux2_bench.kernels import fp8_block_gemm_sm90 as _block
+from flux2_bench.kernels.fp8_matmul import _check_epilogue, _rebased
+
+gluon, gl = _block.gluon, _block.gl
+if gluon is not None:
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BLOCK_K = 64  # 128 bytes of bf16 activations per row: one full swizzle line
+ROWS = 64  # weight rows per consumer warpgroup (the wgmma's M)
+GROUP = 8
+SMEM_BYTES = _block.SMEM_BYTES
+MAXNREG, CONSUMER_REGS, PRODUCER_REGS = _block.WS_REGS[2]
+EXPECTATION = (
+    "GPU time vs bf16 cuBLAS: M = 512 text GEMMs 0.80-0.95x (from 0.58-0.63x), M >= 4096 0.85-1.0x; written "
+    "before the first run (session 12)"
+)
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _e4m3_bits_to_bf16(wb):
+        """uint8 e4m3 bit patterns -> exact bf16 values, four per 32-bit register: fp8_matmul's decode (PRMT
+        the bytes into the high halves of 16-bit lanes, shift the magnitude to bf16's exponent/mantissa
+        position, one packed FMA by 2^120). Elementwise, so any register grouping of the layout is right."""
+        return gl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 t0, t1, u0, u1, two120, negzero;
+            mov.b32 two120, 0x7B807B80;
+            mov.b32 negzero, 0x80008000;
+            prmt.b32 t0, $2, 0, 0x1404;
+            prmt.b32 t1, $2, 0, 0x3424;
+            and.b32 u0, t0, 0x7FFF7FFF;
+            and.b32 u1, t1, 0x7FFF7FFF;
+            shr.b32 u0, u0, 4;
+            shr.b32 u1, u1, 4;
+            and.b32 t0, t0, 0x80008000;
+            and.b32 t1, t1, 0x80008000;
+            or.b32 u0, u0, t0;
+            or.b32 u1, u1, t1;
+            fma.rn.bf16x2 $0, u0, two120, negzero;
+            fma.rn.bf16x2 $1, u1, two120, negzero;
+            }
+            """,
+            "=r,=r,r",
+            [wb],
+            dtype=gl.bfloat16,
+            is_pure=True,
+            pack=4,
+        )
+
+    @gluon.jit
+    def _decoded_step(w_smem, ready, w_scale_ptr, it, j, off_w, stride_wsn, stride_wsk, a_l: gl.constexpr,
+                      SCALE_MODE: gl.constexpr, WG: gl.constexpr, pred=True):  # fmt: skip
+        """Wait for ring step ``it`` (K step ``j`` of the tile; no wait where ``pred`` is false) and return this
+        consumer's 64 x BK weights as the bf16 A operand (block scales applied, rounded to bf16)."""
+        NUM_STAGES: gl.constexpr = ready.shape[0]
+        BK: gl.constexpr = w_smem.shape[2]
+        s = it % NUM_STAGES
+        mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1, pred=pred)
+        w = _e4m3_bits_to_bf16(w_smem.index(2 * s + WG).load(a_l))
+        if SCALE_MODE == 2:  # 128 x 128 blocks: one scale per (128 rows, 128 columns); 64 rows and BK divide 128
+            sc = gl.load(w_scale_ptr + (off_w // 128) * stride_wsn + ((j * BK) // 128) * stride_wsk)
+            w = (w.to(gl.float32) * sc).to(gl.bfloat16)
+        return w
+
+    @gluon.jit
+    def _wo_consumer(
+        w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr, gate_ptr,
+        M, N, K, stride_wsn, stride_wsk, stride_gn,
+        SCALE_MODE: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr,
+        WG: gl.constexpr,
+    ):  # fmt: skip
+        """One warpgroup: weight rows [WG * 64, WG * 64 + 64) of every 128-row tile of the program, against the
+        tile's BT tokens. Per K step: issue the async wgmma on the decoded weights of this step, then wait for the
+        next step's slot (``ready``) and read and decode its weights under the wgmma, wait for the wgmma, release
+        this step's slot (``empty``). Epilogue: per-channel
+        scale, gate, residual (fp32, fp8_matmul's order), cast, transpose through ``c_smem``, TMA store."""
+        NUM_STAGES: gl.constexpr = x_smem.shape[0]
+        BW: gl.constexpr = w_smem.shape[1]
+        BT: gl.constexpr = x_smem.shape[1]
+        BK: gl.constexpr = x_smem.shape[2]
+        gl.static_assert(gl.num_warps() == 4)
+        gl.static_assert(BW == 64)
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BT, 16])
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        row_l: gl.constexpr = gl.SliceLayout(1, mma)
+
+        num_pid_w = gl.cdiv(N, 2 * BW)
+        num_pid_t = gl.cdiv(M, BT)
+        k_tiles = gl.cdiv(K, BK)
+        it = 0
+        for tile_id in range(gl.program_id(0), num_pid_w * num_pid_t, gl.num_programs(0)):
+            pid_w, pid_t = _block._tile_pids(tile_id, num_pid_w, num_pid_t, GROUP)
+            off_w = pid_w * 2 * BW + WG * BW
+            off_t = pid_t * BT
+            acc = gl.zeros([BW, BT], gl.float32, layout=mma)
+            w = _decoded_step(w_smem, ready, w_scale_ptr, it, 0, off_w, stride_wsn, stride_wsk, a_l, SCALE_MODE, WG)
+            for j in range(k_tiles):
+                s = it % NUM_STAGES
+                acc = warpgroup_mma(w, x_smem.index(s).permute((1, 0)), acc, is_async=True)
+                # under the wgmma: wait for and decode step j + 1 (past the tile's last step: a stale slot read
+                # without waiting, unused)
+                w = _decoded_step(w_smem, ready, w_scale_ptr, it + 1, gl.minimum(j + 1, k_tiles - 1), off_w, stride_wsn,
+                                  stride_wsk, a_l, SCALE_MODE, WG, j + 1 < k_tiles)  # fmt: skip
+                # no wgmma stays in flight across the loop's back edge: with one in flight there (reading its
+                # A operand from registers) ptxas serializes every wgmma ("insufficient register resources")
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(empty.index(s), count=1)
+                it += 1
+
+            offs_w = off_w + gl.arange(0, BW, layout=row_l)
+            mask_w = offs_w < N
+            if SCALE_MODE != 2:
+                sw = gl.load(w_scale_ptr + offs_w * stride_wsn, mask=mask_w, other=0.0)
+                acc = acc * sw[:, None]
+            if HAS_GATE:
+                g = gl.load(gate_ptr + offs_w * stride_gn, mask=mask_w, other=0.0).to(gl.float32)
+                acc = acc * g[:, None]
+            c_buf = c_smem.index(WG)
+            tma.store_wait(0)  # this consumer's previous tile has left c_buf
+            if HAS_RESIDUAL:  # the residual tile comes in by TMA through c_buf, then joins in registers
+                mbarrier.expect(res_bar.index(WG), res_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(res_desc, [off_t, off_w], res_bar.index(WG), c_buf)
+            out = gl.permute(acc, (1, 0))  # [BT, BW]: the rows of out
+            if HAS_RESIDUAL:
+                n_done = (tile_id - gl.program_id(0)) // gl.num_programs(0)  # tiles before this one here
+                mbarrier.wait(res_bar.index(WG), n_done & 1)
+                out = out + c_buf.load(out.type.layout).to(gl.float32)
+            c_buf.store(out.to(out_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(out_desc, [off_t, off_w], c_buf)  # clipped at M, N
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _fp8_weight_only_sm90_kernel(
+        w_desc,  # (N, K) uint8 (e4m3 bits), block [64, BLOCK_K]
+        x_desc,  # (M, K) bf16, block [BT, BLOCK_K]
+        out_desc,  # (M, N) bf16 / fp16, block [BT, 64]
+        res_desc,  # (M, N) residual in out's dtype (out_desc when there is none), block [BT, 64]
+        w_scale_ptr, gate_ptr,
+        M, N, K, stride_wsn, stride_wsk, stride_gn,
+        SCALE_MODE: gl.constexpr,
+        HAS_RESIDUAL: gl.constexpr,
+        HAS_GATE: gl.constexpr,
+        NUM_STAGES: gl.constexpr,
+        GROUP: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):  # fmt: skip
+        BW: gl.constexpr = w_desc.block_type.shape[0]
+        BK: gl.constexpr = w_desc.block_type.shape[1]
+        BT: gl.constexpr = x_desc.block_type.shape[0]
+        gl.static_assert(BK == 64)
+        gl.static_assert(BT == 128 or BT == 256)
+        gl.static_assert(num_warps == 4)  # the default partition is consumer 0 (one warpgroup)
+
+        w_smem = gl.allocate_shared_memory(w_desc.dtype, [NUM_STAGES * 2, BW, BK], w_desc.layout)
+        x_smem = gl.allocate_shared_memory(x_desc.dtype, [NUM_STAGES, BT, BK], x_desc.layout)
+        c_smem = gl.allocate_shared_memory(out_desc.dtype, [2, BT, BW], out_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        res_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=1)  # the producer's expect; TMA bytes complete it
+            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer
+        for i in gl.static_range(2):
+            mbarrier.init(res_bar.index(i), count=1)  # consumer i's residual tile has arrived
+        fence_async_shared()
+
+        # the producer sees the transposed problem: its "A" is the weight (N rows, one 64-row box per
+        # consumer), its "B" the activations (M rows); tile order and K steps match _wo_consumer's
+        WG0: gl.constexpr = 0
+        WG1: gl.constexpr = 1
+        # fmt: off
+        gl.warp_specialize(
+            [
+            (_wo_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
+                            gate_ptr, M, N, K, stride_wsn, stride_wsk, stride_gn, SCALE_MODE, HAS_RESIDUAL,
+                            HAS_GATE, GROUP, WG0)),
+            (_wo_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
+                            gate_ptr, M, N, K, stride_wsn, stride_wsk, stride_gn, SCALE_MODE, HAS_RESIDUAL,
+                            HAS_GATE, GROUP, WG1)),
+            (_block._ws_producer, (w_desc, x_desc, w_smem, x_smem, ready, empty, N, M, K, GROUP)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
+        # fmt: on
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+is_available = _block.is_available
+FAST_LAUNCH = os.environ.get("FLUX2_FAST_LAUNCH", "1") == "1"
+_LAUNCHERS: dict[tuple, tuple] = {}
+_OUT_GL = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def smem_bytes(num_stages: int, block_t: int, out_bytes: int = 2) -> int:
+    """Shared memory of the kernel: the ring (128 weight rows of BLOCK_K bytes and ``block_t`` activation rows
+    of BLOCK_K bf16 per stage), the two consumers' transposed output tiles, 2 mbarriers per stage."""
+    return num_stages * (2 * ROWS + 2 * block_t) * BLOCK_K + 2 * block_t * ROWS * out_bytes + 16 * num_stages
+
+
+def default_config(M: int) -> tuple[int, int]:
+    """(block_t, num_stages): 256 tokens per tile where M fills them, else 128 (more tiles for small M)."""
+    return (256, 4) if M > 512 else (128, 6)
+
+
+def fp8_weight_only_sm90(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    *,
+    out_dtype: torch.dtype | None = None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    block_t: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """``residual + gate * (x @ (w * w_scale).T)`` on Hopper (module docstring). ``x`` (M, K) bf16, ``w`` (N, K)
+    e4m3 or uint8, both K-contiguous with 16-byte aligned rows (K a multiple of 16); ``w_scale`` fp32: one
+    element, (N,) / (N, 1), or (ceil(N/128), ceil(K/128)) blocks; ``out_dtype`` bf16 (default) or fp16, N a
+    multiple of 8. ``block_t``: tokens per tile (128 or 256), ``num_stages``: depth of the TMA ring (2-8,
+    within sm_90's 227 KB: ``smem_bytes``); both default to ``default_config(M)``."""
+    from flux2_bench.kernels.fp8_matmul import _weight_scale_mode
+
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.ndim != 2:
+        raise TypeError(f"x must be a 2-D bf16 tensor, got {getattr(x, 'dtype', type(x))}")
+    if not isinstance(w, torch.Tensor) or w.dtype not in (torch.float8_e4m3fn, torch.uint8) or w.ndim != 2:
+        raise TypeError(f"w must be a 2-D float8_e4m3fn (or uint8) tensor, got {getattr(w, 'dtype', type(w))}")
+    M, K = x.shape
+    N = w.shape[0]
+    if w.shape[1] != K:
+        raise ValueError(f"K mismatch: x is {tuple(x.shape)}, w is {tuple(w.shape)} (w is (N, K))")
+    for name, t in (("x", x), ("w", w)):
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name} must be contiguous along K, got strides {t.stride()}")
+    if not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32:
+        raise TypeError(f"w_scale must be a float32 tensor, got {getattr(w_scale, 'dtype', type(w_scale))}")
+    mode, s_n, s_k = _weight_scale_mode(w_scale, N, K)
+    out_dtype = out_dtype or torch.bfloat16
+    if out_dtype not in _OUT_GL:
+        raise ValueError(f"fp8_weight_only_sm90 writes bf16 or fp16 (TMA store), got out_dtype={out_dtype}")
+    _check_epilogue(residual, gate, M, N)
+    if residual is not None and residual.stride(1) != 1:
+        raise ValueError(f"residual must be contiguous along N, got strides {residual.stride()}")
+    if residual is not None and residual.dtype != out_dtype:
+        raise TypeError(f"residual must be in out_dtype ({out_dtype}): it is read by TMA; got {residual.dtype}")
+    dt, ds = default_config(M)
+    block_t = block_t or dt
+    num_stages = num_stages or ds
+    if block_t not in (128, 256):
+        raise ValueError(f"block_t must be 128 or 256, got {block_t}")
+    if not 2 <= num_stages <= 8:
+        raise ValueError(f"num_stages must be in 2..8, got {num_stages}")
+    smem = smem_bytes(num_stages, block_t)
+    if smem > SMEM_BYTES:
+        raise ValueError(f"num_stages={num_stages} with block_t={block_t} needs {smem} B of shared memory, more "
+                         f"than sm_90's {SMEM_BYTES}")  # fmt: skip
+    _block.check_sm90_launch("fp8_weight_only_sm90", x, w, w_scale, residual, gate)
+    out = torch.empty((M, N), device=x.device, dtype=out_dtype)
+    wu = w.view(torch.uint8)
+    for name, t in (("x", x), ("w", wu), ("out", out), ("residual", residual)):
+        if t is not None:
+            _block._check_tma(t, name)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        out.zero_()
+        if residual is not None:
+            out.copy_(residual)
+        return out
+    g = gate.reshape(-1) if gate is not None else out.view(-1)
+    return _launch(x, wu, w_scale, out, residual, g, mode, s_n, s_k, residual is not None, gate is not None, block_t,
+                   num_stages)  # fmt: skip
+
+
+def _launch(x, w, w_scale, out, res, g, mode, s_n, s_k, has_res, has_gate, block_t, num_stages):
+    M, K = x.shape
+    N = w.shape[0]
+    ints = (M, N, K, s_n, s_k, g.stride(0))
+    consts = dict(SCALE_MODE=mode, HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=GROUP,
+                  PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    # everything the launch specializes on (see fp8_row_gemm_sm90._launch)
+    key = (index, x.stride(0), w.stride(0), out.stride(0), res.stride(0) if has_res else 0, out.dtype, g.dtype,
+           block_t, *ints, *consts.values(), *(t.data_ptr() % 16 == 0 for t in (w_scale, g)))  # fmt: skip
+    hit = _LAUNCHERS.get(key) if FAST_LAUNCH else None
+    if hit is not None:
+        runner, w_desc, x_desc, out_desc, res_desc, tail = hit
+        res_desc = _rebased(res_desc, res) if has_res else _rebased(out_desc, out)
+        runner(_rebased(w_desc, w), _rebased(x_desc, x), _rebased(out_desc, out), res_desc, w_scale, g, *ints, *tail)
+        return out
+    w_desc = TensorDescriptor(w, [N, K], [w.stride(0), 1], [ROWS, BLOCK_K],
+                              gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_K], gl.uint8))  # fmt: skip
+    x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [block_t, BLOCK_K],
+                              gl.NVMMASharedLayout.get_default_for([block_t, BLOCK_K], gl.bfloat16))  # fmt: skip
+    o_layout = gl.NVMMASharedLayout.get_default_for([block_t, ROWS], getattr(gl, _OUT_GL[out.dtype]))
+    out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [block_t, ROWS], o_layout)
+    res_desc = TensorDescriptor(res, [M, N], [res.stride(0), 1], [block_t, ROWS], o_layout) if has_res else out_desc
+    grid = (min(-(-N // (2 * ROWS)) * -(-M // block_t), _block._num_sms(index)), 1, 1)
+    compiled = _fp8_weight_only_sm90_kernel[grid](
+        w_desc, x_desc, out_desc, res_desc, w_scale, g, *ints, **consts, num_warps=4, maxnreg=MAXNREG
+    )
+    if FAST_LAUNCH:
+        _block.cache_launcher(_LAUNCHERS, key, _fp8_weight_only_sm90_kernel, compiled, grid, 6 + len(ints), consts,
+                              (w_desc, x_desc, out_desc, res_desc))  # fmt: skip
+    return out

@@ -1,0 +1,178 @@
+"""fp8_weight_only_sm90 (Gluon, Hopper, warp-specialized, e4m3 weights decoded in registers): launcher
+validation on CPU; on sm_90 the maths against fp8_weight_only_linear_ref for every scale granularity, ragged
+shapes, the gated residual, fp16 output, bit equality with the Triton fused kernel and the cached launch."""
+
+import pytest
+import torch
+
+from flux2_bench.kernels import fp8_matmul as F
+from flux2_bench.kernels import fp8_weight_only_sm90 as W
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _operands(M, N, K, mode="row", device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    w = (torch.randn(N, K, generator=g) * 64).clamp(-448, 448).to(E4M3)  # normals and subnormals of e4m3
+    if mode == "tensor":
+        s = torch.tensor(0.01)
+    elif mode == "row":  # differs per output channel: a wrong row index shows
+        s = torch.rand(N, generator=g) * 0.01 + 0.005
+    else:  # 128 x 128 blocks
+        s = torch.rand(-(-N // 128), -(-K // 128), generator=g) * 0.01 + 0.005
+    return x.to(device), w.to(device), s.to(device)
+
+
+# --- CPU: validation (no GPU needed) -------------------------------------------------------------
+
+
+def test_rejects_bad_arguments():
+    x, w, s = _operands(32, 128, 256)
+    with pytest.raises(TypeError, match="x must be a 2-D bf16"):
+        W.fp8_weight_only_sm90(x.half(), w, s)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        W.fp8_weight_only_sm90(x, w.float(), s)
+    with pytest.raises(ValueError, match="K mismatch"):
+        W.fp8_weight_only_sm90(x, w[:, :128], s)
+    with pytest.raises(ValueError, match="contiguous along K"):
+        W.fp8_weight_only_sm90(x.t().contiguous().t(), w, s)
+    with pytest.raises(TypeError, match="w_scale must be a float32"):
+        W.fp8_weight_only_sm90(x, w, s.double())
+    with pytest.raises(ValueError, match="w_scale shape"):
+        W.fp8_weight_only_sm90(x, w, s[:64])
+    with pytest.raises(ValueError, match="writes bf16 or fp16"):
+        W.fp8_weight_only_sm90(x, w, s, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"residual must have shape \(32, 128\)"):
+        W.fp8_weight_only_sm90(x, w, s, residual=torch.zeros(32, 64, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="residual must be in out_dtype"):
+        W.fp8_weight_only_sm90(x, w, s, residual=torch.zeros(32, 128))
+    with pytest.raises(ValueError, match="block_t must be 128 or 256"):
+        W.fp8_weight_only_sm90(x, w, s, block_t=64)
+    with pytest.raises(ValueError, match="num_stages must be in 2..8"):
+        W.fp8_weight_only_sm90(x, w, s, num_stages=1)
+    with pytest.raises(ValueError, match="shared memory"):
+        W.fp8_weight_only_sm90(x, w, s, block_t=256, num_stages=5)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        W.fp8_weight_only_sm90(x, w, s)
+
+
+def test_shared_memory_budget():
+    """The default configurations fit sm_90's 227 KB; 256-token tiles fit 4 stages, not 5."""
+    for M in (512, 4096):
+        bt, st = W.default_config(M)
+        assert W.smem_bytes(st, bt) <= W.SMEM_BYTES
+    assert W.smem_bytes(4, 256) <= W.SMEM_BYTES < W.smem_bytes(5, 256)
+
+
+# --- GPU: maths against the reference -------------------------------------------------------------
+
+needs_sm90 = pytest.mark.skipif(not W.is_available(), reason="needs an sm_90 GPU and triton.experimental.gluon")
+
+# Exact products of bf16 x and exact e4m3 weights, summed in fp32 by the MMA (about 2^-23 relative per add of
+# sum |x w|; bounded loosely here), then one rounding to bf16 (2^-8 relative). Block scales: the weights are
+# rounded to bf16 after scaling, as the reference does. A wrong row, column, tile or K step errs by O(sum |terms|).
+SUM_REL = 2.0**-14
+OUT_REL = 2.0**-8
+
+
+def _check(out, x, w, s, res, gate, what):
+    ref = F.fp8_weight_only_linear_ref(x, w, s, out_dtype=torch.float32, residual=res, gate=gate)
+    g = gate.float().abs() if gate is not None else None
+    abs_sum = F.fp8_weight_only_linear_ref(x.abs(), w.float().abs().to(E4M3), s, out_dtype=torch.float32, gate=g)
+    err = (out.float() - ref).abs()
+    bound = SUM_REL * abs_sum + OUT_REL * ref.abs() + 1e-6
+    bad = err > bound
+    assert int(bad.sum()) == 0 and not out.isnan().any(), (
+        f"{what}: {int(bad.sum())} of {out.numel()} beyond the bound, first at {bad.nonzero()[:5].tolist()}, "
+        f"max err/bound {(err / bound).max().item():.3g}"
+    )
+
+
+CONFIGS = {"bt256_s4": dict(block_t=256, num_stages=4), "bt128_s6": dict(block_t=128, num_stages=6),
+           "bt128_s2": dict(block_t=128, num_stages=2)}  # fmt: skip
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("mode", ["tensor", "row", "block"])
+@pytest.mark.parametrize(
+    "M, N, K",
+    # (40, 384, 640): most token rows of the tile empty; (300, 136, 1040): consumer 1 has 8 valid rows, 17 K
+    # steps (odd); (1000, 1112, 784): ragged M, N and K tails; (512, 2048, 6144): the text GEMMs' M and K
+    [(256, 512, 384), (1000, 1112, 784), (40, 384, 640), (300, 136, 1040), (512, 2048, 6144)],
+)
+def test_matches_reference(config, mode, M, N, K):
+    x, w, s = _operands(M, N, K, mode, "cuda", seed=M + N)
+    out = W.fp8_weight_only_sm90(x, w, s, **CONFIGS[config])
+    _check(out, x, w, s, None, None, f"{config} {mode} {M}x{N}x{K}")
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("config", ["bt256_s4", "bt128_s6"])
+def test_gated_residual_and_fp16(config):
+    x, w, s = _operands(1000, 1112, 784, "row", "cuda", seed=2)
+    res = (torch.randn(1000, 1112, device="cuda") * 10).to(torch.bfloat16)
+    gate = torch.randn(1112, device="cuda").to(torch.bfloat16)
+    out = W.fp8_weight_only_sm90(x, w, s, residual=res, gate=gate, **CONFIGS[config])
+    _check(out, x, w, s, res, gate, f"{config} gated residual")
+    out = W.fp8_weight_only_sm90(x, w, s, out_dtype=torch.float16, residual=res.half(), **CONFIGS[config])
+    assert out.dtype == torch.float16
+    _check(out, x, w, s, res.half(), None, f"{config} fp16")
+    out = W.fp8_weight_only_sm90(x, w.view(torch.uint8), s.reshape(-1, 1), **CONFIGS[config])  # uint8, (N, 1)
+    _check(out, x, w, s, None, None, f"{config} uint8 weights")
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("mode", ["row", "block"])
+def test_bits_equal_the_triton_fused_kernel(mode, monkeypatch):
+    """Same decode, the same wgmma K order (k16 steps from 0 up, one fp32 accumulator) and the same epilogue
+    order as fp8_matmul's fused weight-only kernel: the bf16 outputs agree bit for bit."""
+    x, w, s = _operands(512, 1536, 2048, mode, "cuda", seed=7)
+    res = (torch.randn(512, 1536, device="cuda") * 10).to(torch.bfloat16)
+    gate = torch.randn(1536, device="cuda").to(torch.bfloat16)
+    monkeypatch.setattr(F, "WO_DEQUANT_MIN_M", 1 << 62)
+    monkeypatch.setattr(F, "WO_SM90", False)
+    for epi in ({}, {"residual": res, "gate": gate}):
+        triton_out = F.fp8_weight_only_linear(x, w, s, **epi)
+        for cfg in CONFIGS.values():
+            ours = W.fp8_weight_only_sm90(x, w, s, **cfg, **epi)
+            diff = (ours.float() - triton_out.float()).abs().max().item()
+            assert torch.equal(ours, triton_out), f"{mode} {cfg} {list(epi)}: max |diff| {diff:.3g}"
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_cached_launch_matches_a_fresh_one(monkeypatch):
+    """After the first launch of a specialization the cached launcher re-points the first launch's TMA
+    descriptors: other tensors of the same shape must give the bits of a launch through Gluon's JIT path."""
+    W._LAUNCHERS.clear()
+    for seed in (4, 5):
+        x, w, s = _operands(700, 1064, 1040, "row", "cuda", seed=seed)
+        res = torch.randn(700, 1064, device="cuda").to(torch.bfloat16)
+        fast = W.fp8_weight_only_sm90(x, w, s, residual=res)
+        monkeypatch.setattr(W, "FAST_LAUNCH", False)
+        fresh = W.fp8_weight_only_sm90(x, w, s, residual=res)
+        monkeypatch.setattr(W, "FAST_LAUNCH", True)
+        assert torch.equal(fast, fresh)
+    assert len(W._LAUNCHERS) == 1, "both calls should share one cached specialization"
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_library_dispatch_runs_the_sm90_kernel(monkeypatch):
+    """fp8_weight_only_linear on sm_90 with bf16 x takes this kernel (WO_SM90) where it applies, and falls back
+    to the Triton kernel where it does not (fp16 x, a residual in another dtype)."""
+    calls = []
+    real = W.fp8_weight_only_sm90
+    monkeypatch.setattr(W, "fp8_weight_only_sm90", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w, s = _operands(512, 1024, 768, "row", "cuda", seed=1)
+    out = F.fp8_weight_only_linear(x, w, s)
+    assert calls == [1]
+    _check(out, x, w, s, None, None, "dispatch")
+    F.fp8_weight_only_linear(x.half(), w, s)
+    F.fp8_weight_only_linear(x, w, s, residual=torch.zeros(512, 1024, device="cuda"))
+    assert calls == [1]
