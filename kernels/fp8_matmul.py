@@ -99,7 +99,9 @@ WO_DEQUANT_MIN_M = 1024  # weight-only: from this many rows on, dequantize to bf
 # than Triton's 16-bit integer ops; a module global so benchmarks can A/B both in one process
 WO_ASM_DECODE = os.environ.get("FLUX2_WO_ASM_DECODE", "1") == "1"
 # weight-only on sm_90 with bf16 activations: the Gluon warp-specialized kernel (fp8_weight_only_sm90) below
-# WO_SM90_MAX_M rows (FLUX2_WO_SM90=0: the Triton fused kernel / dequantize + cuBLAS as on other GPUs)
+# WO_SM90_MAX_M rows (FLUX2_WO_SM90=0: the Triton fused kernel / dequantize + cuBLAS as on other GPUs).
+# Measured on the H100 (reports/fp8_weight_only run 1): 0.69-0.75x bf16 cuBLAS at M = 512 against the Triton
+# fused kernel's 0.57-0.63x; at M >= 4096 0.77-0.85x against dequantize + cuBLAS's 0.91-0.93x.
 WO_SM90 = os.environ.get("FLUX2_WO_SM90", "1") == "1"
 WO_SM90_MAX_M = WO_DEQUANT_MIN_M
 # fp8 A on sm_90: the persistent TMA kernel. Off by default: inside the FLUX.2-dev forward (run 3 of
@@ -1619,7 +1621,8 @@ def fp8_weight_only_linear(
     or 128x128 blocks (ceil(N/128), ceil(K/128)). out_dtype defaults to x's dtype.
 
     Dispatch on M = x.numel() // K: below ``WO_DEQUANT_MIN_M`` (1024) a fused kernel decodes the
-    weights in registers (fp32 accumulation, fp32 epilogue). From 1024 rows on (measured crossover on
+    weights in registers (fp32 accumulation, fp32 epilogue): on sm_90 with bf16 x the Gluon warp-specialized
+    ``fp8_weight_only_sm90`` (``WO_SM90``), elsewhere the Triton kernel. From 1024 rows on (measured crossover on
     the H100: the decode ALU work per M tile costs more than one pass over the weights), the weights
     are dequantized to x's dtype by ``dequantize_fp8_weight`` into a temporary, multiplied by cuBLAS
     (``F.linear``, result in x's dtype) and the gate/residual applied in torch."""
