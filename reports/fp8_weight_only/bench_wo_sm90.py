@@ -166,7 +166,8 @@ def render(data: dict) -> str:
         "## Correctness (same run)",
         "",
         "Relative L2 error against `fp8_weight_only_linear_ref` (fp32), and bf16 elements that differ from the "
-        "Triton fused kernel's output.",
+        "Triton fused kernel's output. `library` differs where it runs dequantize + cuBLAS (M >= "
+        f"{data['dispatch']['WO_DEQUANT_MIN_M']}): that path rounds `w * scale` and its GEMM output to bf16.",
         "",
         "| shape | " + " | ".join(data["shapes"][0]["rel_l2"]) + " | bits ≠ Triton fused |",
         "|---|" + "---|" * (len(data["shapes"][0]["rel_l2"]) + 1),
