@@ -600,19 +600,10 @@ def _dequant_fp8_kernel(
     tl.store(out_ptr + rows * stride_on + offs_k[None, :], (w * (s * 256.0)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _e4m3_bits_to_bf16(wb):
-    """uint8 e4m3 bit patterns -> exact bf16 values, four at a time in PTX (GPU only: the interpreter
-    runs no inline assembly).
-
-    PRMT spreads two bytes into the high halves of two 16-bit lanes, s.eeee.mmm.00000000; the sign
-    stays at bit 15 and the magnitude moves to bits 10..4, which reads as bf16 value * 2^-120 for
-    normals and subnormals alike (bf16's exponent field 0000.eeee, bias 127 against e4m3's 7); one
-    packed FMA by 2^120 (0x7B80) restores the value exactly. About 2.5 instructions per weight, where
-    the 16-bit integer path Triton generates for the generic decode below takes about 7 (SASS of the
-    weight-only loop on sm_90, triton 3.6)."""
-    return tl.inline_asm_elementwise(
-        asm="""
+# e4m3 bits -> bf16, four bytes in one 32-bit register to two bf16x2 (see ``_e4m3_bits_to_bf16``); shared with
+# the Gluon kernel fp8_weight_only_sm90
+E4M3_TO_BF16_PTX = tl.constexpr(
+    """
         {
         .reg .b32 t0, t1, u0, u1, two120, negzero;
         mov.b32 two120, 0x7B807B80;
@@ -630,7 +621,23 @@ def _e4m3_bits_to_bf16(wb):
         fma.rn.bf16x2 $0, u0, two120, negzero;
         fma.rn.bf16x2 $1, u1, two120, negzero;
         }
-        """,
+        """
+)
+
+
+@triton.jit
+def _e4m3_bits_to_bf16(wb):
+    """uint8 e4m3 bit patterns -> exact bf16 values, four at a time in PTX (GPU only: the interpreter
+    runs no inline assembly).
+
+    PRMT spreads two bytes into the high halves of two 16-bit lanes, s.eeee.mmm.00000000; the sign
+    stays at bit 15 and the magnitude moves to bits 10..4, which reads as bf16 value * 2^-120 for
+    normals and subnormals alike (bf16's exponent field 0000.eeee, bias 127 against e4m3's 7); one
+    packed FMA by 2^120 (0x7B80) restores the value exactly. About 2.5 instructions per weight, where
+    the 16-bit integer path Triton generates for the generic decode below takes about 7 (SASS of the
+    weight-only loop on sm_90, triton 3.6)."""
+    return tl.inline_asm_elementwise(
+        asm=E4M3_TO_BF16_PTX,
         constraints="=r,=r,r",
         args=[wb],
         dtype=tl.bfloat16,

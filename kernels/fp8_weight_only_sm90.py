@@ -67,7 +67,7 @@ import os
 import torch
 
 from flux2_bench.kernels import fp8_block_gemm_sm90 as _block
-from flux2_bench.kernels.fp8_matmul import _check_epilogue, _rebased
+from flux2_bench.kernels.fp8_matmul import E4M3_TO_BF16_PTX, _check_epilogue, _rebased
 
 gluon, gl = _block.gluon, _block.gl
 if gluon is not None:
@@ -104,25 +104,7 @@ if gluon is not None:
         the bytes into the high halves of 16-bit lanes, shift the magnitude to bf16's exponent/mantissa
         position, one packed FMA by 2^120). Elementwise, so any register grouping of the layout is right."""
         return gl.inline_asm_elementwise(
-            """
-            {
-            .reg .b32 t0, t1, u0, u1, two120, negzero;
-            mov.b32 two120, 0x7B807B80;
-            mov.b32 negzero, 0x80008000;
-            prmt.b32 t0, $2, 0, 0x1404;
-            prmt.b32 t1, $2, 0, 0x3424;
-            and.b32 u0, t0, 0x7FFF7FFF;
-            and.b32 u1, t1, 0x7FFF7FFF;
-            shr.b32 u0, u0, 4;
-            shr.b32 u1, u1, 4;
-            and.b32 t0, t0, 0x80008000;
-            and.b32 t1, t1, 0x80008000;
-            or.b32 u0, u0, t0;
-            or.b32 u1, u1, t1;
-            fma.rn.bf16x2 $0, u0, two120, negzero;
-            fma.rn.bf16x2 $1, u1, two120, negzero;
-            }
-            """,
+            E4M3_TO_BF16_PTX,
             "=r,=r,r",
             [wb],
             dtype=gl.bfloat16,
