@@ -1185,6 +1185,12 @@ def _streamk_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return bufs
 
 
+def _tma_rows(t: torch.Tensor) -> bool:
+    """``t`` (2-D) can be a TMA descriptor's tensor: 16-byte aligned base address and row stride, contiguous
+    rows."""
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1
+
+
 def _use_block_gluon(a, b, a_scale, b_scale, residual) -> bool:
     """Block scales take the Gluon warp-specialized kernel on sm_90 (1.135x the Triton persistent
     kernel in reports/fp8_matmul/probe_ws_schedule.md), when TMA's alignment holds and the residual
@@ -1200,7 +1206,7 @@ def _use_block_gluon(a, b, a_scale, b_scale, residual) -> bool:
     if not G.is_available(a.device):
         return False
     (M, K), N = a.shape, b.shape[0]
-    if any(t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or t.stride(1) != 1 for t in (a, b)):
+    if not all(_tma_rows(t) for t in (a, b)):
         return False
     if tuple(a_scale.shape) != (M, -(-K // QBLOCK)) or tuple(b_scale.shape) != (-(-N // QBLOCK), -(-K // QBLOCK)):
         return False
@@ -1245,7 +1251,7 @@ def _use_row_gluon(a, b, out_dtype, residual, fast_accum) -> bool:
 
     if not R.is_available(a.device):
         return False
-    if any(t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or t.stride(1) != 1 for t in (a, b)):
+    if not all(_tma_rows(t) for t in (a, b)):
         return False
     if (N * out_dtype.itemsize) % 16:  # the output's rows, for the TMA store
         return False
@@ -1263,10 +1269,7 @@ def _use_persistent(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool
             return False
     elif not _INTERPRET:
         return False
-    aligned = all(
-        t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1 for t in (a, b, out)
-    )
-    return aligned
+    return all(_tma_rows(t) for t in (a, b, out))
 
 
 def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, a_bf16=False, force_block=False):
@@ -1604,12 +1607,11 @@ def _use_wo_sm90(x2, w, out_dtype, residual) -> bool:
 
     if not W.is_available(x2.device):
         return False
-    if any(t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or t.stride(1) != 1 for t in (x2, w)):
+    if not all(_tma_rows(t) for t in (x2, w)):
         return False
     if residual is None:
         return True
-    return (residual.dtype == out_dtype and residual.stride(1) == 1 and residual.data_ptr() % 16 == 0
-            and (residual.stride(0) * residual.element_size()) % 16 == 0)  # fmt: skip
+    return residual.dtype == out_dtype and _tma_rows(residual)
 
 
 def fp8_weight_only_linear(
