@@ -94,6 +94,14 @@ EXPECTATION_RUN2 = (
     "weight-only geomean over the 10 shapes about 0.83x cuBLAS (run 1's best variant per shape: 0.834), the "
     "M = 512 shapes 0.69-0.75x; written before run 2"
 )
+EXPECTATION_RUN3 = (
+    "run 3 (stream-K): per SM the data-parallel kernel already runs the M = 512 tiles near its M >= 4096 rate, "
+    "and 96 tiles (txt.proj, txt.mlp_out) or 2.2 / 4.4 waves (txt.qkv, txt.mlp_in) leave 27 % / 27 % / 13 % of the "
+    "SM slots idle; an even split recovers that less the fixup (about 0.5 MB of fp32 partials written and read "
+    "per SM, ~5 us): stream-K / data-parallel 1.2-1.35x on the 96-tile and 2.2-wave shapes, 1.05-1.15x on "
+    "txt.mlp_in, 0.95-1.02x at M >= 4096 (not dispatched there); bf16 cuBLAS / ours at M = 512 0.85-0.97x and "
+    "the library's geomean over the 10 shapes 0.88-0.92x; written before run 3 (session 13)"
+)
 
 
 if gluon is not None:
@@ -128,27 +136,77 @@ if gluon is not None:
         return w
 
     @gluon.jit
+    def _k_range(w_smem, x_smem, ready, empty, w_scale_ptr, it, k_lo, k_hi, off_w, stride_wsn, stride_wsk,
+                 SCALE_MODE: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+        """K steps [k_lo, k_hi) of one tile for this consumer's 64 weight rows, ring steps from ``it`` on: returns
+        the fp32 accumulator (64 x BT, unscaled) and the next ring step. Per K step: issue the async wgmma on the
+        decoded weights of this step, then wait for the next step's slot (``ready``) and read and decode its
+        weights under the wgmma, wait for the wgmma, release this step's slot (``empty``)."""
+        NUM_STAGES: gl.constexpr = x_smem.shape[0]
+        BW: gl.constexpr = w_smem.shape[1]
+        BT: gl.constexpr = x_smem.shape[1]
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BT, 16])
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        acc = gl.zeros([BW, BT], gl.float32, layout=mma)
+        w = _decoded_step(w_smem, ready, w_scale_ptr, it, k_lo, off_w, stride_wsn, stride_wsk, a_l, SCALE_MODE, WG)
+        for j in range(k_lo, k_hi):
+            s = it % NUM_STAGES
+            acc = warpgroup_mma(w, x_smem.index(s).permute((1, 0)), acc, is_async=True)
+            # under the wgmma: wait for and decode step j + 1 (past the range's last step: a stale slot read
+            # without waiting, unused)
+            w = _decoded_step(w_smem, ready, w_scale_ptr, it + 1, gl.minimum(j + 1, k_hi - 1), off_w, stride_wsn,
+                              stride_wsk, a_l, SCALE_MODE, WG, j + 1 < k_hi)  # fmt: skip
+            # no wgmma stays in flight across the loop's back edge: with one in flight there (reading its
+            # A operand from registers) ptxas serializes every wgmma ("insufficient register resources")
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(s), count=1)
+            it += 1
+        return acc, it
+
+    @gluon.jit
+    def _tma_epilogue(acc, c_smem, res_bar, out_desc, res_desc, w_scale_ptr, gate_ptr, off_w, off_t, n_done, N,
+                      stride_wsn, stride_gn, SCALE_MODE: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
+                      HAS_GATE: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+        """A whole tile's epilogue: per-channel scale, gate, residual (fp32, fp8_matmul's order), cast, transpose
+        through ``c_smem``, TMA store. ``n_done``: this consumer's TMA epilogues before this one (the residual
+        barrier's phase)."""
+        row_l: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+        BW: gl.constexpr = acc.shape[0]
+        offs_w = off_w + gl.arange(0, BW, layout=row_l)
+        mask_w = offs_w < N
+        if SCALE_MODE != 2:
+            sw = gl.load(w_scale_ptr + offs_w * stride_wsn, mask=mask_w, other=0.0)
+            acc = acc * sw[:, None]
+        if HAS_GATE:
+            g = gl.load(gate_ptr + offs_w * stride_gn, mask=mask_w, other=0.0).to(gl.float32)
+            acc = acc * g[:, None]
+        c_buf = c_smem.index(WG)
+        tma.store_wait(0)  # this consumer's previous tile has left c_buf
+        if HAS_RESIDUAL:  # the residual tile comes in by TMA through c_buf, then joins in registers
+            mbarrier.expect(res_bar.index(WG), res_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(res_desc, [off_t, off_w], res_bar.index(WG), c_buf)
+        out = gl.permute(acc, (1, 0))  # [BT, BW]: the rows of out
+        if HAS_RESIDUAL:
+            mbarrier.wait(res_bar.index(WG), n_done & 1)
+            out = out + c_buf.load(out.type.layout).to(gl.float32)
+        c_buf.store(out.to(out_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(out_desc, [off_t, off_w], c_buf)  # clipped at M, N
+
+    @gluon.jit
     def _wo_consumer(
         w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr, gate_ptr,
         M, N, K, stride_wsn, stride_wsk, stride_gn,
         SCALE_MODE: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr,
         WG: gl.constexpr,
     ):  # fmt: skip
-        """One warpgroup: weight rows [WG * 64, WG * 64 + 64) of every 128-row tile of the program, against the
-        tile's BT tokens. Per K step: issue the async wgmma on the decoded weights of this step, then wait for the
-        next step's slot (``ready``) and read and decode its weights under the wgmma, wait for the wgmma, release
-        this step's slot (``empty``). Epilogue: per-channel
-        scale, gate, residual (fp32, fp8_matmul's order), cast, transpose through ``c_smem``, TMA store."""
-        NUM_STAGES: gl.constexpr = x_smem.shape[0]
+        """Data-parallel: one warpgroup, weight rows [WG * 64, WG * 64 + 64) of every 128-row tile of the program
+        (whole tiles, persistent grid), against the tile's BT tokens; ``_k_range`` then ``_tma_epilogue``."""
         BW: gl.constexpr = w_smem.shape[1]
         BT: gl.constexpr = x_smem.shape[1]
         BK: gl.constexpr = x_smem.shape[2]
         gl.static_assert(gl.num_warps() == 4)
         gl.static_assert(BW == 64)
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BT, 16])
-        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        row_l: gl.constexpr = gl.SliceLayout(1, mma)
-
         num_pid_w = gl.cdiv(N, 2 * BW)
         num_pid_t = gl.cdiv(M, BT)
         k_tiles = gl.cdiv(K, BK)
@@ -156,43 +214,137 @@ if gluon is not None:
         for tile_id in range(gl.program_id(0), num_pid_w * num_pid_t, gl.num_programs(0)):
             pid_w, pid_t = _block._tile_pids(tile_id, num_pid_w, num_pid_t, GROUP)
             off_w = pid_w * 2 * BW + WG * BW
-            off_t = pid_t * BT
-            acc = gl.zeros([BW, BT], gl.float32, layout=mma)
-            w = _decoded_step(w_smem, ready, w_scale_ptr, it, 0, off_w, stride_wsn, stride_wsk, a_l, SCALE_MODE, WG)
-            for j in range(k_tiles):
-                s = it % NUM_STAGES
-                acc = warpgroup_mma(w, x_smem.index(s).permute((1, 0)), acc, is_async=True)
-                # under the wgmma: wait for and decode step j + 1 (past the tile's last step: a stale slot read
-                # without waiting, unused)
-                w = _decoded_step(w_smem, ready, w_scale_ptr, it + 1, gl.minimum(j + 1, k_tiles - 1), off_w, stride_wsn,
-                                  stride_wsk, a_l, SCALE_MODE, WG, j + 1 < k_tiles)  # fmt: skip
-                # no wgmma stays in flight across the loop's back edge: with one in flight there (reading its
-                # A operand from registers) ptxas serializes every wgmma ("insufficient register resources")
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(empty.index(s), count=1)
-                it += 1
+            acc, it = _k_range(w_smem, x_smem, ready, empty, w_scale_ptr, it, 0, k_tiles, off_w, stride_wsn,
+                               stride_wsk, SCALE_MODE, WG)  # fmt: skip
+            n_done = (tile_id - gl.program_id(0)) // gl.num_programs(0)  # tiles before this one here
+            _tma_epilogue(acc, c_smem, res_bar, out_desc, res_desc, w_scale_ptr, gate_ptr, off_w, pid_t * BT, n_done,
+                          N, stride_wsn, stride_gn, SCALE_MODE, HAS_RESIDUAL, HAS_GATE, WG)  # fmt: skip
+        tma.store_wait(0)
 
-            offs_w = off_w + gl.arange(0, BW, layout=row_l)
-            mask_w = offs_w < N
-            if SCALE_MODE != 2:
-                sw = gl.load(w_scale_ptr + offs_w * stride_wsn, mask=mask_w, other=0.0)
-                acc = acc * sw[:, None]
-            if HAS_GATE:
-                g = gl.load(gate_ptr + offs_w * stride_gn, mask=mask_w, other=0.0).to(gl.float32)
-                acc = acc * g[:, None]
-            c_buf = c_smem.index(WG)
-            tma.store_wait(0)  # this consumer's previous tile has left c_buf
-            if HAS_RESIDUAL:  # the residual tile comes in by TMA through c_buf, then joins in registers
-                mbarrier.expect(res_bar.index(WG), res_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(res_desc, [off_t, off_w], res_bar.index(WG), c_buf)
-            out = gl.permute(acc, (1, 0))  # [BT, BW]: the rows of out
-            if HAS_RESIDUAL:
-                n_done = (tile_id - gl.program_id(0)) // gl.num_programs(0)  # tiles before this one here
-                mbarrier.wait(res_bar.index(WG), n_done & 1)
-                out = out + c_buf.load(out.type.layout).to(gl.float32)
-            c_buf.store(out.to(out_desc.dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(out_desc, [off_t, off_w], c_buf)  # clipped at M, N
+    # --- stream-K -------------------------------------------------------------------------------------------
+
+    @gluon.jit
+    def _sk_share(M, N, K, BT: gl.constexpr, BW2: gl.constexpr, BK: gl.constexpr):
+        """This program's share of the stream-K work. The grid is num_pid_t lanes of ``lane`` programs (pid = j *
+        num_pid_t + pid_t); the programs of a lane split their token row's num_pid_w * k_tiles (tile, K step)
+        iterations evenly, weight-tile major: program j takes [j * W // lane, (j + 1) * W // lane). Program j
+        of every lane covers the same weight rows at the same time, so the weights (the big operand at small M)
+        come from HBM once and from L2 for the other lanes. The launcher keeps lane <= W: no share is empty."""
+        num_pid_t = gl.cdiv(M, BT)
+        num_pid_w = gl.cdiv(N, BW2)
+        k_tiles = gl.cdiv(K, BK)
+        lane = gl.num_programs(0) // num_pid_t
+        pid_t = gl.program_id(0) % num_pid_t
+        j = gl.program_id(0) // num_pid_t
+        W = num_pid_w * k_tiles
+        return pid_t, lane, W, (j * W) // lane, ((j + 1) * W) // lane, num_pid_t, num_pid_w, k_tiles
+
+    @gluon.jit
+    def _sk_owner(it, W, lane):
+        """The program (lane index) whose share holds iteration ``it``: the largest j with j * W // lane <= it."""
+        return ((it + 1) * lane + W - 1) // W - 1
+
+    @gluon.jit
+    def _wo_sk_producer(w_desc, x_desc, w_smem, x_smem, ready, empty, M, N, K):
+        """1 warp: fill the ring with this program's stream-K iterations in order (``_sk_share``); the ring
+        protocol of ``_block._ws_producer`` (step i uses slot i % S for the (i // S)-th time)."""
+        NUM_STAGES: gl.constexpr = x_smem.shape[0]
+        BW: gl.constexpr = w_desc.block_type.shape[0]
+        BK: gl.constexpr = w_desc.block_type.shape[1]
+        BT: gl.constexpr = x_desc.block_type.shape[0]
+        nbytes: gl.constexpr = 2 * w_desc.block_type.nbytes + x_desc.block_type.nbytes
+        pid_t, lane, W, first, end, num_pid_t, num_pid_w, k_tiles = _sk_share(M, N, K, BT, 2 * BW, BK)
+        off_t = pid_t * BT
+        for g in range(first, end):
+            i = g - first
+            pid_w = g // k_tiles
+            kk = (g - pid_w * k_tiles) * BK
+            s = i % NUM_STAGES
+            mbarrier.wait(empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
+            bar = ready.index(s)
+            mbarrier.expect(bar, nbytes)
+            for c in gl.static_range(2):
+                tma.async_copy_global_to_shared(w_desc, [pid_w * 2 * BW + c * BW, kk], bar, w_smem.index(2 * s + c))
+            tma.async_copy_global_to_shared(x_desc, [off_t, kk], bar, x_smem.index(s))
+
+    @gluon.jit
+    def _wo_sk_consumer(
+        w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr, gate_ptr, ws_ptr, cnt_ptr,
+        out_ptr, res_ptr, M, N, K, stride_wsn, stride_wsk, stride_gn, stride_om, stride_rm,
+        SCALE_MODE: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, WG: gl.constexpr,
+    ):  # fmt: skip
+        """Stream-K: one warpgroup (weight rows WG * 64.. of each 128-row tile) walks this program's share as
+        segments of K steps within a tile. A whole tile takes the TMA epilogue. A partial one is stored in fp32
+        to the workspace (slot: program, first or last segment of its share, consumer) and counted on the tile's
+        arrival counter (one per tile and consumer); the last of the tile's programs to arrive sums every slot
+        (its own included), runs the epilogue in row chunks and zeroes the counter for the next launch. No
+        program waits for another (the Triton persistent kernel's scheme, fp8_matmul)."""
+        BW: gl.constexpr = w_smem.shape[1]
+        BT: gl.constexpr = x_smem.shape[1]
+        BK: gl.constexpr = x_smem.shape[2]
+        SLOT: gl.constexpr = BT * BW
+        FIX_T: gl.constexpr = 32  # tokens per fixup chunk (16 fp32 per thread and partial)
+        gl.static_assert(gl.num_warps() == 4)
+        gl.static_assert(BW == 64)
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BT, 16])
+        fix_l: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])  # [FIX_T, 64], 16 B per thread
+        pid_t, lane, W, first, end, num_pid_t, num_pid_w, k_tiles = _sk_share(M, N, K, BT, 2 * BW, BK)
+        off_t = pid_t * BT
+        it = 0
+        n_done = 0
+        g = first
+        while g < end:
+            pid_w = g // k_tiles
+            k_lo = g - pid_w * k_tiles
+            k_hi = gl.minimum(k_tiles, k_lo + end - g)
+            off_w = pid_w * 2 * BW + WG * BW
+            acc, it = _k_range(w_smem, x_smem, ready, empty, w_scale_ptr, it, k_lo, k_hi, off_w, stride_wsn,
+                               stride_wsk, SCALE_MODE, WG)  # fmt: skip
+            if (k_lo == 0) & (k_hi == k_tiles):
+                _tma_epilogue(acc, c_smem, res_bar, out_desc, res_desc, w_scale_ptr, gate_ptr, off_w, off_t, n_done,
+                              N, stride_wsn, stride_gn, SCALE_MODE, HAS_RESIDUAL, HAS_GATE, WG)  # fmt: skip
+                n_done += 1
+            else:
+                slot = (2 * gl.program_id(0) + (g != first).to(gl.int32)) * 2 + WG
+                # a slot holds a partial transposed, [BT tokens, 64 weight rows]: the fixup reads and writes along N
+                offs_slot = (gl.arange(0, BT, layout=gl.SliceLayout(0, mma))[None, :] * BW
+                             + gl.arange(0, BW, layout=gl.SliceLayout(1, mma))[:, None])  # fmt: skip
+                gl.store(ws_ptr + slot * SLOT + offs_slot, acc)
+                gl.thread_barrier()  # every thread's partial is written before the counter says so
+                tile_it = pid_w * k_tiles
+                j_lo = _sk_owner(tile_it, W, lane)
+                j_hi = _sk_owner(tile_it + k_tiles - 1, W, lane)
+                cnt = cnt_ptr + (pid_t * num_pid_w + pid_w) * 2 + WG
+                arrived = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+                if arrived == j_hi - j_lo:  # the last of the tile's programs: sum the partials, epilogue
+                    offs_fix = (gl.arange(0, FIX_T, layout=gl.SliceLayout(1, fix_l))[:, None] * BW
+                                + gl.arange(0, BW, layout=gl.SliceLayout(0, fix_l))[None, :])  # fmt: skip
+                    offs_n = off_w + gl.arange(0, BW, layout=gl.SliceLayout(0, fix_l))
+                    mask_n = offs_n < N
+                    if SCALE_MODE != 2:
+                        sw = gl.load(w_scale_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0)
+                    if HAS_GATE:
+                        gate = gl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(gl.float32)
+                    for r0 in range(0, BT, FIX_T):
+                        tot = gl.zeros([FIX_T, BW], gl.float32, layout=fix_l)
+                        for jj in range(j_lo, j_hi + 1):
+                            # this tile is program jj's first segment unless jj's share starts before the tile
+                            p_first = (jj * W) // lane
+                            p_slot = (2 * (jj * num_pid_t + pid_t) + (p_first < tile_it).to(gl.int32)) * 2 + WG
+                            tot += gl.load(ws_ptr + p_slot * SLOT + r0 * BW + offs_fix, cache_modifier=".cg")
+                        if SCALE_MODE != 2:
+                            tot = tot * sw[None, :]
+                        if HAS_GATE:
+                            tot = tot * gate[None, :]
+                        offs_t = off_t + r0 + gl.arange(0, FIX_T, layout=gl.SliceLayout(1, fix_l))
+                        mask = (offs_t < M)[:, None] & mask_n[None, :]
+                        if HAS_RESIDUAL:
+                            r_ptrs = res_ptr + offs_t.to(gl.int64)[:, None] * stride_rm + offs_n[None, :]
+                            tot = tot + gl.load(r_ptrs, mask=mask, other=0.0).to(gl.float32)
+                        o_ptrs = out_ptr + offs_t.to(gl.int64)[:, None] * stride_om + offs_n[None, :]
+                        gl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=mask)
+                    gl.atomic_xchg(cnt, 0)
+            g += k_hi - k_lo
         tma.store_wait(0)
 
     @gluon.jit
@@ -202,12 +354,16 @@ if gluon is not None:
         out_desc,  # (M, N) bf16 / fp16, block [BT, 64]
         res_desc,  # (M, N) residual in out's dtype (out_desc when there is none), block [BT, 64]
         w_scale_ptr, gate_ptr,
-        M, N, K, stride_wsn, stride_wsk, stride_gn,
+        ws_ptr,  # stream-K: fp32 partial tiles, 4 slots of BT x 64 per program (unused otherwise)
+        cnt_ptr,  # stream-K: int32 arrival counters, 2 per tile, zero between launches
+        out_ptr, res_ptr,  # stream-K: the output and residual again, for the fixup's plain stores / loads
+        M, N, K, stride_wsn, stride_wsk, stride_gn, stride_om, stride_rm,
         SCALE_MODE: gl.constexpr,
         HAS_RESIDUAL: gl.constexpr,
         HAS_GATE: gl.constexpr,
         NUM_STAGES: gl.constexpr,
         GROUP: gl.constexpr,
+        STREAM_K: gl.constexpr,
         PRODUCER_REGS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         num_warps: gl.constexpr,
@@ -232,24 +388,39 @@ if gluon is not None:
             mbarrier.init(res_bar.index(i), count=1)  # consumer i's residual tile has arrived
         fence_async_shared()
 
-        # the producer sees the transposed problem: its "A" is the weight (N rows, one 64-row box per
-        # consumer), its "B" the activations (M rows); tile order and K steps match _wo_consumer's
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         # fmt: off
-        gl.warp_specialize(
-            [
-            (_wo_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
-                            gate_ptr, M, N, K, stride_wsn, stride_wsk, stride_gn, SCALE_MODE, HAS_RESIDUAL,
-                            HAS_GATE, GROUP, WG0)),
-            (_wo_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
-                            gate_ptr, M, N, K, stride_wsn, stride_wsk, stride_gn, SCALE_MODE, HAS_RESIDUAL,
-                            HAS_GATE, GROUP, WG1)),
-            (_block._ws_producer, (w_desc, x_desc, w_smem, x_smem, ready, empty, N, M, K, GROUP)),
-            ],
-            [4, 1],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )
+        if STREAM_K:
+            gl.warp_specialize(
+                [
+                (_wo_sk_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
+                                   gate_ptr, ws_ptr, cnt_ptr, out_ptr, res_ptr, M, N, K, stride_wsn, stride_wsk,
+                                   stride_gn, stride_om, stride_rm, SCALE_MODE, HAS_RESIDUAL, HAS_GATE, WG0)),
+                (_wo_sk_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
+                                   gate_ptr, ws_ptr, cnt_ptr, out_ptr, res_ptr, M, N, K, stride_wsn, stride_wsk,
+                                   stride_gn, stride_om, stride_rm, SCALE_MODE, HAS_RESIDUAL, HAS_GATE, WG1)),
+                (_wo_sk_producer, (w_desc, x_desc, w_smem, x_smem, ready, empty, M, N, K)),
+                ],
+                [4, 1],
+                [CONSUMER_REGS, PRODUCER_REGS],
+            )
+        else:
+            # the producer sees the transposed problem: its "A" is the weight (N rows, one 64-row box per
+            # consumer), its "B" the activations (M rows); tile order and K steps match _wo_consumer's
+            gl.warp_specialize(
+                [
+                (_wo_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
+                                gate_ptr, M, N, K, stride_wsn, stride_wsk, stride_gn, SCALE_MODE, HAS_RESIDUAL,
+                                HAS_GATE, GROUP, WG0)),
+                (_wo_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
+                                gate_ptr, M, N, K, stride_wsn, stride_wsk, stride_gn, SCALE_MODE, HAS_RESIDUAL,
+                                HAS_GATE, GROUP, WG1)),
+                (_block._ws_producer, (w_desc, x_desc, w_smem, x_smem, ready, empty, N, M, K, GROUP)),
+                ],
+                [4, 1],
+                [CONSUMER_REGS, PRODUCER_REGS],
+            )
         # fmt: on
 
 
@@ -286,12 +457,15 @@ def fp8_weight_only_sm90(
     gate: torch.Tensor | None = None,
     block_t: int | None = None,
     num_stages: int | None = None,
+    stream_k: bool | None = None,
 ) -> torch.Tensor:
     """``residual + gate * (x @ (w * w_scale).T)`` on Hopper (module docstring). ``x`` (M, K) bf16, ``w`` (N, K)
     e4m3 or uint8, both K-contiguous with 16-byte aligned rows (K a multiple of 16); ``w_scale`` fp32: one
     element, (N,) / (N, 1), or (ceil(N/128), ceil(K/128)) blocks; ``out_dtype`` bf16 (default) or fp16, N a
     multiple of 8. ``block_t``: tokens per tile (128 or 256), ``num_stages``: depth of the TMA ring (2-8,
-    within sm_90's 227 KB: ``smem_bytes``); both default to ``default_config(M)``."""
+    within sm_90's 227 KB: ``smem_bytes``); both default to ``default_config(M)``. ``stream_k``: split the
+    (tile, K step) iterations evenly over the SMs instead of giving each program whole tiles (partial tiles meet
+    in an fp32 workspace, ``_stream_k_buffers``); default ``use_stream_k``."""
     from flux2_bench.kernels.fp8_matmul import _weight_scale_mode
 
     if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.ndim != 2:
@@ -328,6 +502,13 @@ def fp8_weight_only_sm90(
         raise ValueError(f"num_stages={num_stages} with block_t={block_t} needs {smem} B of shared memory, more "
                          f"than sm_90's {SMEM_BYTES}")  # fmt: skip
     _block.check_sm90_launch("fp8_weight_only_sm90", x, w, w_scale, residual, gate)
+    num_sms = _block._num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    sk_grid = stream_k_grid(M, N, K, block_t, num_sms)
+    if stream_k is None:
+        stream_k = use_stream_k(M, N, K, block_t, num_sms)
+    if stream_k and sk_grid is None:
+        raise ValueError(f"stream_k=True: no stream-K split for M={M}, N={N}, K={K} with block_t={block_t} on "
+                         f"{num_sms} SMs (more token tiles than SMs, or more than {SK_MAX_COUNTERS // 2} tiles)")  # fmt: skip
     out = torch.empty((M, N), device=x.device, dtype=out_dtype)
     wu = w.view(torch.uint8)
     for name, t in (("x", x), ("w", wu), ("out", out), ("residual", residual)):
@@ -342,24 +523,27 @@ def fp8_weight_only_sm90(
         return out
     g = gate.reshape(-1) if gate is not None else out.view(-1)
     return _launch(x, wu, w_scale, out, residual, g, mode, s_n, s_k, residual is not None, gate is not None, block_t,
-                   num_stages)  # fmt: skip
+                   num_stages, sk_grid if stream_k else None)  # fmt: skip
 
 
-def _launch(x, w, w_scale, out, res, g, mode, s_n, s_k, has_res, has_gate, block_t, num_stages):
+def _launch(x, w, w_scale, out, res, g, mode, s_n, s_k, has_res, has_gate, block_t, num_stages, sk_grid):
     M, K = x.shape
     N = w.shape[0]
-    ints = (M, N, K, s_n, s_k, g.stride(0))
+    res = res if has_res else out
+    ints = (M, N, K, s_n, s_k, g.stride(0), out.stride(0), res.stride(0))
     consts = dict(SCALE_MODE=mode, HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=GROUP,
-                  PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
+                  STREAM_K=sk_grid is not None, PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
+    ws, cnt = _stream_k_buffers(x.device) if sk_grid is not None else (out, out)
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     # everything the launch specializes on (see fp8_row_gemm_sm90._launch)
-    key = (index, x.stride(0), w.stride(0), out.stride(0), res.stride(0) if has_res else 0, out.dtype, g.dtype,
-           block_t, *ints, *consts.values(), *(t.data_ptr() % 16 == 0 for t in (w_scale, g)))  # fmt: skip
+    key = (index, x.stride(0), w.stride(0), out.dtype, g.dtype, block_t, sk_grid, *ints, *consts.values(),
+           *(t.data_ptr() % 16 == 0 for t in (w_scale, g, res)))  # fmt: skip
     hit = _LAUNCHERS.get(key) if FAST_LAUNCH else None
     if hit is not None:
         runner, w_desc, x_desc, out_desc, res_desc, tail = hit
         res_desc = _rebased(res_desc, res) if has_res else _rebased(out_desc, out)
-        runner(_rebased(w_desc, w), _rebased(x_desc, x), _rebased(out_desc, out), res_desc, w_scale, g, *ints, *tail)
+        runner(_rebased(w_desc, w), _rebased(x_desc, x), _rebased(out_desc, out), res_desc, w_scale, g, ws, cnt, out,
+               res, *ints, *tail)  # fmt: skip
         return out
     w_desc = TensorDescriptor(w, [N, K], [w.stride(0), 1], [ROWS, BLOCK_K],
                               gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_K], gl.uint8))  # fmt: skip
@@ -368,11 +552,63 @@ def _launch(x, w, w_scale, out, res, g, mode, s_n, s_k, has_res, has_gate, block
     o_layout = gl.NVMMASharedLayout.get_default_for([block_t, ROWS], getattr(gl, _OUT_GL[out.dtype]))
     out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [block_t, ROWS], o_layout)
     res_desc = TensorDescriptor(res, [M, N], [res.stride(0), 1], [block_t, ROWS], o_layout) if has_res else out_desc
-    grid = (min(-(-N // (2 * ROWS)) * -(-M // block_t), _block._num_sms(index)), 1, 1)
+    grid = (sk_grid or min(-(-N // (2 * ROWS)) * -(-M // block_t), _block._num_sms(index)), 1, 1)
     compiled = _fp8_weight_only_sm90_kernel[grid](
-        w_desc, x_desc, out_desc, res_desc, w_scale, g, *ints, **consts, num_warps=4, maxnreg=MAXNREG
-    )
+        w_desc, x_desc, out_desc, res_desc, w_scale, g, ws, cnt, out, res, *ints, **consts, num_warps=4,
+        maxnreg=MAXNREG,
+    )  # fmt: skip
     if FAST_LAUNCH:
-        _block.cache_launcher(_LAUNCHERS, key, _fp8_weight_only_sm90_kernel, compiled, grid, 6 + len(ints), consts,
+        _block.cache_launcher(_LAUNCHERS, key, _fp8_weight_only_sm90_kernel, compiled, grid, 10 + len(ints), consts,
                               (w_desc, x_desc, out_desc, res_desc))  # fmt: skip
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Stream-K: split, choice and workspace
+# ----------------------------------------------------------------------------------------------
+
+SK_MAX_COUNTERS = 1 << 16  # int32 arrival counters per workspace (2 per tile: one per consumer)
+SK_SLOTS = 4  # partial tiles per program: (first or last segment of its share) x (consumer)
+_SK_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def stream_k_grid(M: int, N: int, K: int, block_t: int, num_sms: int) -> int | None:
+    """Programs of the stream-K launch (``_sk_share``): one lane per token tile, ``num_sms // lanes`` programs
+    each, fewer where a lane has fewer (tile, K step) iterations than programs (so that no share is empty).
+    None where there is no split: more token tiles than SMs, or more tiles than the arrival counters."""
+    lanes = -(-M // block_t)
+    tiles_w = -(-N // (2 * ROWS))
+    work = tiles_w * -(-K // BLOCK_K)
+    if M == 0 or N == 0 or K == 0 or lanes > num_sms or 2 * lanes * tiles_w > SK_MAX_COUNTERS:
+        return None
+    return lanes * min(num_sms // lanes, work)
+
+
+def use_stream_k(M: int, N: int, K: int, block_t: int, num_sms: int) -> bool:
+    """The default: stream-K where whole tiles leave the last wave of the persistent grid short, i.e. fewer than
+    ``SK_MIN_FILL`` of the SM slots of the data-parallel waves do work (H100, reports/fp8_weight_only)."""
+    if stream_k_grid(M, N, K, block_t, num_sms) is None:
+        return False
+    tiles = -(-M // block_t) * -(-N // (2 * ROWS))
+    waves = -(-tiles // num_sms)
+    return tiles / (waves * num_sms) < SK_MIN_FILL
+
+
+SK_MIN_FILL = 0.9
+
+
+def _stream_k_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream-K workspace (fp32, ``SK_SLOTS`` partial tiles of 256 x 64 per SM: 34.6 MB on a 132-SM H100)
+    and arrival counters (int32, zero between launches: each tile's last arrival resets its counter). One pair
+    per device and stream, so that launches on different streams never share counters; allocated once."""
+    from flux2_bench.kernels.fp8_matmul import _current_raw_stream
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, _current_raw_stream(index))
+    bufs = _SK_BUFFERS.get(key)
+    if bufs is None:
+        slots = SK_SLOTS * _block._num_sms(index)
+        bufs = (torch.empty(slots * 256 * ROWS, device=device, dtype=torch.float32),
+                torch.zeros(SK_MAX_COUNTERS, device=device, dtype=torch.int32))  # fmt: skip
+        _SK_BUFFERS[key] = bufs
+    return bufs

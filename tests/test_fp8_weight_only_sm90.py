@@ -66,6 +66,75 @@ def test_shared_memory_budget():
     assert W.smem_bytes(4, 256) <= W.SMEM_BYTES < W.smem_bytes(5, 256)
 
 
+def _sk_model(M, N, K, block_t, grid):
+    """The stream-K split as the kernel computes it (``_sk_share``, ``_sk_owner`` and the slot formulas of
+    ``_wo_sk_consumer``), in Python: per program its segments as (tile row, tile, k_lo, k_hi, slot)."""
+    lanes, tiles_w, k_tiles = -(-M // block_t), -(-N // (2 * W.ROWS)), -(-K // W.BLOCK_K)
+    lane, work = grid // lanes, tiles_w * k_tiles
+    segs = {}
+    for pid in range(grid):
+        pid_t, j = pid % lanes, pid // lanes
+        first, end = j * work // lane, (j + 1) * work // lane
+        g, out = first, []
+        while g < end:
+            pid_w, k_lo = divmod(g, k_tiles)
+            k_hi = min(k_tiles, k_lo + end - g)
+            out.append((pid_t, pid_w, k_lo, k_hi, 2 * pid + (g != first)))
+            g += k_hi - k_lo
+        segs[pid] = out
+    return segs, lanes, lane, work, k_tiles
+
+
+@pytest.mark.parametrize(
+    "M, N, K, block_t",
+    [(512, 6144, 6144, 256), (512, 18432, 6144, 256), (512, 36864, 6144, 256), (512, 6144, 18432, 256),
+     (300, 136, 1040, 256), (40, 384, 640, 128), (1, 4096, 3072, 256), (1000, 1112, 784, 128)],
+)  # fmt: skip
+def test_stream_k_split(M, N, K, block_t):
+    """Every (token tile, weight tile, K step) falls in exactly one program's share, no share is empty, at most
+    two segments per program are partial (its first and last: two workspace slots), and for every split tile
+    the programs the fixup sums (``_sk_owner`` of the tile's first and last step, slot by the kernel's formula)
+    are exactly those that stored a partial of it."""
+    grid = W.stream_k_grid(M, N, K, block_t, num_sms=132)
+    assert grid is not None and grid <= 132
+    segs, lanes, lane, work, k_tiles = _sk_model(M, N, K, block_t, grid)
+    seen = {}
+    stored = {}
+    for pid, ss in segs.items():
+        assert ss, f"program {pid} has an empty share"
+        partial = [s for s in ss if not (s[2] == 0 and s[3] == k_tiles)]
+        assert all(s in (ss[0], ss[-1]) for s in partial)
+        for pid_t, pid_w, k_lo, k_hi, slot in ss:
+            for k in range(k_lo, k_hi):
+                assert (pid_t, pid_w, k) not in seen
+                seen[(pid_t, pid_w, k)] = pid
+            if (pid_t, pid_w, k_lo, k_hi, slot) in partial:
+                stored.setdefault((pid_t, pid_w), set()).add(slot)
+    assert len(seen) == lanes * work
+    owner = lambda it: ((it + 1) * lane + work - 1) // work - 1  # noqa: E731 (the kernel's _sk_owner)
+    for (pid_t, pid_w), slots in stored.items():
+        t0 = pid_w * k_tiles
+        summed = {
+            2 * (jj * lanes + pid_t) + (jj * work // lane < t0) for jj in range(owner(t0), owner(t0 + k_tiles - 1) + 1)
+        }
+        assert summed == slots, (pid_t, pid_w)
+        assert len(slots) >= 2
+
+
+def test_stream_k_grid_and_choice():
+    """One lane per token tile; no split with more token tiles than SMs; the default takes stream-K where whole
+    tiles fill less than SK_MIN_FILL of the data-parallel waves: the M = 512 text GEMMs of FLUX.2-dev on 132
+    SMs, not the M = 4096 image GEMMs."""
+    assert W.stream_k_grid(512, 6144, 6144, 256, 132) == 132
+    assert W.stream_k_grid(768, 6144, 6144, 256, 132) == 132
+    assert W.stream_k_grid(1000, 6144, 6144, 128, 132) == 128  # 8 lanes of 16
+    assert W.stream_k_grid(40, 384, 640, 256, 132) == 30  # 3 x 10 iterations: one each
+    assert W.stream_k_grid(133 * 128, 256, 64, 128, 132) is None
+    for N, K in ((18432, 6144), (36864, 6144), (6144, 18432), (6144, 6144)):
+        assert W.use_stream_k(512, N, K, 256, 132), (N, K)
+        assert not W.use_stream_k(4096, N, K, 256, 132), (N, K)
+
+
 # --- GPU: maths against the reference -------------------------------------------------------------
 
 needs_sm90 = pytest.mark.skipif(not W.is_available(), reason="needs an sm_90 GPU and triton.experimental.gluon")
@@ -90,8 +159,12 @@ def _check(out, x, w, s, res, gate, what):
     )
 
 
-CONFIGS = {"bt256_s4": dict(block_t=256, num_stages=4), "bt128_s6": dict(block_t=128, num_stages=6),
-           "bt128_s2": dict(block_t=128, num_stages=2)}  # fmt: skip
+CONFIGS = {"bt256_s4": dict(block_t=256, num_stages=4, stream_k=False),
+           "bt128_s6": dict(block_t=128, num_stages=6, stream_k=False),
+           "bt128_s2": dict(block_t=128, num_stages=2, stream_k=False),
+           "bt256_s4_sk": dict(block_t=256, num_stages=4, stream_k=True),
+           "bt128_s3_sk": dict(block_t=128, num_stages=3, stream_k=True)}  # fmt: skip
+DATA_PARALLEL = [k for k in CONFIGS if not CONFIGS[k]["stream_k"]]
 
 
 @pytest.mark.gpu
@@ -112,7 +185,7 @@ def test_matches_reference(config, mode, M, N, K):
 
 @pytest.mark.gpu
 @needs_sm90
-@pytest.mark.parametrize("config", ["bt256_s4", "bt128_s6"])
+@pytest.mark.parametrize("config", ["bt256_s4", "bt128_s6", "bt256_s4_sk"])
 def test_gated_residual_and_fp16(config):
     x, w, s = _operands(1000, 1112, 784, "row", "cuda", seed=2)
     res = (torch.randn(1000, 1112, device="cuda") * 10).to(torch.bfloat16)
@@ -141,7 +214,7 @@ def test_bits_equal_the_triton_fused_kernel(mode, monkeypatch):
     monkeypatch.setattr(F, "WO_SM90", False)
     for epi in ({}, {"residual": res, "gate": gate}):
         triton_out = F.fp8_weight_only_linear(x, w, s, **epi)
-        for cfg in CONFIGS.values():
+        for cfg in (CONFIGS[k] for k in DATA_PARALLEL):
             ours = W.fp8_weight_only_sm90(x, w, s, **cfg, **epi)
             diff = (ours.float() - triton_out.float()).abs().max().item()
             if not epi:
@@ -157,19 +230,52 @@ def test_bits_equal_the_triton_fused_kernel(mode, monkeypatch):
 
 @pytest.mark.gpu
 @needs_sm90
-def test_cached_launch_matches_a_fresh_one(monkeypatch):
+@pytest.mark.parametrize("stream_k", [False, True])
+def test_cached_launch_matches_a_fresh_one(stream_k, monkeypatch):
     """After the first launch of a specialization the cached launcher re-points the first launch's TMA
     descriptors: other tensors of the same shape must give the bits of a launch through Gluon's JIT path."""
     W._LAUNCHERS.clear()
     for seed in (4, 5):
         x, w, s = _operands(700, 1064, 1040, "row", "cuda", seed=seed)
         res = torch.randn(700, 1064, device="cuda").to(torch.bfloat16)
-        fast = W.fp8_weight_only_sm90(x, w, s, residual=res)
+        fast = W.fp8_weight_only_sm90(x, w, s, residual=res, stream_k=stream_k)
         monkeypatch.setattr(W, "FAST_LAUNCH", False)
-        fresh = W.fp8_weight_only_sm90(x, w, s, residual=res)
+        fresh = W.fp8_weight_only_sm90(x, w, s, residual=res, stream_k=stream_k)
         monkeypatch.setattr(W, "FAST_LAUNCH", True)
         assert torch.equal(fast, fresh)
     assert len(W._LAUNCHERS) == 1, "both calls should share one cached specialization"
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("M, N, K", [(512, 6144, 6144), (300, 136, 1040), (1, 4096, 3072)])
+def test_stream_k_is_deterministic_and_resets_its_counters(M, N, K):
+    """The last program to reach a split tile sums the partials in program order whoever arrives last, and zeroes
+    the tile's counter: repeated launches give the same bits, and leave every counter at zero (a counter left
+    non-zero would skip or repeat the next launch's fixup). (300, 136, 1040): one K step per program, 17
+    programs per tile; (1, 4096, 3072): one token."""
+    x, w, s = _operands(M, N, K, "row", "cuda", seed=11)
+    res = torch.randn(M, N, device="cuda").to(torch.bfloat16)
+    gate = torch.randn(N, device="cuda").to(torch.bfloat16)
+    first = W.fp8_weight_only_sm90(x, w, s, residual=res, gate=gate, stream_k=True)
+    _check(first, x, w, s, res, gate, f"stream-K {M}x{N}x{K}")
+    for _ in range(3):
+        assert torch.equal(W.fp8_weight_only_sm90(x, w, s, residual=res, gate=gate, stream_k=True), first)
+    _, cnt = W._stream_k_buffers(x.device)
+    torch.cuda.synchronize()
+    assert int(cnt.count_nonzero()) == 0
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_stream_k_refused_where_there_is_no_split():
+    """More token tiles than SMs: no lane per token tile, so stream-K cannot be asked for (the default then
+    runs data-parallel)."""
+    M = (W._block._num_sms(torch.cuda.current_device()) + 1) * 128
+    x, w, s = _operands(M, 128, 64, "row", "cuda")
+    with pytest.raises(ValueError, match="no stream-K split"):
+        W.fp8_weight_only_sm90(x, w, s, block_t=128, stream_k=True)
+    _check(W.fp8_weight_only_sm90(x, w, s, block_t=128), x, w, s, None, None, "data-parallel fallback")
 
 
 @pytest.mark.gpu

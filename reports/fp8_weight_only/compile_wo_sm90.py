@@ -37,7 +37,7 @@ def desc_sig(rows: int, cols: int, gdt) -> str:
     return mangle_type(TensorDescriptor(t, [512, 512], [512, 1], [rows, cols], lay))
 
 
-def compile_cfg(block_t: int, stages: int, mode: int, res: bool, gate: bool):
+def compile_cfg(block_t: int, stages: int, mode: int, res: bool, gate: bool, stream_k: bool = False):
     from triton.experimental.gluon import language as gl
 
     sig = {
@@ -47,19 +47,26 @@ def compile_cfg(block_t: int, stages: int, mode: int, res: bool, gate: bool):
         "res_desc": desc_sig(block_t, W.ROWS, gl.bfloat16),
         "w_scale_ptr": "*fp32",
         "gate_ptr": "*bf16",
+        "ws_ptr": "*fp32",
+        "cnt_ptr": "*i32",
+        "out_ptr": "*bf16",
+        "res_ptr": "*bf16",
         "M": "i32",
         "N": "i32",
         "K": "i32",
         "stride_wsn": "i32",
         "stride_wsk": "i32",
         "stride_gn": "i32",
+        "stride_om": "i32",
+        "stride_rm": "i32",
     }
-    const = dict(SCALE_MODE=mode, HAS_RESIDUAL=res, HAS_GATE=gate, NUM_STAGES=stages, GROUP=W.GROUP,
+    const = dict(SCALE_MODE=mode, HAS_RESIDUAL=res, HAS_GATE=gate, NUM_STAGES=stages, GROUP=W.GROUP, STREAM_K=stream_k,
                  PRODUCER_REGS=W.PRODUCER_REGS, CONSUMER_REGS=W.CONSUMER_REGS, num_warps=4)  # fmt: skip
     for c in const:
         sig[c] = "constexpr"
     names = list(sig)
-    div16 = ["w_scale_ptr", "gate_ptr", "N", "K"]
+    div16 = ["w_scale_ptr", "gate_ptr", "ws_ptr", "cnt_ptr", "out_ptr", "res_ptr", "N", "K", "stride_om",
+             "stride_rm"]  # fmt: skip
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in div16}
     src = GluonASTSource(fn=W._fp8_weight_only_sm90_kernel, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=W.MAXNREG))
@@ -71,14 +78,16 @@ def main():
     ap.add_argument("--match", default=None, help="only the configs whose tag contains this string")
     args = ap.parse_args()
     print("triton", triton.__version__)
-    cfgs = [(256, 4, 1, False, False), (128, 6, 1, False, False), (256, 4, 1, True, True), (128, 6, 2, False, False),
-            (256, 4, 0, False, False)]  # fmt: skip
-    for block_t, stages, mode, res, gate in cfgs:
+    cfgs = [(256, 4, 1, False, False, False), (128, 6, 1, False, False, False), (256, 4, 1, True, True, False),
+            (128, 6, 2, False, False, False), (256, 4, 0, False, False, False), (256, 4, 1, False, False, True),
+            (256, 4, 1, True, True, True), (256, 4, 2, False, False, True)]  # fmt: skip
+    for block_t, stages, mode, res, gate, sk in cfgs:
         tag = f"bt{block_t}_s{stages}_mode{mode}_{'res' if res else 'nores'}_{'gate' if gate else 'nogate'}"
+        tag += "_sk" if sk else ""
         if args.match and args.match not in tag:
             continue
         try:
-            ck = compile_cfg(block_t, stages, mode, res, gate)
+            ck = compile_cfg(block_t, stages, mode, res, gate, sk)
         except Exception as e:  # noqa: BLE001 (report every config)
             print(f"== {tag}: COMPILE FAILED {type(e).__name__}: {str(e)[:3000]}")
             continue
