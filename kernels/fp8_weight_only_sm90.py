@@ -268,6 +268,57 @@ if gluon is not None:
             tma.async_copy_global_to_shared(x_desc, [off_t, kk], bar, x_smem.index(s))
 
     @gluon.jit
+    def _sk_fixup(ws_ptr, out_ptr, res_ptr, w_scale_ptr, gate_ptr, j_lo, j_hi, tile_it, W, lane, pid_t, num_pid_t,
+                  off_t, off_w, M, N, stride_wsn, stride_gn, stride_om, stride_rm, BT: gl.constexpr,
+                  SCALE_MODE: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr,
+                  WG: gl.constexpr):  # fmt: skip
+        """A split tile's epilogue, by the last of its programs j_lo..j_hi to arrive: the sum of their partials (in
+        program order, whoever arrived last: the bits do not depend on timing), then the TMA epilogue's maths
+        (per-channel scale, gate, residual in fp32), stored with plain stores. FIX_T-token chunks; the partials
+        of four programs are loaded at once (masked past j_hi), so a chunk costs one round trip to L2 rather
+        than one per partial."""
+        BW: gl.constexpr = 64
+        FIX_T: gl.constexpr = 64  # tokens per chunk: 32 fp32 per thread and partial
+        SLOT: gl.constexpr = BT * BW
+        fix_l: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])  # rows of 64 N, 16 B per thread
+        offs_fix = (gl.arange(0, FIX_T, layout=gl.SliceLayout(1, fix_l))[:, None] * BW
+                    + gl.arange(0, BW, layout=gl.SliceLayout(0, fix_l))[None, :])  # fmt: skip
+        offs_n = off_w + gl.arange(0, BW, layout=gl.SliceLayout(0, fix_l))
+        mask_n = offs_n < N
+        if SCALE_MODE != 2:
+            sw = gl.load(w_scale_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0)
+        if HAS_GATE:
+            gate = gl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(gl.float32)
+        for r0 in range(0, BT, FIX_T):
+            offs_t = off_t + r0 + gl.arange(0, FIX_T, layout=gl.SliceLayout(1, fix_l))
+            mask = (offs_t < M)[:, None] & mask_n[None, :]
+            if HAS_RESIDUAL:
+                r_ptrs = res_ptr + offs_t.to(gl.int64)[:, None] * stride_rm + offs_n[None, :]
+                res = gl.load(r_ptrs, mask=mask, other=0.0)
+            tot = gl.zeros([FIX_T, BW], gl.float32, layout=fix_l)
+            for jb in range(j_lo, j_hi + 1, 4):
+                p0 = _sk_partial(ws_ptr, offs_fix + r0 * BW, jb, j_hi, W, lane, pid_t, num_pid_t, tile_it, SLOT, WG)
+                p1 = _sk_partial(ws_ptr, offs_fix + r0 * BW, jb + 1, j_hi, W, lane, pid_t, num_pid_t, tile_it, SLOT, WG)
+                p2 = _sk_partial(ws_ptr, offs_fix + r0 * BW, jb + 2, j_hi, W, lane, pid_t, num_pid_t, tile_it, SLOT, WG)
+                p3 = _sk_partial(ws_ptr, offs_fix + r0 * BW, jb + 3, j_hi, W, lane, pid_t, num_pid_t, tile_it, SLOT, WG)
+                tot = (((tot + p0) + p1) + p2) + p3
+            if SCALE_MODE != 2:
+                tot = tot * sw[None, :]
+            if HAS_GATE:
+                tot = tot * gate[None, :]
+            if HAS_RESIDUAL:
+                tot = tot + res.to(gl.float32)
+            o_ptrs = out_ptr + offs_t.to(gl.int64)[:, None] * stride_om + offs_n[None, :]
+            gl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def _sk_partial(ws_ptr, offs, jj, j_hi, W, lane, pid_t, num_pid_t, tile_it, SLOT: gl.constexpr, WG: gl.constexpr):
+        """Program jj's partial of the tile starting at iteration ``tile_it`` (the chunk at ``offs``; zeros for
+        jj > j_hi): the tile is jj's first segment (slot 0) unless jj's share starts before the tile (slot 1)."""
+        p_slot = (2 * (jj * num_pid_t + pid_t) + (((jj * W) // lane) < tile_it).to(gl.int32)) * 2 + WG
+        return gl.load(ws_ptr + p_slot * SLOT + offs, mask=(offs >= 0) & (jj <= j_hi), other=0.0, cache_modifier=".cg")
+
+    @gluon.jit
     def _wo_sk_consumer(
         w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr, gate_ptr, ws_ptr, cnt_ptr,
         out_ptr, res_ptr, M, N, K, stride_wsn, stride_wsk, stride_gn, stride_om, stride_rm,
@@ -283,11 +334,9 @@ if gluon is not None:
         BT: gl.constexpr = x_smem.shape[1]
         BK: gl.constexpr = x_smem.shape[2]
         SLOT: gl.constexpr = BT * BW
-        FIX_T: gl.constexpr = 32  # tokens per fixup chunk (16 fp32 per thread and partial)
         gl.static_assert(gl.num_warps() == 4)
         gl.static_assert(BW == 64)
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BT, 16])
-        fix_l: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])  # [FIX_T, 64], 16 B per thread
         pid_t, lane, W, first, end, num_pid_t, num_pid_w, k_tiles = _sk_share(M, N, K, BT, 2 * BW, BK)
         off_t = pid_t * BT
         it = 0
@@ -317,32 +366,9 @@ if gluon is not None:
                 cnt = cnt_ptr + (pid_t * num_pid_w + pid_w) * 2 + WG
                 arrived = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
                 if arrived == j_hi - j_lo:  # the last of the tile's programs: sum the partials, epilogue
-                    offs_fix = (gl.arange(0, FIX_T, layout=gl.SliceLayout(1, fix_l))[:, None] * BW
-                                + gl.arange(0, BW, layout=gl.SliceLayout(0, fix_l))[None, :])  # fmt: skip
-                    offs_n = off_w + gl.arange(0, BW, layout=gl.SliceLayout(0, fix_l))
-                    mask_n = offs_n < N
-                    if SCALE_MODE != 2:
-                        sw = gl.load(w_scale_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0)
-                    if HAS_GATE:
-                        gate = gl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(gl.float32)
-                    for r0 in range(0, BT, FIX_T):
-                        tot = gl.zeros([FIX_T, BW], gl.float32, layout=fix_l)
-                        for jj in range(j_lo, j_hi + 1):
-                            # this tile is program jj's first segment unless jj's share starts before the tile
-                            p_first = (jj * W) // lane
-                            p_slot = (2 * (jj * num_pid_t + pid_t) + (p_first < tile_it).to(gl.int32)) * 2 + WG
-                            tot += gl.load(ws_ptr + p_slot * SLOT + r0 * BW + offs_fix, cache_modifier=".cg")
-                        if SCALE_MODE != 2:
-                            tot = tot * sw[None, :]
-                        if HAS_GATE:
-                            tot = tot * gate[None, :]
-                        offs_t = off_t + r0 + gl.arange(0, FIX_T, layout=gl.SliceLayout(1, fix_l))
-                        mask = (offs_t < M)[:, None] & mask_n[None, :]
-                        if HAS_RESIDUAL:
-                            r_ptrs = res_ptr + offs_t.to(gl.int64)[:, None] * stride_rm + offs_n[None, :]
-                            tot = tot + gl.load(r_ptrs, mask=mask, other=0.0).to(gl.float32)
-                        o_ptrs = out_ptr + offs_t.to(gl.int64)[:, None] * stride_om + offs_n[None, :]
-                        gl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=mask)
+                    _sk_fixup(ws_ptr, out_ptr, res_ptr, w_scale_ptr, gate_ptr, j_lo, j_hi, tile_it, W, lane, pid_t,
+                              num_pid_t, off_t, off_w, M, N, stride_wsn, stride_gn, stride_om, stride_rm, BT,
+                              SCALE_MODE, HAS_RESIDUAL, HAS_GATE, WG)  # fmt: skip
                     gl.atomic_xchg(cnt, 0)
             g += k_hi - k_lo
         tma.store_wait(0)
