@@ -102,6 +102,14 @@ EXPECTATION_RUN3 = (
     "txt.mlp_in, 0.95-1.02x at M >= 4096 (not dispatched there); bf16 cuBLAS / ours at M = 512 0.85-0.97x and "
     "the library's geomean over the 10 shapes 0.88-0.92x; written before run 3 (session 13)"
 )
+EXPECTATION_RUN4 = (
+    "run 4 (fixup loads four partials per L2 round trip, 64-token chunks): run 3 measured stream-K / data-parallel "
+    "0.89x (txt.proj), 1.05x (txt.mlp_out, txt.mlp_in), 1.17x (txt.qkv), i.e. ~25 us more than an even split of "
+    "the data-parallel steps on txt.proj; if that is the fixup's serial L2 round trips (8 chunks x 2-3 partials), "
+    "txt.proj goes to ~1.1x data-parallel and the others gain 0.05-0.1x; if the K loop itself slows with 132 "
+    "programs instead of 96 (L2 bandwidth: ~5.5 TB/s of operand traffic in run 3), txt.mlp_out stays near 1.05x; "
+    "written before run 4 (session 13)"
+)
 
 
 if gluon is not None:
