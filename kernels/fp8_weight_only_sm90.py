@@ -330,7 +330,8 @@ if gluon is not None:
     def _wo_sk_consumer(
         w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr, gate_ptr, ws_ptr, cnt_ptr,
         out_ptr, res_ptr, M, N, K, stride_wsn, stride_wsk, stride_gn, stride_om, stride_rm,
-        SCALE_MODE: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, WG: gl.constexpr,
+        SCALE_MODE: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, SK_PROBE: gl.constexpr,
+        WG: gl.constexpr,
     ):  # fmt: skip
         """Stream-K: one warpgroup (weight rows WG * 64.. of each 128-row tile) walks this program's share as
         segments of K steps within a tile. A whole tile takes the TMA epilogue. A partial one is stored in fp32
@@ -366,18 +367,23 @@ if gluon is not None:
                 # a slot holds a partial transposed, [BT tokens, 64 weight rows]: the fixup reads and writes along N
                 offs_slot = (gl.arange(0, BT, layout=gl.SliceLayout(0, mma))[None, :] * BW
                              + gl.arange(0, BW, layout=gl.SliceLayout(1, mma))[:, None])  # fmt: skip
-                gl.store(ws_ptr + slot * SLOT + offs_slot, acc)
-                gl.thread_barrier()  # every thread's partial is written before the counter says so
-                tile_it = pid_w * k_tiles
-                j_lo = _sk_owner(tile_it, W, lane)
-                j_hi = _sk_owner(tile_it + k_tiles - 1, W, lane)
-                cnt = cnt_ptr + (pid_t * num_pid_w + pid_w) * 2 + WG
-                arrived = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-                if arrived == j_hi - j_lo:  # the last of the tile's programs: sum the partials, epilogue
-                    _sk_fixup(ws_ptr, out_ptr, res_ptr, w_scale_ptr, gate_ptr, j_lo, j_hi, tile_it, W, lane, pid_t,
-                              num_pid_t, off_t, off_w, M, N, stride_wsn, stride_gn, stride_om, stride_rm, BT,
-                              SCALE_MODE, HAS_RESIDUAL, HAS_GATE, WG)  # fmt: skip
-                    gl.atomic_xchg(cnt, 0)
+                if SK_PROBE == 2:  # timing probe: partials neither stored nor summed (the branch never runs)
+                    if M < 0:
+                        gl.store(ws_ptr + slot * SLOT + offs_slot, acc)
+                else:
+                    gl.store(ws_ptr + slot * SLOT + offs_slot, acc)
+                if SK_PROBE == 0:
+                    gl.thread_barrier()  # every thread's partial is written before the counter says so
+                    tile_it = pid_w * k_tiles
+                    j_lo = _sk_owner(tile_it, W, lane)
+                    j_hi = _sk_owner(tile_it + k_tiles - 1, W, lane)
+                    cnt = cnt_ptr + (pid_t * num_pid_w + pid_w) * 2 + WG
+                    arrived = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+                    if arrived == j_hi - j_lo:  # the last of the tile's programs: sum the partials, epilogue
+                        _sk_fixup(ws_ptr, out_ptr, res_ptr, w_scale_ptr, gate_ptr, j_lo, j_hi, tile_it, W, lane,
+                                  pid_t, num_pid_t, off_t, off_w, M, N, stride_wsn, stride_gn, stride_om, stride_rm,
+                                  BT, SCALE_MODE, HAS_RESIDUAL, HAS_GATE, WG)  # fmt: skip
+                        gl.atomic_xchg(cnt, 0)
             g += k_hi - k_lo
         tma.store_wait(0)
 
@@ -398,6 +404,7 @@ if gluon is not None:
         NUM_STAGES: gl.constexpr,
         GROUP: gl.constexpr,
         STREAM_K: gl.constexpr,
+        SK_PROBE: gl.constexpr,  # 0; timing probes only (wrong results): 1 partials stored, no fixup; 2 neither
         PRODUCER_REGS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         num_warps: gl.constexpr,
@@ -430,10 +437,12 @@ if gluon is not None:
                 [
                 (_wo_sk_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
                                    gate_ptr, ws_ptr, cnt_ptr, out_ptr, res_ptr, M, N, K, stride_wsn, stride_wsk,
-                                   stride_gn, stride_om, stride_rm, SCALE_MODE, HAS_RESIDUAL, HAS_GATE, WG0)),
+                                   stride_gn, stride_om, stride_rm, SCALE_MODE, HAS_RESIDUAL, HAS_GATE, SK_PROBE,
+                                   WG0)),
                 (_wo_sk_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
                                    gate_ptr, ws_ptr, cnt_ptr, out_ptr, res_ptr, M, N, K, stride_wsn, stride_wsk,
-                                   stride_gn, stride_om, stride_rm, SCALE_MODE, HAS_RESIDUAL, HAS_GATE, WG1)),
+                                   stride_gn, stride_om, stride_rm, SCALE_MODE, HAS_RESIDUAL, HAS_GATE, SK_PROBE,
+                                   WG1)),
                 (_wo_sk_producer, (w_desc, x_desc, w_smem, x_smem, ready, empty, M, N, K)),
                 ],
                 [4, 1],
@@ -566,7 +575,7 @@ def _launch(x, w, w_scale, out, res, g, mode, s_n, s_k, has_res, has_gate, block
     res = res if has_res else out
     ints = (M, N, K, s_n, s_k, g.stride(0), out.stride(0), res.stride(0))
     consts = dict(SCALE_MODE=mode, HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=GROUP,
-                  STREAM_K=sk_grid is not None, PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
+                  STREAM_K=sk_grid is not None, SK_PROBE=_SK_PROBE, PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
     ws, cnt = _stream_k_buffers(x.device) if sk_grid is not None else (out, out)
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     # everything the launch specializes on (see fp8_row_gemm_sm90._launch)
@@ -601,6 +610,7 @@ def _launch(x, w, w_scale, out, res, g, mode, s_n, s_k, has_res, has_gate, block
 # Stream-K: split, choice and workspace
 # ----------------------------------------------------------------------------------------------
 
+_SK_PROBE = 0  # timing probes (reports/fp8_weight_only/probe_wo_sk.py) only: 1 or 2 give wrong results
 SK_MAX_COUNTERS = 1 << 16  # int32 arrival counters per workspace (2 per tile: one per consumer)
 SK_SLOTS = 4  # partial tiles per program: (first or last segment of its share) x (consumer)
 _SK_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -60,8 +60,9 @@ def compile_cfg(block_t: int, stages: int, mode: int, res: bool, gate: bool, str
         "stride_om": "i32",
         "stride_rm": "i32",
     }
-    const = dict(SCALE_MODE=mode, HAS_RESIDUAL=res, HAS_GATE=gate, NUM_STAGES=stages, GROUP=W.GROUP, STREAM_K=stream_k,
-                 PRODUCER_REGS=W.PRODUCER_REGS, CONSUMER_REGS=W.CONSUMER_REGS, num_warps=4)  # fmt: skip
+    const = dict(SCALE_MODE=mode, HAS_RESIDUAL=res, HAS_GATE=gate, NUM_STAGES=stages, GROUP=W.GROUP,
+                 STREAM_K=stream_k, SK_PROBE=0, PRODUCER_REGS=W.PRODUCER_REGS, CONSUMER_REGS=W.CONSUMER_REGS,
+                 num_warps=4)  # fmt: skip
     for c in const:
         sig[c] = "constexpr"
     names = list(sig)
