@@ -110,6 +110,13 @@ EXPECTATION_RUN4 = (
     "programs instead of 96 (L2 bandwidth: ~5.5 TB/s of operand traffic in run 3), txt.mlp_out stays near 1.05x; "
     "written before run 4 (session 13)"
 )
+EXPECTATION_RUN5 = (
+    "run 5 (partials stored evict_last; stream-K only for shares of >= 128 K steps): probe_wo_sk run 1 put the "
+    "partial stores at 7-12 us and the fixup at 4-10 us, and ncu saw ~25 MB more DRAM traffic than data-parallel "
+    "(partials evicted by the streaming weights before the fixup reads them): with evict_last the fixup falls "
+    "to 2-6 us, stream-K +0.01-0.03x on txt.qkv / txt.mlp_out / txt.mlp_in; txt.proj back to data-parallel "
+    "(0.73-0.74x); the library's geomean 0.87-0.88x; written before run 5 (session 13)"
+)
 
 
 if gluon is not None:
@@ -369,9 +376,9 @@ if gluon is not None:
                              + gl.arange(0, BW, layout=gl.SliceLayout(1, mma))[:, None])  # fmt: skip
                 if SK_PROBE == 2:  # timing probe: partials neither stored nor summed (the branch never runs)
                     if M < 0:
-                        gl.store(ws_ptr + slot * SLOT + offs_slot, acc)
+                        gl.store(ws_ptr + slot * SLOT + offs_slot, acc, eviction_policy="evict_last")
                 else:
-                    gl.store(ws_ptr + slot * SLOT + offs_slot, acc)
+                    gl.store(ws_ptr + slot * SLOT + offs_slot, acc, eviction_policy="evict_last")
                 if SK_PROBE == 0:
                     gl.thread_barrier()  # every thread's partial is written before the counter says so
                     tile_it = pid_w * k_tiles
@@ -629,16 +636,24 @@ def stream_k_grid(M: int, N: int, K: int, block_t: int, num_sms: int) -> int | N
 
 
 def use_stream_k(M: int, N: int, K: int, block_t: int, num_sms: int) -> bool:
-    """The default: stream-K where whole tiles leave the last wave of the persistent grid short, i.e. fewer than
-    ``SK_MIN_FILL`` of the SM slots of the data-parallel waves do work (H100, reports/fp8_weight_only)."""
-    if stream_k_grid(M, N, K, block_t, num_sms) is None:
+    """The default: stream-K where whole tiles leave the last wave of the persistent grid short (fewer than
+    ``SK_MIN_FILL`` of the SM slots of the data-parallel waves do work) and each program's share is at least
+    ``SK_MIN_STEPS`` K steps. The second condition because a split tile costs the same whatever its length: on
+    the H100 the partial stores took 7-12 us and the fixup 4-10 us per launch at M = 512 (probe_wo_sk_run1.json),
+    more than the idle SMs' share of txt.proj's 71 us (70 steps per program: stream-K 0.96x data-parallel in
+    wo_sm90_run4.json) and less than that of the 209-419-step shares of txt.qkv, txt.mlp_out, txt.mlp_in
+    (1.04-1.19x)."""
+    grid = stream_k_grid(M, N, K, block_t, num_sms)
+    if grid is None:
         return False
     tiles = -(-M // block_t) * -(-N // (2 * ROWS))
     waves = -(-tiles // num_sms)
-    return tiles / (waves * num_sms) < SK_MIN_FILL
+    steps = -(-M // block_t) * -(-N // (2 * ROWS)) * -(-K // BLOCK_K) / grid
+    return tiles / (waves * num_sms) < SK_MIN_FILL and steps >= SK_MIN_STEPS
 
 
 SK_MIN_FILL = 0.9
+SK_MIN_STEPS = 128
 
 
 def _stream_k_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,16 +123,18 @@ def test_stream_k_split(M, N, K, block_t):
 
 def test_stream_k_grid_and_choice():
     """One lane per token tile; no split with more token tiles than SMs; the default takes stream-K where whole
-    tiles fill less than SK_MIN_FILL of the data-parallel waves: the M = 512 text GEMMs of FLUX.2-dev on 132
-    SMs, not the M = 4096 image GEMMs."""
+    tiles fill less than SK_MIN_FILL of the data-parallel waves and shares are at least SK_MIN_STEPS K steps: three
+    of the four M = 512 text GEMMs of FLUX.2-dev on 132 SMs, not the M = 4096 image GEMMs."""
     assert W.stream_k_grid(512, 6144, 6144, 256, 132) == 132
     assert W.stream_k_grid(768, 6144, 6144, 256, 132) == 132
     assert W.stream_k_grid(1000, 6144, 6144, 128, 132) == 128  # 8 lanes of 16
     assert W.stream_k_grid(40, 384, 640, 256, 132) == 30  # 3 x 10 iterations: one each
     assert W.stream_k_grid(133 * 128, 256, 64, 128, 132) is None
-    for N, K in ((18432, 6144), (36864, 6144), (6144, 18432), (6144, 6144)):
+    for N, K in ((18432, 6144), (36864, 6144), (6144, 18432)):
         assert W.use_stream_k(512, N, K, 256, 132), (N, K)
         assert not W.use_stream_k(4096, N, K, 256, 132), (N, K)
+    # txt.proj: 96 tiles (fill 0.73) but 70 K steps per program, too short to pay for the fixup
+    assert not W.use_stream_k(512, 6144, 6144, 256, 132)
 
 
 # --- GPU: maths against the reference -------------------------------------------------------------

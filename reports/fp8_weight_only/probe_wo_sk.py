@@ -31,6 +31,11 @@ EXPECTATION = (
     "itself slows with 132 programs busy instead of 96, 'none' on 132 stays near 1.1x and 'none' on 96 programs "
     "matches data-parallel; written before run 1 (session 13)"
 )
+EXPECTATION_RUN2 = (
+    "run 2 (partials stored evict_last): run 1 measured the partial stores at 7-12 us and the fixup at 4-10 us; "
+    "with the partials kept in L2 the fixup (sk132 - sk132_store) falls to 2-6 us, the stores unchanged; "
+    "written before run 2 (session 13)"
+)
 
 
 def measure(M: int, K: int, N: int, rounds: int) -> dict:
@@ -76,6 +81,7 @@ def main():
     args = ap.parse_args()
     data = {"device": torch.cuda.get_device_name(), "git": os.environ.get("GIT_SHA", "unknown"),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "expectation": EXPECTATION,
+            "expectation_run2": EXPECTATION_RUN2,
             "weights": "synthetic; probe variants 'store' and 'none' give wrong outputs (timing only)",
             "shapes": {name: measure(M, K, N, args.rounds) for name, (M, K, N) in SHAPES.items()}}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
