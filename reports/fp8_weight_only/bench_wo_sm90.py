@@ -100,6 +100,7 @@ def run(out_path: Path, rounds: int) -> None:
             "WO_SM90_MAX_M": F.WO_SM90_MAX_M,
             "WO_DEQUANT_MIN_M": F.WO_DEQUANT_MIN_M,
             "SK_MIN_FILL": W.SK_MIN_FILL,
+            "SK_MIN_STEPS": W.SK_MIN_STEPS,
         },
         "shapes": [],
     }
