@@ -235,6 +235,12 @@ kernel, cooperative 128 x 128 tiles with 6 stages: probe_row_ws runs 1-2 measure
 `_scaled_mm` row fast 0.975-0.99 in GPU time and by A/B (run 14: 0.975 / 0.963; target 1.0 still missed by
 the M >= 4096 shapes where cuBLAS's 1 x 2 cluster kernel leads by up to 8 % in A/B); block / row-wise a
 little lower (the denominator is faster on two shapes). fp8_linear row rises on those two shapes too.
+- Run 15: row-wise A/B 0.979, block / row-wise A/B 0.722, weight-only A/B 0.775 (all three missed).
+
+Written before run 16 (session 13; weight-only only: below 1024 rows the Gluon sm_90 kernel of session 12,
+with stream-K on txt.qkv / txt.mlp_out / txt.mlp_in; reports/fp8_weight_only wo_sm90 run 5 measured the
+library's weight-only at 0.874x bf16 cuBLAS by A/B over the same 10 shapes): weight-only / bf16 0.86-0.88 by
+A/B and in GPU time (target 0.91: missed); row-wise, block and fp8_linear unchanged within run-to-run noise.
 """
 
 
