@@ -101,7 +101,8 @@ WO_ASM_DECODE = os.environ.get("FLUX2_WO_ASM_DECODE", "1") == "1"
 # weight-only on sm_90 with bf16 activations: the Gluon warp-specialized kernel (fp8_weight_only_sm90) below
 # WO_SM90_MAX_M rows (FLUX2_WO_SM90=0: the Triton fused kernel / dequantize + cuBLAS as on other GPUs).
 # Measured on the H100 (reports/fp8_weight_only run 1): 0.69-0.75x bf16 cuBLAS at M = 512 against the Triton
-# fused kernel's 0.57-0.63x; at M >= 4096 0.77-0.85x against dequantize + cuBLAS's 0.91-0.93x.
+# fused kernel's 0.57-0.63x; at M >= 4096 0.77-0.85x against dequantize + cuBLAS's 0.91-0.93x. With stream-K
+# where it pays (fp8_weight_only_sm90.use_stream_k; wo_sm90 run 5): 0.74-0.87x at M = 512.
 WO_SM90 = os.environ.get("FLUX2_WO_SM90", "1") == "1"
 WO_SM90_MAX_M = WO_DEQUANT_MIN_M
 # fp8 A on sm_90: the persistent TMA kernel. Off by default: inside the FLUX.2-dev forward (run 3 of

@@ -58,6 +58,27 @@ identically), nor an empty asm use of the old weights after the wait (ptxas sees
 are further capped by tiles per SM: 96 tiles on 132 SMs (txt.proj, txt.mlp_out) and 2.2 waves (txt.qkv).
 Next steps: a K loop that keeps the decoded weights in explicitly distinct registers across the wait (a
 two-stage register ring written in PTX), and stream-K for the M = 512 shapes.
+
+Stream-K (session 13; ``stream_k=True``, chosen by ``use_stream_k``)
+--------------------------------------------------------------------
+At M = 512 whole tiles leave SMs idle: 96 tiles of 128 x 256 on 132 SMs (txt.proj, txt.mlp_out), 2.2 and 4.4
+waves (txt.qkv, txt.mlp_in). Stream-K gives every program an equal share of the (tile, K step) iterations,
+one lane of programs per token tile, weight-tile major (``_sk_share``: program j of every lane reads the same
+weights at the same time, so they come from HBM once). A tile split between programs meets in an fp32
+workspace: each program stores its partial (``evict_last``) and counts itself on the tile's counter; the last
+to arrive sums the partials in program order (bits independent of timing), runs the epilogue and zeroes the
+counter. No program waits for another. Measured (H100, reports/fp8_weight_only/wo_sm90.md, runs 3-5, A/B
+against bf16 cuBLAS): txt.qkv 0.72 -> 0.85x, txt.mlp_out 0.74-0.76 -> 0.80x, txt.mlp_in 0.81-0.83 -> 0.85x,
+txt.proj 0.74 -> 0.71x; the library's weight-only geomean over the 10 FLUX.2-dev shapes 0.836 -> 0.874x
+(target 0.91: missed). Expected: 1.2-1.35x data-parallel on the 96-tile and 2.2-wave shapes. Why not
+(probe_wo_sk.py, two runs): the K loop alone on 132 programs runs 10-20 % slower per step than on 96 (the
+tile's 40 KB of operands per K step are mostly the bf16 activations, and 132 SMs pull ~6 TB/s from L2, where
+the row GEMM saw the same limit in run 9 of reports/fp8_matmul), the partial stores cost 4-10 us and the fixup
+4-9 us per launch (the latter unchanged by evict_last). txt.proj's 70-step shares do not pay for that, hence
+``SK_MIN_STEPS``. Next: keep the owner's partial out of memory (the owner, whose share ends in the tile's first
+K steps, waits for the others' partials and sums them from shared memory, which the ring frees at the end of
+its share), and cut the activations' L2 traffic per MAC (TMA multicast across a cluster, not exposed by Gluon
+3.6, or 192 weight rows per tile).
 """
 
 from __future__ import annotations

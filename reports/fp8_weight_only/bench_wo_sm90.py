@@ -190,7 +190,44 @@ def render(data: dict) -> str:
     for s in data["shapes"]:
         bits = ", ".join(f"{k} {v}" for k, v in s["bits_vs_triton_fused"].items())
         lines.append(f"| {s['name']} | " + " | ".join(f"{e:.1e}" for e in s["rel_l2"].values()) + f" | {bits} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + history() + probes()) + "\n"
+
+
+def history() -> list[str]:
+    """Every run's geomean per variant (wo_sm90_run*.json beside this script)."""
+    runs = sorted(HERE.glob("wo_sm90_run*.json"), key=lambda p: int(p.stem.rsplit("run", 1)[1]))
+    data = [(p.name, json.loads(p.read_text())) for p in runs]
+    variants = list(dict.fromkeys(k for _, d in data for k in d["geomean"]))
+    lines = ["", "## All runs: geomean of bf16 cuBLAS / ours over the 10 shapes (A/B)", "",
+             "| run | git | M = 512 stream-K rule | " + " | ".join(variants) + " |",
+             "|---|---|---|" + "---|" * len(variants)]  # fmt: skip
+    for name, d in data:
+        rule = ", ".join(f"{k}={d['dispatch'][k]}" for k in ("SK_MIN_FILL", "SK_MIN_STEPS") if k in d["dispatch"])
+        cells = [f"{d['geomean'][k]:.3f}" if k in d["geomean"] else "" for k in variants]
+        lines.append(f"| {name} | {d['git']} | {rule or 'none'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def probes() -> list[str]:
+    """probe_wo_sk_run*.json: GPU time per variant (us) at the M = 512 shapes."""
+    runs = sorted(HERE.glob("probe_wo_sk_run*.json"))
+    if not runs:
+        return []
+    lines = ["", "## Where stream-K's time goes (probe_wo_sk.py; 'store' and 'none' give wrong outputs, timing only)",
+             "", "dp: data-parallel (96 programs on txt.proj / txt.mlp_out); sk132 / sk96: stream-K on 132 / 96 "
+             "programs; _store: partials stored, no counter and no fixup; _none: no partials. GPU time (us) "
+             "by A/B against bf16 cuBLAS.", ""]  # fmt: skip
+    for p in runs:
+        d = json.loads(p.read_text())
+        lines += [f"{p.name} (git {d['git']}). Expectation: {d.get('expectation_run2') or d['expectation']}", ""]
+        shapes = d["shapes"]
+        variants = list(next(iter(shapes.values()))["ab"])
+        lines += ["| shape | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+        for name, rec in shapes.items():
+            cells = [f"{rec['ab'][k]['ours_ms'] * 1e3:.1f}" for k in variants]
+            lines.append(f"| {name} ({rec['M']}×{rec['K']}×{rec['N']}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def main():
