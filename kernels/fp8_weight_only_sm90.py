@@ -669,8 +669,7 @@ def use_stream_k(M: int, N: int, K: int, block_t: int, num_sms: int) -> bool:
         return False
     tiles = -(-M // block_t) * -(-N // (2 * ROWS))
     waves = -(-tiles // num_sms)
-    steps = -(-M // block_t) * -(-N // (2 * ROWS)) * -(-K // BLOCK_K) / grid
-    return tiles / (waves * num_sms) < SK_MIN_FILL and steps >= SK_MIN_STEPS
+    return tiles / (waves * num_sms) < SK_MIN_FILL and tiles * -(-K // BLOCK_K) / grid >= SK_MIN_STEPS
 
 
 SK_MIN_FILL = 0.9
