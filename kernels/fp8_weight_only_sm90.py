@@ -603,7 +603,8 @@ def _launch(x, w, w_scale, out, res, g, mode, s_n, s_k, has_res, has_gate, block
     res = res if has_res else out
     ints = (M, N, K, s_n, s_k, g.stride(0), out.stride(0), res.stride(0))
     consts = dict(SCALE_MODE=mode, HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=GROUP,
-                  STREAM_K=sk_grid is not None, SK_PROBE=_SK_PROBE, PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
+                  STREAM_K=sk_grid is not None, SK_PROBE=_SK_PROBE, PRODUCER_REGS=PRODUCER_REGS,
+                  CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
     ws, cnt = _stream_k_buffers(x.device) if sk_grid is not None else (out, out)
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     # everything the launch specializes on (see fp8_row_gemm_sm90._launch)
