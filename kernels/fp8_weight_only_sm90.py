@@ -86,6 +86,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton.language as tl
 
 from flux2_bench.kernels import fp8_block_gemm_sm90 as _block
 from flux2_bench.kernels.fp8_matmul import E4M3_TO_BF16_PTX, _check_epilogue, _rebased
@@ -100,6 +101,25 @@ if gluon is not None:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# e4m3 pair -> bf16 pair (``_e4m3x2_to_bf16x2``): fp8_matmul.E4M3_TO_BF16_PTX's maths on one 16-bit input
+E4M3X2_TO_BF16X2_PTX = tl.constexpr(
+    """
+        {
+        .reg .b32 t, u, s, two120, negzero;
+        mov.b32 two120, 0x7B807B80;
+        mov.b32 negzero, 0x80008000;
+        cvt.u32.u16 t, $2;
+        prmt.b32 t, t, 0, 0x1404;
+        and.b32 u, t, 0x7FFF7FFF;
+        shr.b32 u, u, 4;
+        and.b32 s, t, 0x80008000;
+        or.b32 u, u, s;
+        fma.rn.bf16x2 u, u, two120, negzero;
+        mov.b32 {$0, $1}, u;
+        }
+        """
+)
 
 BLOCK_K = 64  # 128 bytes of bf16 activations per row: one full swizzle line
 ROWS = 64  # weight rows per consumer warpgroup (the wgmma's M)
@@ -139,6 +159,14 @@ EXPECTATION_RUN5 = (
     "(0.73-0.74x); the library's geomean 0.87-0.88x; written before run 5 (session 13)"
 )
 
+EXPECTATION_RUN6 = (
+    "run 6 (weights read and decoded as uint16 pairs, DECODE=1): the CPU compile puts each consumer's K loop at 161 "
+    "SASS instructions per warp and K step instead of 213 (PRMT 72 -> 16: the uint8 elements were unpacked and "
+    "repacked around the asm) and 72 of them after the wgmma wait instead of ~95; if the decode's issue and "
+    "latency hold the K loop back, data-parallel 1.05-1.15x the uint8 decode on M >= 4096 (bf16 cuBLAS / ours "
+    "0.81-0.875 -> 0.88-0.95) and 1.03-1.10x at M = 512 (partly L2-bound there), bits unchanged; the library "
+    "(dispatch unchanged: dequantize + cuBLAS from 1024 rows) 0.874 -> 0.88-0.90; written before run 6 (session 14)"
+)
 
 if gluon is not None:
 
@@ -157,15 +185,45 @@ if gluon is not None:
         )
 
     @gluon.jit
+    def _e4m3x2_to_bf16x2(wp):
+        """uint16 pairs of e4m3 bit patterns (the lower-addressed weight in the low byte) -> the two exact bf16
+        values (low, high). One 16-bit input per asm: PRMT straight from the shared load's register, no byte
+        unpacking and repacking (``_e4m3_bits_to_bf16`` on uint8 elements costs ~3 extra PRMT per two weights)."""
+        return gl.inline_asm_elementwise(
+            E4M3X2_TO_BF16X2_PTX,
+            "=h,=h,h",
+            [wp],
+            dtype=(gl.bfloat16, gl.bfloat16),
+            is_pure=True,
+            pack=1,
+        )
+
+    @gluon.jit
     def _decoded_step(w_smem, ready, w_scale_ptr, it, j, off_w, stride_wsn, stride_wsk, a_l: gl.constexpr,
-                      SCALE_MODE: gl.constexpr, WG: gl.constexpr, pred=True):  # fmt: skip
+                      SCALE_MODE: gl.constexpr, WG: gl.constexpr, pred=True, DECODE: gl.constexpr = 0):  # fmt: skip
         """Wait for ring step ``it`` (K step ``j`` of the tile; no wait where ``pred`` is false) and return this
-        consumer's 64 x BK weights as the bf16 A operand (block scales applied, rounded to bf16)."""
+        consumer's 64 x BK weights as the bf16 A operand (block scales applied, rounded to bf16). ``DECODE``: 0
+        decodes uint8 elements four at a time, 1 uint16 pairs (``_e4m3x2_to_bf16x2``); same values."""
         NUM_STAGES: gl.constexpr = ready.shape[0]
+        BW: gl.constexpr = w_smem.shape[1]
         BK: gl.constexpr = w_smem.shape[2]
         s = it % NUM_STAGES
         mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1, pred=pred)
-        w = _e4m3_bits_to_bf16(w_smem.index(2 * s + WG).load(a_l))
+        if DECODE == 1:
+            # (BW, BK // 2) uint16 pairs laid out so that their two bf16 halves, joined and reshaped to (BW, BK),
+            # are the wgmma A fragment (a_l) register for register: thread t of warp w holds rows 16 w + t // 4
+            # (+ 8), pairs t % 4 (+ 4, + 8 per k16 step)
+            gl.static_assert((BW == 64) & (BK == 64))
+            pair_l: gl.constexpr = gl.DistributedLinearLayout(
+                reg_bases=[[8, 0], [0, 4], [0, 8], [0, 16]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+                warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[BW, BK // 2])  # fmt: skip
+            pairs_smem = w_smem.index(2 * s + WG)._reinterpret(
+                gl.uint16, [BW, BK // 2], gl.NVMMASharedLayout(swizzle_byte_width=BK, element_bitwidth=16, rank=2)
+            )
+            lo, hi = _e4m3x2_to_bf16x2(pairs_smem.load(pair_l))
+            w = gl.convert_layout(gl.reshape(gl.join(lo, hi), [BW, BK]), a_l)
+        else:
+            w = _e4m3_bits_to_bf16(w_smem.index(2 * s + WG).load(a_l))
         if SCALE_MODE == 2:  # 128 x 128 blocks: one scale per (128 rows, 128 columns); 64 rows and BK divide 128
             sc = gl.load(w_scale_ptr + (off_w // 128) * stride_wsn + ((j * BK) // 128) * stride_wsk)
             w = (w.to(gl.float32) * sc).to(gl.bfloat16)
@@ -173,7 +231,7 @@ if gluon is not None:
 
     @gluon.jit
     def _k_range(w_smem, x_smem, ready, empty, w_scale_ptr, it, k_lo, k_hi, off_w, stride_wsn, stride_wsk,
-                 SCALE_MODE: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+                 SCALE_MODE: gl.constexpr, WG: gl.constexpr, DECODE: gl.constexpr):  # fmt: skip
         """K steps [k_lo, k_hi) of one tile for this consumer's 64 weight rows, ring steps from ``it`` on: returns
         the fp32 accumulator (64 x BT, unscaled) and the next ring step. Per K step: issue the async wgmma on the
         decoded weights of this step, then wait for the next step's slot (``ready``) and read and decode its
@@ -184,14 +242,15 @@ if gluon is not None:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BT, 16])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         acc = gl.zeros([BW, BT], gl.float32, layout=mma)
-        w = _decoded_step(w_smem, ready, w_scale_ptr, it, k_lo, off_w, stride_wsn, stride_wsk, a_l, SCALE_MODE, WG)
+        w = _decoded_step(w_smem, ready, w_scale_ptr, it, k_lo, off_w, stride_wsn, stride_wsk, a_l, SCALE_MODE, WG,
+                          DECODE=DECODE)  # fmt: skip
         for j in range(k_lo, k_hi):
             s = it % NUM_STAGES
             acc = warpgroup_mma(w, x_smem.index(s).permute((1, 0)), acc, is_async=True)
             # under the wgmma: wait for and decode step j + 1 (past the range's last step: a stale slot read
             # without waiting, unused)
             w = _decoded_step(w_smem, ready, w_scale_ptr, it + 1, gl.minimum(j + 1, k_hi - 1), off_w, stride_wsn,
-                              stride_wsk, a_l, SCALE_MODE, WG, j + 1 < k_hi)  # fmt: skip
+                              stride_wsk, a_l, SCALE_MODE, WG, j + 1 < k_hi, DECODE)  # fmt: skip
             # no wgmma stays in flight across the loop's back edge: with one in flight there (reading its
             # A operand from registers) ptxas serializes every wgmma ("insufficient register resources")
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -234,7 +293,7 @@ if gluon is not None:
         w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr, gate_ptr,
         M, N, K, stride_wsn, stride_wsk, stride_gn,
         SCALE_MODE: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr,
-        WG: gl.constexpr,
+        WG: gl.constexpr, DECODE: gl.constexpr,
     ):  # fmt: skip
         """Data-parallel: one warpgroup, weight rows [WG * 64, WG * 64 + 64) of every 128-row tile of the program
         (whole tiles, persistent grid), against the tile's BT tokens; ``_k_range`` then ``_tma_epilogue``."""
@@ -251,7 +310,7 @@ if gluon is not None:
             pid_w, pid_t = _block._tile_pids(tile_id, num_pid_w, num_pid_t, GROUP)
             off_w = pid_w * 2 * BW + WG * BW
             acc, it = _k_range(w_smem, x_smem, ready, empty, w_scale_ptr, it, 0, k_tiles, off_w, stride_wsn,
-                               stride_wsk, SCALE_MODE, WG)  # fmt: skip
+                               stride_wsk, SCALE_MODE, WG, DECODE)  # fmt: skip
             n_done = (tile_id - gl.program_id(0)) // gl.num_programs(0)  # tiles before this one here
             _tma_epilogue(acc, c_smem, res_bar, out_desc, res_desc, w_scale_ptr, gate_ptr, off_w, pid_t * BT, n_done,
                           N, stride_wsn, stride_gn, SCALE_MODE, HAS_RESIDUAL, HAS_GATE, WG)  # fmt: skip
@@ -359,7 +418,7 @@ if gluon is not None:
         w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr, gate_ptr, ws_ptr, cnt_ptr,
         out_ptr, res_ptr, M, N, K, stride_wsn, stride_wsk, stride_gn, stride_om, stride_rm,
         SCALE_MODE: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, SK_PROBE: gl.constexpr,
-        WG: gl.constexpr,
+        WG: gl.constexpr, DECODE: gl.constexpr,
     ):  # fmt: skip
         """Stream-K: one warpgroup (weight rows WG * 64.. of each 128-row tile) walks this program's share as
         segments of K steps within a tile. A whole tile takes the TMA epilogue. A partial one is stored in fp32
@@ -385,7 +444,7 @@ if gluon is not None:
             k_hi = gl.minimum(k_tiles, k_lo + end - g)
             off_w = pid_w * 2 * BW + WG * BW
             acc, it = _k_range(w_smem, x_smem, ready, empty, w_scale_ptr, it, k_lo, k_hi, off_w, stride_wsn,
-                               stride_wsk, SCALE_MODE, WG)  # fmt: skip
+                               stride_wsk, SCALE_MODE, WG, DECODE)  # fmt: skip
             if (k_lo == 0) & (k_hi == k_tiles):
                 _tma_epilogue(acc, c_smem, res_bar, out_desc, res_desc, w_scale_ptr, gate_ptr, off_w, off_t, n_done,
                               N, stride_wsn, stride_gn, SCALE_MODE, HAS_RESIDUAL, HAS_GATE, WG)  # fmt: skip
@@ -433,6 +492,7 @@ if gluon is not None:
         GROUP: gl.constexpr,
         STREAM_K: gl.constexpr,
         SK_PROBE: gl.constexpr,  # 0; timing probes only (wrong results): 1 partials stored, no fixup; 2 neither
+        DECODE: gl.constexpr,  # weight decode: 0 uint8 elements, 1 uint16 pairs (_decoded_step)
         PRODUCER_REGS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         num_warps: gl.constexpr,
@@ -466,11 +526,11 @@ if gluon is not None:
                 (_wo_sk_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
                                    gate_ptr, ws_ptr, cnt_ptr, out_ptr, res_ptr, M, N, K, stride_wsn, stride_wsk,
                                    stride_gn, stride_om, stride_rm, SCALE_MODE, HAS_RESIDUAL, HAS_GATE, SK_PROBE,
-                                   WG0)),
+                                   WG0, DECODE)),
                 (_wo_sk_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
                                    gate_ptr, ws_ptr, cnt_ptr, out_ptr, res_ptr, M, N, K, stride_wsn, stride_wsk,
                                    stride_gn, stride_om, stride_rm, SCALE_MODE, HAS_RESIDUAL, HAS_GATE, SK_PROBE,
-                                   WG1)),
+                                   WG1, DECODE)),
                 (_wo_sk_producer, (w_desc, x_desc, w_smem, x_smem, ready, empty, M, N, K)),
                 ],
                 [4, 1],
@@ -483,10 +543,10 @@ if gluon is not None:
                 [
                 (_wo_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
                                 gate_ptr, M, N, K, stride_wsn, stride_wsk, stride_gn, SCALE_MODE, HAS_RESIDUAL,
-                                HAS_GATE, GROUP, WG0)),
+                                HAS_GATE, GROUP, WG0, DECODE)),
                 (_wo_consumer, (w_smem, x_smem, c_smem, ready, empty, res_bar, out_desc, res_desc, w_scale_ptr,
                                 gate_ptr, M, N, K, stride_wsn, stride_wsk, stride_gn, SCALE_MODE, HAS_RESIDUAL,
-                                HAS_GATE, GROUP, WG1)),
+                                HAS_GATE, GROUP, WG1, DECODE)),
                 (_block._ws_producer, (w_desc, x_desc, w_smem, x_smem, ready, empty, N, M, K, GROUP)),
                 ],
                 [4, 1],
@@ -603,7 +663,7 @@ def _launch(x, w, w_scale, out, res, g, mode, s_n, s_k, has_res, has_gate, block
     res = res if has_res else out
     ints = (M, N, K, s_n, s_k, g.stride(0), out.stride(0), res.stride(0))
     consts = dict(SCALE_MODE=mode, HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=GROUP,
-                  STREAM_K=sk_grid is not None, SK_PROBE=_SK_PROBE, PRODUCER_REGS=PRODUCER_REGS,
+                  STREAM_K=sk_grid is not None, SK_PROBE=_SK_PROBE, DECODE=_DECODE, PRODUCER_REGS=PRODUCER_REGS,
                   CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
     ws, cnt = _stream_k_buffers(x.device) if sk_grid is not None else (out, out)
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -639,6 +699,7 @@ def _launch(x, w, w_scale, out, res, g, mode, s_n, s_k, has_res, has_gate, block
 # Stream-K: split, choice and workspace
 # ----------------------------------------------------------------------------------------------
 
+_DECODE = int(os.environ.get("FLUX2_WO_DECODE", "1"))  # _decoded_step's weight decode (0: uint8 elements, 1: pairs)
 _SK_PROBE = 0  # timing probes (reports/fp8_weight_only/probe_wo_sk.py) only: 1 or 2 give wrong results
 SK_MAX_COUNTERS = 1 << 16  # int32 arrival counters per workspace (2 per tile: one per consumer)
 SK_SLOTS = 4  # partial tiles per program: (first or last segment of its share) x (consumer)

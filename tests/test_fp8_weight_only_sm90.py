@@ -203,8 +203,27 @@ def test_gated_residual_and_fp16(config):
 
 @pytest.mark.gpu
 @needs_sm90
+@pytest.mark.parametrize("decode", [0, 1])
+def test_decodes_every_e4m3_value(decode, monkeypatch):
+    """All 254 finite e4m3 codes (subnormals, both zeros) through either weight decode (uint8 elements or
+    uint16 pairs): with x the identity and a unit scale, out[m, n] = w[n, m] exactly. Each code sits at both
+    byte positions of a pair and in every row class of the A fragment (rows r and r + 8, pairs p and p + 4)."""
+    monkeypatch.setattr(W, "_DECODE", decode)
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[~torch.isnan(codes.view(E4M3).float())]
+    idx = torch.arange(128 * 256).reshape(128, 256)
+    w = codes[(idx * 7 + idx // 256) % codes.numel()].view(E4M3).cuda()  # N = 128, K = 256
+    x = torch.eye(256, dtype=torch.bfloat16, device="cuda")
+    for cfg in (CONFIGS["bt256_s4"], CONFIGS["bt128_s6"]):
+        out = W.fp8_weight_only_sm90(x, w, torch.tensor(1.0, device="cuda"), **cfg)
+        assert torch.equal(out.T.float(), w.float()), f"decode {decode} {cfg}: {(out.T.float() != w.float()).sum()}"
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("decode", [0, 1])
 @pytest.mark.parametrize("mode", ["row", "block"])
-def test_bits_equal_the_triton_fused_kernel(mode, monkeypatch):
+def test_bits_equal_the_triton_fused_kernel(decode, mode, monkeypatch):
     """Same decode, the same wgmma K order (k16 steps from 0 up, one fp32 accumulator) and the same epilogue
     order as fp8_matmul's fused weight-only kernel: the bf16 outputs agree bit for bit. With the gated residual
     the two compilers may contract ``acc * gate + residual`` into an FMA or not (one fp32 rounding apart), so
@@ -214,6 +233,7 @@ def test_bits_equal_the_triton_fused_kernel(mode, monkeypatch):
     gate = torch.randn(1536, device="cuda").to(torch.bfloat16)
     monkeypatch.setattr(F, "WO_DEQUANT_MIN_M", 1 << 62)
     monkeypatch.setattr(F, "WO_SM90", False)
+    monkeypatch.setattr(W, "_DECODE", decode)
     for epi in ({}, {"residual": res, "gate": gate}):
         triton_out = F.fp8_weight_only_linear(x, w, s, **epi)
         for cfg in (CONFIGS[k] for k in DATA_PARALLEL):

@@ -35,8 +35,12 @@ sys.path.insert(0, str(HERE.parent / "fp8_matmul"))
 from bench_fp8_matmul import SHAPES, bench_ab, m_for, quant_weights, rel_l2  # noqa: E402
 
 # run 3: the data-parallel persistent grid against stream-K (run 1 measured the 128-token tiles: 0.46-0.61x)
+# run 6: the uint16-pair weight decode (DECODE=1, the default) against the uint8 one (_d0)
 CONFIGS = {"bt256_s4": dict(block_t=256, num_stages=4, stream_k=False),
-           "bt256_s4_sk": dict(block_t=256, num_stages=4, stream_k=True)}  # fmt: skip
+           "bt256_s4_d0": dict(block_t=256, num_stages=4, stream_k=False, decode=0),
+           "bt256_s4_sk": dict(block_t=256, num_stages=4, stream_k=True),
+           "bt256_s4_sk_d0": dict(block_t=256, num_stages=4, stream_k=True, decode=0),
+           "bt128_s6": dict(block_t=128, num_stages=6, stream_k=False)}  # fmt: skip
 TARGET = 1 / 1.1
 
 
@@ -69,8 +73,23 @@ def _variants(F, W, x, w8, ws, wbf):
         "triton_fused": forced(False, 1 << 62),
         "dequant_cublas": forced(False, 0),
     }
+
+    def sm90(cfg):
+        cfg = dict(cfg)
+        decode = cfg.pop("decode", W._DECODE)
+
+        def run():
+            old = W._DECODE
+            W._DECODE = decode
+            try:
+                return W.fp8_weight_only_sm90(x, w8, ws, **cfg)
+            finally:
+                W._DECODE = old
+
+        return run
+
     for name, cfg in CONFIGS.items():
-        v["sm90_" + name] = lambda cfg=cfg: W.fp8_weight_only_sm90(x, w8, ws, **cfg)
+        v["sm90_" + name] = sm90(cfg)
     return v
 
 
@@ -94,6 +113,7 @@ def run(out_path: Path, rounds: int) -> None:
         "expectation_run3": W.EXPECTATION_RUN3,
         "expectation_run4": W.EXPECTATION_RUN4,
         "expectation_run5": W.EXPECTATION_RUN5,
+        "expectation_run6": W.EXPECTATION_RUN6,
         "weights": "synthetic (randn * 0.02, per-channel e4m3 scales): speed and bit checks only",
         "dispatch": {
             "WO_SM90": F.WO_SM90,
@@ -101,6 +121,7 @@ def run(out_path: Path, rounds: int) -> None:
             "WO_DEQUANT_MIN_M": F.WO_DEQUANT_MIN_M,
             "SK_MIN_FILL": W.SK_MIN_FILL,
             "SK_MIN_STEPS": W.SK_MIN_STEPS,
+            "DECODE": W._DECODE,
         },
         "shapes": [],
     }

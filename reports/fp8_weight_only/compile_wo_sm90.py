@@ -37,7 +37,7 @@ def desc_sig(rows: int, cols: int, gdt) -> str:
     return mangle_type(TensorDescriptor(t, [512, 512], [512, 1], [rows, cols], lay))
 
 
-def compile_cfg(block_t: int, stages: int, mode: int, res: bool, gate: bool, stream_k: bool = False):
+def compile_cfg(block_t: int, stages: int, mode: int, res: bool, gate: bool, stream_k: bool = False, decode: int = 1):
     from triton.experimental.gluon import language as gl
 
     sig = {
@@ -61,8 +61,8 @@ def compile_cfg(block_t: int, stages: int, mode: int, res: bool, gate: bool, str
         "stride_rm": "i32",
     }
     const = dict(SCALE_MODE=mode, HAS_RESIDUAL=res, HAS_GATE=gate, NUM_STAGES=stages, GROUP=W.GROUP,
-                 STREAM_K=stream_k, SK_PROBE=0, PRODUCER_REGS=W.PRODUCER_REGS, CONSUMER_REGS=W.CONSUMER_REGS,
-                 num_warps=4)  # fmt: skip
+                 STREAM_K=stream_k, SK_PROBE=0, DECODE=decode, PRODUCER_REGS=W.PRODUCER_REGS,
+                 CONSUMER_REGS=W.CONSUMER_REGS, num_warps=4)  # fmt: skip
     for c in const:
         sig[c] = "constexpr"
     names = list(sig)
@@ -77,6 +77,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dump", default="/tmp/wo_sm90", help="folder for ttgir/ptx/sass of each config")
     ap.add_argument("--match", default=None, help="only the configs whose tag contains this string")
+    ap.add_argument("--decode", type=int, default=1, help="the weight decode (kernel's DECODE): 0 uint8, 1 pairs")
     args = ap.parse_args()
     print("triton", triton.__version__)
     cfgs = [(256, 4, 1, False, False, False), (128, 6, 1, False, False, False), (256, 4, 1, True, True, False),
@@ -84,11 +85,11 @@ def main():
             (256, 4, 1, True, True, True), (256, 4, 2, False, False, True)]  # fmt: skip
     for block_t, stages, mode, res, gate, sk in cfgs:
         tag = f"bt{block_t}_s{stages}_mode{mode}_{'res' if res else 'nores'}_{'gate' if gate else 'nogate'}"
-        tag += "_sk" if sk else ""
+        tag += ("_sk" if sk else "") + ("_d0" if args.decode == 0 else "")
         if args.match and args.match not in tag:
             continue
         try:
-            ck = compile_cfg(block_t, stages, mode, res, gate, sk)
+            ck = compile_cfg(block_t, stages, mode, res, gate, sk, args.decode)
         except Exception as e:  # noqa: BLE001 (report every config)
             print(f"== {tag}: COMPILE FAILED {type(e).__name__}: {str(e)[:3000]}")
             continue
