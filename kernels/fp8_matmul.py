@@ -68,12 +68,13 @@ Dispatch (measured on the H100, reports/fp8_matmul)
 - Launches: after the first launch of a specialization, the compiled kernel's launcher is called
   directly (``FAST_LAUNCH``, env ``FLUX2_FAST_LAUNCH``, default 1), skipping Triton's autotuner and
   binder in Python.
-- ``fp8_weight_only_linear``: M < ``WO_DEQUANT_MIN_M`` (1024) runs the fused kernel (e4m3 decoded
-  in registers, bf16/fp16 MMA). At M >= 1024 the GEMM is compute-bound and it runs
-  ``dequantize_fp8_weight`` (one Triton pass, e4m3 * scale -> x's dtype, rounded once) and then
-  cuBLAS (``F.linear``), with the gate and residual applied in torch. That path rounds w * scale to
-  bf16 once per weight (relative 2^-9) where the fused kernel applies per-tensor / per-channel scales
-  in fp32 after the MMA.
+- ``fp8_weight_only_linear``: on sm_90 with bf16 activations, the Gluon kernel ``fp8_weight_only_sm90`` for
+  every M (e4m3 decoded in registers, bf16 MMA; 0.96-1.02x bf16 cuBLAS at M >= 4096 and 0.82-0.98x at
+  M = 512, reports/fp8_weight_only run 6). Elsewhere M < ``WO_DEQUANT_MIN_M`` (1024) runs the Triton fused
+  kernel, and M >= 1024 ``dequantize_fp8_weight`` (one Triton pass, e4m3 * scale -> x's dtype, rounded once)
+  then cuBLAS (``F.linear``), with the gate and residual applied in torch. That path rounds w * scale to
+  bf16 once per weight (relative 2^-9) where the fused kernels apply per-tensor / per-channel scales
+  in fp32 after the MMA, and it holds a bf16 copy of the weight during the call.
 """
 
 from __future__ import annotations
@@ -99,12 +100,14 @@ WO_DEQUANT_MIN_M = 1024  # weight-only: from this many rows on, dequantize to bf
 # than Triton's 16-bit integer ops; a module global so benchmarks can A/B both in one process
 WO_ASM_DECODE = os.environ.get("FLUX2_WO_ASM_DECODE", "1") == "1"
 # weight-only on sm_90 with bf16 activations: the Gluon warp-specialized kernel (fp8_weight_only_sm90) below
-# WO_SM90_MAX_M rows (FLUX2_WO_SM90=0: the Triton fused kernel / dequantize + cuBLAS as on other GPUs).
-# Measured on the H100 (reports/fp8_weight_only run 1): 0.69-0.75x bf16 cuBLAS at M = 512 against the Triton
-# fused kernel's 0.57-0.63x; at M >= 4096 0.77-0.85x against dequantize + cuBLAS's 0.91-0.93x. With stream-K
-# where it pays (fp8_weight_only_sm90.use_stream_k; wo_sm90 run 5): 0.74-0.87x at M = 512.
+# WO_SM90_MAX_M rows, i.e. every M (FLUX2_WO_SM90=0: the Triton fused kernel / dequantize + cuBLAS as on other
+# GPUs). Measured on the H100, bf16 cuBLAS time / ours by A/B (reports/fp8_weight_only): run 1 (uint8 decode)
+# 0.69-0.75x at M = 512 against the Triton fused kernel's 0.57-0.63x, and 0.77-0.85x at M >= 4096 against
+# dequantize + cuBLAS's 0.91-0.93x, hence a limit of 1024 rows until run 6; run 6 (the uint16-pair decode)
+# 0.96-1.02x at M >= 4096 (dequantize + cuBLAS: 0.90-0.95x) and, with stream-K where it pays
+# (fp8_weight_only_sm90.use_stream_k), 0.82-0.98x at M = 512.
 WO_SM90 = os.environ.get("FLUX2_WO_SM90", "1") == "1"
-WO_SM90_MAX_M = WO_DEQUANT_MIN_M
+WO_SM90_MAX_M = 1 << 62
 # fp8 A on sm_90: the persistent TMA kernel. Off by default: inside the FLUX.2-dev forward (run 3 of
 # reports/quant_runtime) the model's output fell to 24 dB / 13 dB SQNR (fp8-row unfused / fp8-tensor)
 # against 37 dB with the classic kernel, while every config pinned alone was exact. Reproduced by
@@ -1630,12 +1633,12 @@ def fp8_weight_only_linear(
     (the MMA dtype); w: (N, K) e4m3 (or its uint8 view); w_scale: scalar, per-channel (N,)/(N, 1),
     or 128x128 blocks (ceil(N/128), ceil(K/128)). out_dtype defaults to x's dtype.
 
-    Dispatch on M = x.numel() // K: below ``WO_DEQUANT_MIN_M`` (1024) a fused kernel decodes the
-    weights in registers (fp32 accumulation, fp32 epilogue): on sm_90 with bf16 x the Gluon warp-specialized
-    ``fp8_weight_only_sm90`` (``WO_SM90``), elsewhere the Triton kernel. From 1024 rows on (measured crossover on
-    the H100: the decode ALU work per M tile costs more than one pass over the weights), the weights
-    are dequantized to x's dtype by ``dequantize_fp8_weight`` into a temporary, multiplied by cuBLAS
-    (``F.linear``, result in x's dtype) and the gate/residual applied in torch."""
+    Dispatch: on sm_90 with bf16 x (and TMA-aligned rows) the Gluon warp-specialized ``fp8_weight_only_sm90``
+    (``WO_SM90``) for every M: weights decoded in registers, fp32 accumulation and epilogue. Elsewhere, on
+    M = x.numel() // K: below ``WO_DEQUANT_MIN_M`` (1024) the Triton fused kernel (same maths); from 1024 rows on
+    (the measured crossover for that kernel on the H100: its decode ALU work per M tile costs more than one pass
+    over the weights), the weights are dequantized to x's dtype by ``dequantize_fp8_weight`` into a temporary,
+    multiplied by cuBLAS (``F.linear``, result in x's dtype) and the gate/residual applied in torch."""
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"x must be bf16 or fp16, got {getattr(x, 'dtype', type(x))}")
     x2 = _check_activation(x)

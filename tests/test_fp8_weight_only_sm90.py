@@ -315,3 +315,8 @@ def test_library_dispatch_runs_the_sm90_kernel(monkeypatch):
     F.fp8_weight_only_linear(x.half(), w, s)
     F.fp8_weight_only_linear(x, w, s, residual=torch.zeros(512, 1024, device="cuda"))
     assert calls == [1]
+    # large M too (from run 6 on: no dequantize + cuBLAS on sm_90), as a 3-D activation
+    x, w, s = _operands(4352, 1024, 768, "row", "cuda", seed=3)
+    out = F.fp8_weight_only_linear(x.reshape(2, 2176, 768), w, s)
+    assert calls == [1, 1] and out.shape == (2, 2176, 1024)
+    _check(out.reshape(4352, 1024), x, w, s, None, None, "dispatch, M = 4352")
