@@ -79,6 +79,26 @@ the row GEMM saw the same limit in run 9 of reports/fp8_matmul), the partial sto
 K steps, waits for the others' partials and sums them from shared memory, which the ring frees at the end of
 its share), and cut the activations' L2 traffic per MAC (TMA multicast across a cluster, not exposed by Gluon
 3.6, or 192 weight rows per tile).
+
+uint16-pair decode (session 14; ``DECODE=1``, the default; ``FLUX2_WO_DECODE=0`` restores the uint8 one)
+-------------------------------------------------------------------------------------------------------
+The K loop's 72 PRMT per warp and K step were not the decode's: the weights were loaded as uint8 elements of the
+A-fragment layout (one LDS.U16 per byte pair), each byte then extracted into its own register and four of them
+repacked into the 32-bit input of the 4-byte decode asm, whose outputs were then split again. ``_decoded_step``
+now views the weight tile as uint16 pairs (``_reinterpret``, same swizzle), loads them in a linear layout whose
+two bf16 halves, joined and reshaped, are the A fragment register for register (the ``convert_layout`` compiles
+to nothing), and decodes each pair straight from the load's register (``E4M3X2_TO_BF16X2_PTX``: PRMT, two LOP3,
+SHF, HFMA2). CPU compile: 213 -> 161 SASS instructions per warp and K step, PRMT 72 -> 16, same values (GPU tests:
+every e4m3 code through both decodes; bits equal to the Triton fused kernel).
+Expected 1.05-1.15x on M >= 4096 (``EXPECTATION_RUN6``); measured (wo_sm90 run 6, H100, A/B against bf16 cuBLAS):
+data-parallel 0.96-1.02x against 0.82-0.875x for the uint8 decode (1.17x), stream-K at M = 512 0.87-0.98x on the
+three shapes it is chosen for (uint8: 0.80-0.86x), txt.proj 0.815x data-parallel. The gain beat the expectation:
+the decode's issue slots, not only its latency after the wait, held the loop back. ptxas still places most of
+the decode after the wgmma wait (72 instructions; an asm that waits with the decoded registers as operands did
+not move them: ptxas sinks the producers below it). With it the kernel beats dequantize + cuBLAS (0.90-0.95x) at
+every M, and ``fp8_matmul.fp8_weight_only_linear`` runs it for every M on sm_90: the library's weight-only
+geomean over the 10 FLUX.2-dev shapes is 0.953x bf16 cuBLAS by A/B (reports/fp8_matmul run 17; target 0.91 met),
+and no bf16 copy of the weight is made per call.
 """
 
 from __future__ import annotations
