@@ -179,6 +179,18 @@ def render(data: dict) -> str:
         *([f"Expectation for run 3: {data['expectation_run3']}."] if "expectation_run3" in data else []),
         *([f"Expectation for run 4: {data['expectation_run4']}."] if "expectation_run4" in data else []),
         *([f"Expectation for run 5: {data['expectation_run5']}."] if "expectation_run5" in data else []),
+        *([f"Expectation for run 6: {data['expectation_run6']}."] if "expectation_run6" in data else []),
+        *(
+            [
+                "",
+                "After run 6 (commit 56ac5b1) the library dispatch changed on the strength of this run: the sm_90 "
+                "kernel (`sm90_bt256_s4`, with stream-K where `use_stream_k` picks it) at every M, no dequantize + "
+                "cuBLAS. The `library` column below is the dispatch before that change; the new one measured 0.953 "
+                "by A/B over the same shapes in reports/fp8_matmul run 17 (target 0.91: met).",
+            ]
+            if data.get("dispatch", {}).get("WO_SM90_MAX_M") == 1024 and "expectation_run6" in data
+            else []
+        ),
         "",
         "Ratio = bf16 cuBLAS GPU time / ours, interleaved A/B (CUDA graphs, L2 flushed before each call, median of "
         "the rounds); target >= 0.91 (within 1.1x of cuBLAS time). Dispatch in this run: "
