@@ -166,6 +166,27 @@ def _geo(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
+def _dispatch_note(data: dict) -> list[str]:
+    """Run 6 led to the every-M dispatch: say so, with that dispatch's A/B geomean from reports/fp8_matmul run 17."""
+    if data.get("dispatch", {}).get("WO_SM90_MAX_M") != 1024 or "expectation_run6" not in data:
+        return []
+    run17 = HERE.parent / "fp8_matmul" / "fp8_matmul_run17.json"
+    key = "ours_weight_only_row_vs_bf16_mm_ab"
+    measured = ""
+    if run17.exists():
+        ab = [s["times"][key]["ratio"] for s in json.loads(run17.read_text())["shapes"] if key in s.get("times", {})]
+        if ab:
+            measured = (
+                f"; that dispatch measured {_geo(ab):.3f} by A/B over the same shapes in reports/fp8_matmul run 17"
+            )
+    return [
+        "",
+        "After run 6 (commit 56ac5b1) the library dispatch changed on the strength of this run: the sm_90 kernel "
+        "(`sm90_bt256_s4`, with stream-K where `use_stream_k` picks it) at every M, no dequantize + cuBLAS. The "
+        f"`library` column below is the dispatch before that change{measured}.",
+    ]
+
+
 def render(data: dict) -> str:
     variants = list(data["shapes"][0]["ab_vs_bf16"])
     lines = [
@@ -180,17 +201,7 @@ def render(data: dict) -> str:
         *([f"Expectation for run 4: {data['expectation_run4']}."] if "expectation_run4" in data else []),
         *([f"Expectation for run 5: {data['expectation_run5']}."] if "expectation_run5" in data else []),
         *([f"Expectation for run 6: {data['expectation_run6']}."] if "expectation_run6" in data else []),
-        *(
-            [
-                "",
-                "After run 6 (commit 56ac5b1) the library dispatch changed on the strength of this run: the sm_90 "
-                "kernel (`sm90_bt256_s4`, with stream-K where `use_stream_k` picks it) at every M, no dequantize + "
-                "cuBLAS. The `library` column below is the dispatch before that change; the new one measured 0.953 "
-                "by A/B over the same shapes in reports/fp8_matmul run 17 (target 0.91: met).",
-            ]
-            if data.get("dispatch", {}).get("WO_SM90_MAX_M") == 1024 and "expectation_run6" in data
-            else []
-        ),
+        *_dispatch_note(data),
         "",
         "Ratio = bf16 cuBLAS GPU time / ours, interleaved A/B (CUDA graphs, L2 flushed before each call, median of "
         "the rounds); target >= 0.91 (within 1.1x of cuBLAS time). Dispatch in this run: "
