@@ -37,7 +37,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_fp8_matmul import bench_ab, quant_weights, scaled_mm  # noqa: E402
+from bench_fp8_matmul import bench_ab, patched, quant_weights, scaled_mm  # noqa: E402
 
 SHAPES = [("single.linear1", 4608, 6144, 55296), ("single.linear2", 4608, 24576, 6144),
           ("double.img.qkv", 4096, 6144, 18432), ("double.img.mlp_in", 4096, 6144, 36864),
@@ -48,17 +48,11 @@ EXPECTATION = __doc__.split("Expectation")[1].split("\n\n")[0].strip(" (")
 
 @contextlib.contextmanager
 def pinned(F, group):
-    """The persistent kernel pinned to 128 x 256 x 128, 4 stages, subtiled epilogue and ``group`` (fresh autotuner
-    and launcher caches on the way in and out)."""
-    kern = F._fp8_gemm_persistent
-    old = (kern.configs, kern.cache)
-    kern.configs, kern.cache = [F._pcfg(128, 256, 4, 8, True, group=group)], {}
-    F._FAST_LAUNCHERS.clear()
-    try:
+    """The persistent kernel pinned to 128 x 256 x 128, 4 stages, subtiled epilogue and ``group``, with autotuner
+    and launcher caches of its own (bench_fp8_matmul.patched restores the library's on the way out)."""
+    cfg = F._pcfg(128, 256, 4, 8, True, group=group)
+    with patched(F._fp8_gemm_persistent, configs=[cfg], cache={}), patched(F, _FAST_LAUNCHERS={}):
         yield
-    finally:
-        kern.configs, kern.cache = old
-        F._FAST_LAUNCHERS.clear()
 
 
 def probe_shape(F, name, M, K, N, rounds):
