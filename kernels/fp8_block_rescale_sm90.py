@@ -87,6 +87,11 @@ GROUP_M = 8
 SCALE_FLOOR = 1e-30
 SMEM_BYTES = _block.SMEM_BYTES
 MAXNREG, CONSUMER_REGS, PRODUCER_REGS = _block.WS_REGS[2]
+EXPECTATION_WIDE = (
+    "wide (one m64n256 wgmma per consumer and K step, A read from shared memory once instead of twice: 80 instead "
+    "of 96 B/clk of operand reads at the tensor pipe's full rate, next to 48 B/clk of TMA writes, against a 128 B/clk "
+    "port; 4 QGMMA instead of 8): 1.03-1.10x the two-wgmma kernel; written before its first run (session 15)"
+)
 EXPECTATION = (
     "A/B vs our row-wise dispatch: 0.85-0.95x on M >= 4096, M = 512 at or above the promotion kernel "
     "(0.72x row-wise in fp8_matmul run 17); rel L2 like row-wise fast accumulation; written before the first run "
@@ -115,6 +120,17 @@ if gluon is not None:
         return gl.inline_asm_elementwise(
             "mul.f32 $0, $1, $2;", "=r,0,r", [acc, f], dtype=gl.float32, is_pure=True, pack=1
         )
+
+    @gluon.jit
+    def _rescale_wide(acc, f_lo, f_hi):
+        """``acc`` (BM x BN, one wgmma accumulator) with its left half times ``f_lo`` and its right half times
+        ``f_hi`` (per row), in place."""
+        BM: gl.constexpr = acc.shape[0]
+        BN: gl.constexpr = acc.shape[1]
+        acc3 = acc.reshape([BM, 2, BN // 2])
+        f3 = gl.convert_layout(gl.join(f_lo, f_hi), gl.SliceLayout(2, acc3.type.layout))
+        acc3 = _scale_in_place(acc3, f3[:, :, None])
+        return gl.convert_layout(acc3.reshape([BM, BN]), acc.type.layout)
 
     @gluon.jit
     def _step_scale(a, b_lo, b_hi):
@@ -147,6 +163,7 @@ if gluon is not None:
         a_smem, b_smem, c_smem, ready, empty, out_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr,
         M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk, stride_rm, stride_gn,
         HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
+        WIDE: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup: rows [WG * 64, WG * 64 + 64) of every 128 x 256 tile of the program, as two 64 x 128
         accumulators (one per weight-scale block) kept in units of the current K step's scale (module
@@ -159,7 +176,8 @@ if gluon is not None:
         gl.static_assert(gl.num_warps() == 4)
         gl.static_assert(BM == 64)
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 32])
-        row_l: gl.constexpr = gl.SliceLayout(1, mma)
+        wide: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
+        row_l: gl.constexpr = gl.SliceLayout(1, wide) if WIDE else gl.SliceLayout(1, mma)
 
         num_pid_m = gl.cdiv(M, 2 * BM)
         num_pid_n = gl.cdiv(N, BN)
@@ -179,15 +197,21 @@ if gluon is not None:
             a0, l0, h0 = _step_raw(sa_ptrs, sb_ptr, mask_m, has_hi, 0, k_tiles, stride_ask, stride_bsk, stride_bsn)
             c_lo, c_hi = _step_scale(a0, l0, h0)  # step j's scales
             a_n, l_n, h_n = _step_raw(sa_ptrs, sb_ptr, mask_m, has_hi, 1, k_tiles, stride_ask, stride_bsk, stride_bsn)
-            acc_lo = gl.zeros([BM, HALF], gl.float32, layout=mma)
-            acc_hi = gl.zeros([BM, HALF], gl.float32, layout=mma)
+            if WIDE:
+                acc = gl.zeros([BM, BN], gl.float32, layout=wide)
+            else:
+                acc_lo = gl.zeros([BM, HALF], gl.float32, layout=mma)
+                acc_hi = gl.zeros([BM, HALF], gl.float32, layout=mma)
             for j in range(k_tiles):
                 s = it % NUM_STAGES
                 mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
                 a_t = a_smem.index(s * 2 + WG)
                 b_t = b_smem.index(s)
-                acc_lo = warpgroup_mma(a_t, b_t.slice(0, HALF).permute((1, 0)), acc_lo, is_async=True)
-                acc_hi = warpgroup_mma(a_t, b_t.slice(HALF, HALF).permute((1, 0)), acc_hi, is_async=True)
+                if WIDE:
+                    acc = warpgroup_mma(a_t, b_t.permute((1, 0)), acc, is_async=True)
+                else:
+                    acc_lo = warpgroup_mma(a_t, b_t.slice(0, HALF).permute((1, 0)), acc_lo, is_async=True)
+                    acc_hi = warpgroup_mma(a_t, b_t.slice(HALF, HALF).permute((1, 0)), acc_hi, is_async=True)
                 # under the wgmmas: the rescale factors from scales loaded a step ago, and the loads of the
                 # scales of step j + 2 (not used before the next step: nothing here waits on a load)
                 n_lo, n_hi = _step_scale(a_n, l_n, h_n)
@@ -195,19 +219,31 @@ if gluon is not None:
                 f_hi = gl.fdiv(c_hi, n_hi)
                 a_n, l_n, h_n = _step_raw(sa_ptrs, sb_ptr, mask_m, has_hi, j + 2, k_tiles, stride_ask, stride_bsk,
                                           stride_bsn)  # fmt: skip
-                acc_lo, acc_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, acc_hi))
-                mbarrier.arrive(empty.index(s), count=1)
-                acc_lo = _scale_in_place(acc_lo, f_lo[:, None])
-                acc_hi = _scale_in_place(acc_hi, f_hi[:, None])
+                if WIDE:
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    mbarrier.arrive(empty.index(s), count=1)
+                    acc = _rescale_wide(acc, f_lo, f_hi)
+                else:
+                    acc_lo, acc_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, acc_hi))
+                    mbarrier.arrive(empty.index(s), count=1)
+                    acc_lo = _scale_in_place(acc_lo, f_lo[:, None])
+                    acc_hi = _scale_in_place(acc_hi, f_hi[:, None])
                 c_lo = n_lo
                 c_hi = n_hi
                 it += 1
+            if WIDE:
+                acc3 = acc.reshape([BM, 2, HALF]).permute((0, 2, 1))
+                acc_lo, acc_hi = acc3.split()
+                acc_lo = gl.convert_layout(acc_lo, mma)
+                acc_hi = gl.convert_layout(acc_hi, mma)
 
             tma.store_wait(0)  # this consumer's previous tile has left its buffers
-            _store_half(acc_lo, c_smem.index(2 * WG), out_desc, off_m, off_n, N, gate_ptr, res_ptr, offs_m, mask_m,
+            offs_e = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+            mask_e = offs_e < M
+            _store_half(acc_lo, c_smem.index(2 * WG), out_desc, off_m, off_n, N, gate_ptr, res_ptr, offs_e, mask_e,
                         stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
-            _store_half(acc_hi, c_smem.index(2 * WG + 1), out_desc, off_m, off_n + HALF, N, gate_ptr, res_ptr, offs_m,
-                        mask_m, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
+            _store_half(acc_hi, c_smem.index(2 * WG + 1), out_desc, off_m, off_n + HALF, N, gate_ptr, res_ptr, offs_e,
+                        mask_e, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
         tma.store_wait(0)
 
     @gluon.jit
@@ -223,6 +259,7 @@ if gluon is not None:
         GROUP: gl.constexpr,
         PRODUCER_REGS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
+        WIDE: gl.constexpr,
         num_warps: gl.constexpr,
     ):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -252,10 +289,10 @@ if gluon is not None:
             [
             (_rescale_consumer, (a_smem, b_smem, c_smem, ready, empty, out_desc, a_scale_ptr, b_scale_ptr, res_ptr,
                                  gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk, stride_rm,
-                                 stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG0)),
+                                 stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG0, WIDE)),
             (_rescale_consumer, (a_smem, b_smem, c_smem, ready, empty, out_desc, a_scale_ptr, b_scale_ptr, res_ptr,
                                  gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk, stride_rm,
-                                 stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG1)),
+                                 stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG1, WIDE)),
             (_block._ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),
             ],
             [4, 1],
@@ -290,12 +327,15 @@ def fp8_block_gemm_rescaled_sm90(
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     num_stages: int = 3,
+    wide: bool = False,
 ) -> torch.Tensor:
     """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` with 1x128 (A) and 128x128 (B) block scales on
     Hopper, fast accumulation through a rescaled accumulator (module docstring): e4m3 ``a`` (M, K), ``b`` (N, K),
     both K-contiguous with 16-byte aligned rows (K a multiple of 16); fp32 ``a_scale`` (M, ceil(K/128)),
     ``b_scale`` (ceil(N/128), ceil(K/128)); ``out_dtype`` bf16 or fp16 with 16-byte aligned rows (TMA store).
-    ``num_stages``: depth of the TMA ring (2 or 3 fit sm_90's shared memory: ``smem_bytes``)."""
+    ``num_stages``: depth of the TMA ring (2 or 3 fit sm_90's shared memory: ``smem_bytes``). ``wide``: one
+    m64n256 wgmma per consumer and K step into one accumulator, rescaled per half through a reshape (else two
+    m64n128 wgmmas, one accumulator per weight block)."""
     _check_fp8_operands(a, b, out_dtype)
     if out_dtype not in _OUT_GL:
         raise ValueError(f"fp8_block_gemm_rescaled_sm90 writes bf16 or fp16 (TMA store), got out_dtype={out_dtype}")
@@ -332,16 +372,16 @@ def fp8_block_gemm_rescaled_sm90(
         return out
     res = residual if residual is not None else out
     g = gate.reshape(-1) if gate is not None else out.view(-1)
-    return _launch(a, b, a_scale, b_scale, out, res, g, residual is not None, gate is not None, num_stages)
+    return _launch(a, b, a_scale, b_scale, out, res, g, residual is not None, gate is not None, num_stages, wide)
 
 
-def _launch(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages):
+def _launch(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, wide):
     M, K = a.shape
     N = b.shape[0]
     ints = (M, N, K, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), res.stride(0),
             g.stride(0))  # fmt: skip
     consts = dict(HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=GROUP_M,
-                  PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS)  # fmt: skip
+                  PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, WIDE=bool(wide))  # fmt: skip
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     # everything the launch specializes on (as in fp8_row_gemm_sm90._launch)
     key = (index, a.stride(0), b.stride(0), out.stride(0), out.dtype, res.dtype, g.dtype, *ints, *consts.values(),

@@ -81,17 +81,19 @@ BOUND = {torch.bfloat16: 8e-3, torch.float16: 7e-3}
 @pytest.mark.parametrize(
     "M, N, K",
     # (40, 384, 640): consumer 1 has no valid row, and the last 256-column tile has no second weight block;
-    # (77, 300, 1040): ragged M, N (a half tile past N) and K (a K tail)
-    [(256, 512, 384), (1000, 1111, 768), (64, 128, 128), (77, 300, 1040), (40, 384, 640), (300, 640, 4096)],
+    # (77, 296, 1040): ragged M, N (a half tile past N) and K (a K tail). N keeps the bf16 rows 16-byte aligned
+    # (the TMA store)
+    [(256, 512, 384), (1000, 1112, 768), (64, 128, 128), (77, 296, 1040), (40, 384, 640), (300, 640, 4096)],
 )
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize(
     "out_dtype, epilogue", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)]
 )
-def test_matches_reference(M, N, K, out_dtype, epilogue):
+def test_matches_reference(M, N, K, out_dtype, epilogue, wide):
     a, b, sa, sb = _operands(M, N, K, "cuda")
     res = (torch.randn(M, N, device="cuda") * 10).to(out_dtype) if epilogue else None
     gate = torch.randn(N, device="cuda").to(torch.bfloat16) if epilogue else None
-    out = R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, out_dtype=out_dtype, residual=res, gate=gate)
+    out = R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, out_dtype=out_dtype, residual=res, gate=gate, wide=wide)
     ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32, residual=res, gate=gate)
     assert out.dtype == out_dtype and out.shape == (M, N)
     assert not out.isnan().any()
@@ -102,11 +104,12 @@ def test_matches_reference(M, N, K, out_dtype, epilogue):
 @pytest.mark.gpu
 @needs_sm90
 @pytest.mark.parametrize("spread", [3.0, 8.0])
-def test_scales_spanning_many_decades(spread):
+@pytest.mark.parametrize("wide", [False, True])
+def test_scales_spanning_many_decades(spread, wide):
     """Each rescale divides one step's scale by the next's: a spread of 10^8 per scale (10^32 between two steps'
     products) stays finite and as exact as uniform scales."""
     a, b, sa, sb = _operands(192, 512, 1536, "cuda", seed=1, spread=spread)
-    out = R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb)
+    out = R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, wide=wide)
     ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)
     assert torch.isfinite(out).all()
     assert _rel_l2(out, ref) < BOUND[torch.bfloat16]
@@ -114,7 +117,8 @@ def test_scales_spanning_many_decades(spread):
 
 @pytest.mark.gpu
 @needs_sm90
-def test_zero_scales_and_zero_blocks():
+@pytest.mark.parametrize("wide", [False, True])
+def test_zero_scales_and_zero_blocks(wide):
     """A zero weight block (scale 0) or zero activation row-block contributes nothing and poisons nothing: the
     step scale is clamped to SCALE_FLOOR instead of dividing by 0."""
     M, N, K = 130, 512, 1024
@@ -124,7 +128,7 @@ def test_zero_scales_and_zero_blocks():
     sa[5, :4] = 0.0  # the first four K steps of row 5
     a[5, :512] = 0
     sa[7, 2] = 0.0  # a zero scale on non-zero data: contributes nothing in the reference either
-    out = R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb)
+    out = R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, wide=wide)
     ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)
     assert torch.isfinite(out).all()
     assert _rel_l2(out, ref) < BOUND[torch.bfloat16]
@@ -145,11 +149,12 @@ def test_cached_launch_matches_a_fresh_one(monkeypatch):
 
 @pytest.mark.gpu
 @needs_sm90
-def test_flux2_shape_sampled_rows():
+@pytest.mark.parametrize("wide", [False, True])
+def test_flux2_shape_sampled_rows(wide):
     """double.img.qkv at 1024² (4096 x 6144 x 18432): rows sampled across the grid against the reference."""
     M, N, K = 4096, 18432, 6144
     a, b, sa, sb = _operands(M, N, K, "cuda", seed=5)
-    out = R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb)
+    out = R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, wide=wide)
     rows = torch.tensor([0, 63, 64, 127, 2047, 4095], device="cuda")
     ref = fp8_gemm_ref(a[rows], b, sa[rows], sb, out_dtype=torch.float32)
     assert _rel_l2(out[rows], ref) < BOUND[torch.bfloat16]

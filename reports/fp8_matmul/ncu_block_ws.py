@@ -25,7 +25,7 @@ from pathlib import Path
 def summarize(d: Path) -> list[str]:
     """The key metrics of each profile in ``d`` and the block kernel's stall samples per code region."""
     L = [f"# `{d.name}/` (ncu --set full, one launch each, H100)", ""]
-    for name in ("block", "row", "cublas_block", "cublas_row"):
+    for name in ("block", "rescale", "rescale_wide", "row", "cublas_block", "cublas_row"):
         f = d / f"{name}.details.txt"
         if not f.exists():
             continue
@@ -41,41 +41,49 @@ def summarize(d: Path) -> list[str]:
             if m:
                 L.append(f"- {metric}: {m.group(2)} {m.group(1)}")
         L.append("")
-    sass = d / "block.sass.csv"
-    if sass.exists():
-        rows = list(csv.reader(sass.open()))
-        hdr, data = rows[1], rows[2:]
-        reasons = [h for h in hdr if h.startswith("stall_") and "Not Issued" not in h]
-        i_e = hdr.index("Instructions Executed")
-        # regions: runs of instructions with the same execution count (a K loop body, an epilogue, ...)
-        groups = []
-        for k, r in enumerate(data):
-            e = int(r[i_e])
-            if groups and groups[-1][2] == e:
-                groups[-1][1] = k
-            else:
-                groups.append([k, k, e])
-        total = sum(int(r[hdr.index("Warp Stall Sampling (All Samples)")]) for r in data)
-        L += ["## block: warp-stall samples per code region (instructions executed the same number of times)", "",
-              f"{total} samples in all.", "", "| instructions | executed | first | samples | top stall reasons |",
-              "|---|---|---|---|---|"]  # fmt: skip
-        for a, b, e in groups:
-            sums = {r: sum(int(data[k][hdr.index(r)]) for k in range(a, b + 1)) for r in reasons}
-            n = sum(sums.values())
-            if n >= 0.02 * total:
-                top = ", ".join(f"{k[6:]} {v}" for k, v in sorted(sums.items(), key=lambda x: -x[1])[:4] if v)
-                L.append(f"| {a}-{b} | {e} | `{data[a][1].strip()[:40]}` | {n} | {top} |")
-        L += [
-            "",
-            "Instructions with >= 1 % of the samples:",
-            "",
-            "| # | SASS | samples | executed |",
-            "|---|---|---|---|",
-        ]
-        i_s = hdr.index("Warp Stall Sampling (All Samples)")
-        for k, r in enumerate(data):
-            if int(r[i_s]) >= 0.01 * total:
-                L.append(f"| {k} | `{r[1].strip()[:60]}` | {r[i_s]} | {r[i_e]} |")
+    for sass in sorted(d.glob("*.sass.csv")):
+        if sass.name.startswith("row"):
+            continue
+        L += _stall_table(sass, sass.name.split(".")[0])
+    return L + [""]
+
+
+def _stall_table(sass: Path, name: str) -> list[str]:
+    """Warp-stall samples of one kernel's SASS per code region, and its instructions with >= 1 % of them."""
+    L = []
+    rows = list(csv.reader(sass.open()))
+    hdr, data = rows[1], rows[2:]
+    reasons = [h for h in hdr if h.startswith("stall_") and "Not Issued" not in h]
+    i_e = hdr.index("Instructions Executed")
+    # regions: runs of instructions with the same execution count (a K loop body, an epilogue, ...)
+    groups = []
+    for k, r in enumerate(data):
+        e = int(r[i_e])
+        if groups and groups[-1][2] == e:
+            groups[-1][1] = k
+        else:
+            groups.append([k, k, e])
+    total = sum(int(r[hdr.index("Warp Stall Sampling (All Samples)")]) for r in data)
+    L += [f"## {name}: warp-stall samples per code region (instructions executed the same number of times)", "",
+          f"{total} samples in all.", "", "| instructions | executed | first | samples | top stall reasons |",
+          "|---|---|---|---|---|"]  # fmt: skip
+    for a, b, e in groups:
+        sums = {r: sum(int(data[k][hdr.index(r)]) for k in range(a, b + 1)) for r in reasons}
+        n = sum(sums.values())
+        if n >= 0.02 * total:
+            top = ", ".join(f"{k[6:]} {v}" for k, v in sorted(sums.items(), key=lambda x: -x[1])[:4] if v)
+            L.append(f"| {a}-{b} | {e} | `{data[a][1].strip()[:40]}` | {n} | {top} |")
+    L += [
+        "",
+        "Instructions with >= 1 % of the samples:",
+        "",
+        "| # | SASS | samples | executed |",
+        "|---|---|---|---|",
+    ]
+    i_s = hdr.index("Warp Stall Sampling (All Samples)")
+    for k, r in enumerate(data):
+        if int(r[i_s]) >= 0.01 * total:
+            L.append(f"| {k} | `{r[1].strip()[:60]}` | {r[i_s]} | {r[i_e]} |")
     return L + [""]
 
 
@@ -99,7 +107,7 @@ M, K, N = 4096, 6144, 6144
 variant = sys.argv[1]
 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
 w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-if variant in ("block", "cublas_block"):
+if variant in ("block", "cublas_block", "rescale", "rescale_wide"):
     x8, xs = F.quantize_fp8(x, "block")
     w8, ws = quantize_fp8_block(w)  # 128 x 128 weight blocks
 else:
@@ -113,6 +121,11 @@ if variant == "block":
 
     def call():
         return G.fp8_block_gemm_sm90_ws(x8, w8, xs, ws, **opts)
+elif variant in ("rescale", "rescale_wide"):
+    from flux2_bench.kernels import fp8_block_rescale_sm90 as R
+
+    def call():
+        return R.fp8_block_gemm_rescaled_sm90(x8, w8, xs, ws, wide=variant == "rescale_wide")
 elif variant == "row":
 
     def call():
@@ -129,7 +142,7 @@ elif variant == "cublas_row":
             x8, w8.t(), scale_a=xs, scale_b=ws.reshape(1, N), out_dtype=torch.bfloat16, use_fast_accum=True
         )
 else:
-    raise SystemExit(f"unknown variant {variant!r}: block | row | cublas_block | cublas_row")
+    raise SystemExit(f"unknown variant {variant!r}: block | rescale | rescale_wide | row | cublas_block | cublas_row")
 
 for _ in range(25):  # autotuning and compilation happen here, outside the profiled range
     call()
