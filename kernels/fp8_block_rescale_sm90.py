@@ -80,7 +80,7 @@ if gluon is not None:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 BLOCK_M = 128  # two consumer warpgroups of 64 rows
-BLOCK_N = 256  # two 128-row weight-scale blocks
+BLOCK_N = 256  # default: two 128-row weight-scale blocks (block_n=128: one)
 BLOCK_K = 128
 HALF_N = 128
 GROUP_M = 8
@@ -172,7 +172,9 @@ if gluon is not None:
         BM: gl.constexpr = a_smem.shape[1]
         BN: gl.constexpr = b_smem.shape[1]
         BK: gl.constexpr = b_smem.shape[2]
-        HALF: gl.constexpr = BN // 2
+        HALF: gl.constexpr = c_smem.shape[2]  # one weight-scale block of columns
+        NH: gl.constexpr = BN // HALF  # weight blocks per tile: 1 or 2
+        gl.static_assert(WIDE or NH == 2)
         gl.static_assert(gl.num_warps() == 4)
         gl.static_assert(BM == 64)
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 32])
@@ -191,8 +193,8 @@ if gluon is not None:
             offs_m = off_m + gl.arange(0, BM, layout=row_l)
             mask_m = offs_m < M
             sa_ptrs = a_scale_ptr + offs_m * stride_asm
-            sb_ptr = b_scale_ptr + (2 * pid_n) * stride_bsn
-            has_hi = 2 * pid_n + 1 < n_blocks
+            sb_ptr = b_scale_ptr + (NH * pid_n) * stride_bsn
+            has_hi = (NH == 2) & (NH * pid_n + 1 < n_blocks)
 
             a0, l0, h0 = _step_raw(sa_ptrs, sb_ptr, mask_m, has_hi, 0, k_tiles, stride_ask, stride_bsk, stride_bsn)
             c_lo, c_hi = _step_scale(a0, l0, h0)  # step j's scales
@@ -222,7 +224,10 @@ if gluon is not None:
                 if WIDE:
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                     mbarrier.arrive(empty.index(s), count=1)
-                    acc = _rescale_wide(acc, f_lo, f_hi)
+                    if NH == 2:
+                        acc = _rescale_wide(acc, f_lo, f_hi)
+                    else:
+                        acc = _scale_in_place(acc, f_lo[:, None])
                 else:
                     acc_lo, acc_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, acc_hi))
                     mbarrier.arrive(empty.index(s), count=1)
@@ -231,19 +236,22 @@ if gluon is not None:
                 c_lo = n_lo
                 c_hi = n_hi
                 it += 1
-            if WIDE:
+            if WIDE and NH == 2:
                 acc3 = acc.reshape([BM, 2, HALF]).permute((0, 2, 1))
                 acc_lo, acc_hi = acc3.split()
                 acc_lo = gl.convert_layout(acc_lo, mma)
                 acc_hi = gl.convert_layout(acc_hi, mma)
+            elif WIDE:
+                acc_lo = gl.convert_layout(acc, mma)
 
             tma.store_wait(0)  # this consumer's previous tile has left its buffers
             offs_e = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
             mask_e = offs_e < M
-            _store_half(acc_lo, c_smem.index(2 * WG), out_desc, off_m, off_n, N, gate_ptr, res_ptr, offs_e, mask_e,
+            _store_half(acc_lo, c_smem.index(NH * WG), out_desc, off_m, off_n, N, gate_ptr, res_ptr, offs_e, mask_e,
                         stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
-            _store_half(acc_hi, c_smem.index(2 * WG + 1), out_desc, off_m, off_n + HALF, N, gate_ptr, res_ptr, offs_e,
-                        mask_e, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
+            if NH == 2:
+                _store_half(acc_hi, c_smem.index(2 * WG + 1), out_desc, off_m, off_n + HALF, N, gate_ptr, res_ptr,
+                            offs_e, mask_e, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
         tma.store_wait(0)
 
     @gluon.jit
@@ -268,12 +276,14 @@ if gluon is not None:
         HALF: gl.constexpr = out_desc.block_type.shape[1]
         gl.static_assert(BM == 64)
         gl.static_assert(BK == 128)
-        gl.static_assert(BN == 2 * HALF)
+        gl.static_assert(BN == 2 * HALF or BN == HALF)
         gl.static_assert(num_warps == 4)  # the default partition is consumer 0 (one warpgroup)
 
         a_smem = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES * 2, BM, BK], a_desc.layout)
         b_smem = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES, BN, BK], b_desc.layout)
-        c_smem = gl.allocate_shared_memory(out_desc.dtype, [4, BM, HALF], out_desc.layout)  # consumer x half
+        c_smem = gl.allocate_shared_memory(
+            out_desc.dtype, [2 * (BN // HALF), BM, HALF], out_desc.layout
+        )  # consumer x half
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
@@ -311,10 +321,11 @@ _LAUNCHERS: dict[tuple, tuple] = {}
 _OUT_GL = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def smem_bytes(num_stages: int, out_bytes: int = 2) -> int:
-    """Shared memory of the kernel: the ring (128 A rows and 256 B rows of 128 e4m3 per stage), the four
-    64 x 128 TMA-store buffers and 2 mbarriers per stage."""
-    return num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K + 4 * 64 * HALF_N * out_bytes + 16 * num_stages
+def smem_bytes(num_stages: int, block_n: int = BLOCK_N, out_bytes: int = 2) -> int:
+    """Shared memory of the kernel: the ring (128 A rows and ``block_n`` B rows of 128 e4m3 per stage), the
+    64 x 128 TMA-store buffers (one per consumer and weight block of the tile) and 2 mbarriers per stage."""
+    halves = block_n // HALF_N
+    return num_stages * (BLOCK_M + block_n) * BLOCK_K + 2 * halves * 64 * HALF_N * out_bytes + 16 * num_stages
 
 
 def fp8_block_gemm_rescaled_sm90(
@@ -328,6 +339,7 @@ def fp8_block_gemm_rescaled_sm90(
     gate: torch.Tensor | None = None,
     num_stages: int = 3,
     wide: bool = False,
+    block_n: int = BLOCK_N,
 ) -> torch.Tensor:
     """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` with 1x128 (A) and 128x128 (B) block scales on
     Hopper, fast accumulation through a rescaled accumulator (module docstring): e4m3 ``a`` (M, K), ``b`` (N, K),
@@ -335,7 +347,8 @@ def fp8_block_gemm_rescaled_sm90(
     ``b_scale`` (ceil(N/128), ceil(K/128)); ``out_dtype`` bf16 or fp16 with 16-byte aligned rows (TMA store).
     ``num_stages``: depth of the TMA ring (2 or 3 fit sm_90's shared memory: ``smem_bytes``). ``wide``: one
     m64n256 wgmma per consumer and K step into one accumulator, rescaled per half through a reshape (else two
-    m64n128 wgmmas, one accumulator per weight block)."""
+    m64n128 wgmmas, one accumulator per weight block). ``block_n``: 256 (two weight blocks per tile) or 128 (one;
+    ``wide`` then means one m64n128 wgmma; more tiles where M is small, as for the row-wise kernel at M = 512)."""
     _check_fp8_operands(a, b, out_dtype)
     if out_dtype not in _OUT_GL:
         raise ValueError(f"fp8_block_gemm_rescaled_sm90 writes bf16 or fp16 (TMA store), got out_dtype={out_dtype}")
@@ -356,9 +369,14 @@ def fp8_block_gemm_rescaled_sm90(
         raise ValueError(f"residual must be contiguous along N, got strides {residual.stride()}")
     if not 2 <= num_stages <= 8:
         raise ValueError(f"num_stages must be in 2..8, got {num_stages}")
-    smem = smem_bytes(num_stages)
+    if block_n not in (128, 256):
+        raise ValueError(f"block_n must be 128 or 256, got {block_n}")
+    if block_n == 128 and not wide:
+        raise ValueError("block_n=128 has one weight block per tile: it runs as wide=True (one accumulator)")
+    smem = smem_bytes(num_stages, block_n)
     if smem > SMEM_BYTES:
-        raise ValueError(f"num_stages={num_stages} needs {smem} B of shared memory, more than sm_90's {SMEM_BYTES}")
+        raise ValueError(f"num_stages={num_stages} with block_n={block_n} needs {smem} B of shared memory, more than "
+                         f"sm_90's {SMEM_BYTES}")  # fmt: skip
     _block.check_sm90_launch("fp8_block_gemm_rescaled_sm90", a, b, a_scale, b_scale, residual, gate)
     out = torch.empty((M, N), device=a.device, dtype=out_dtype)
     for name, t in (("a", a), ("b", b), ("out", out)):
@@ -372,10 +390,11 @@ def fp8_block_gemm_rescaled_sm90(
         return out
     res = residual if residual is not None else out
     g = gate.reshape(-1) if gate is not None else out.view(-1)
-    return _launch(a, b, a_scale, b_scale, out, res, g, residual is not None, gate is not None, num_stages, wide)
+    return _launch(a, b, a_scale, b_scale, out, res, g, residual is not None, gate is not None, num_stages, wide,
+                   block_n)  # fmt: skip
 
 
-def _launch(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, wide):
+def _launch(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, wide, block_n):
     M, K = a.shape
     N = b.shape[0]
     ints = (M, N, K, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), res.stride(0),
@@ -384,7 +403,8 @@ def _launch(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, 
                   PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, WIDE=bool(wide))  # fmt: skip
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     # everything the launch specializes on (as in fp8_row_gemm_sm90._launch)
-    key = (index, a.stride(0), b.stride(0), out.stride(0), out.dtype, res.dtype, g.dtype, *ints, *consts.values(),
+    key = (index, a.stride(0), b.stride(0), out.stride(0), out.dtype, res.dtype, g.dtype, block_n, *ints,
+           *consts.values(),
            *(t.data_ptr() % 16 == 0 for t in (a_scale, b_scale, res, g)))  # fmt: skip
     hit = _LAUNCHERS.get(key) if FAST_LAUNCH else None
     if hit is not None:
@@ -395,11 +415,11 @@ def _launch(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, 
     e4m3 = gl.float8e4nv
     a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [64, BLOCK_K],
                               gl.NVMMASharedLayout.get_default_for([64, BLOCK_K], e4m3))  # fmt: skip
-    b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [BLOCK_N, BLOCK_K],
-                              gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], e4m3))  # fmt: skip
+    b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [block_n, BLOCK_K],
+                              gl.NVMMASharedLayout.get_default_for([block_n, BLOCK_K], e4m3))  # fmt: skip
     o_layout = gl.NVMMASharedLayout.get_default_for([64, HALF_N], getattr(gl, _OUT_GL[out.dtype]))
     out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [64, HALF_N], o_layout)
-    grid = (min(-(-M // BLOCK_M) * -(-N // BLOCK_N), _block._num_sms(index)), 1, 1)
+    grid = (min(-(-M // BLOCK_M) * -(-N // block_n), _block._num_sms(index)), 1, 1)
     compiled = _fp8_block_gemm_rescaled_kernel[grid](
         a_desc, b_desc, out_desc, a_scale, b_scale, res, g, *ints, **consts, num_warps=4, maxnreg=MAXNREG
     )

@@ -53,6 +53,11 @@ def test_shared_memory_budget():
         R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, num_stages=4)
     with pytest.raises(ValueError, match="num_stages must be in 2..8"):
         R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, num_stages=1)
+    assert R.smem_bytes(6, 128) <= R.SMEM_BYTES < R.smem_bytes(7, 128)
+    with pytest.raises(ValueError, match="block_n must be 128 or 256"):
+        R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, block_n=64)
+    with pytest.raises(ValueError, match="wide=True"):
+        R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, block_n=128)
 
 
 def test_rejects_cpu_tensors():
@@ -93,7 +98,10 @@ def test_matches_reference(M, N, K, out_dtype, epilogue, wide):
     a, b, sa, sb = _operands(M, N, K, "cuda")
     res = (torch.randn(M, N, device="cuda") * 10).to(out_dtype) if epilogue else None
     gate = torch.randn(N, device="cuda").to(torch.bfloat16) if epilogue else None
-    out = R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, out_dtype=out_dtype, residual=res, gate=gate, wide=wide)
+    out = R.fp8_block_gemm_rescaled_sm90(
+        a, b, sa, sb, out_dtype=out_dtype, residual=res, gate=gate, wide=wide, block_n=block_n,
+        num_stages=6 if block_n == 128 else 3,
+    )  # fmt: skip
     ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32, residual=res, gate=gate)
     assert out.dtype == out_dtype and out.shape == (M, N)
     assert not out.isnan().any()

@@ -40,9 +40,9 @@ def desc_sig(rows: int, cols: int, dtype) -> str:
     return mangle_type(TensorDescriptor(t, [512, 512], [512, 1], [rows, cols], lay))
 
 
-def compile_cfg(num_stages: int, has_res: bool, has_gate: bool, wide: bool):
+def compile_cfg(num_stages: int, has_res: bool, has_gate: bool, wide: bool, block_n: int = 256):
     e4m3 = torch.float8_e4m3fn
-    sig = {"a_desc": desc_sig(64, 128, e4m3), "b_desc": desc_sig(R.BLOCK_N, 128, e4m3),
+    sig = {"a_desc": desc_sig(64, 128, e4m3), "b_desc": desc_sig(block_n, 128, e4m3),
            "out_desc": desc_sig(64, R.HALF_N, torch.bfloat16), "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
            "res_ptr": "*bf16", "gate_ptr": "*bf16"}  # fmt: skip
     for n in ("M", "N", "K", "stride_asm", "stride_ask", "stride_bsn", "stride_bsk", "stride_rm", "stride_gn"):
@@ -64,13 +64,16 @@ def main():
     ap.add_argument("--match", default=None, help="only the configs whose tag contains this string")
     args = ap.parse_args()
     print("triton", triton.__version__)
-    for stages, res, gate, wide in [(3, False, False, False), (3, True, True, False), (2, False, False, False),
-                                    (3, False, False, True), (3, True, True, True)]:  # fmt: skip
-        tag = f"rescale{'_wide' if wide else ''}_s{stages}_{'res' if res else 'nores'}_{'gate' if gate else 'nogate'}"
+    for stages, res, gate, wide, bn in [(3, False, False, False, 256), (3, True, True, False, 256),
+                                        (2, False, False, False, 256), (3, False, False, True, 256),
+                                        (3, True, True, True, 256), (6, False, False, True, 128),
+                                        (6, True, True, True, 128)]:  # fmt: skip
+        ep = f"{'res' if res else 'nores'}_{'gate' if gate else 'nogate'}"
+        tag = f"rescale{'_wide' if wide else ''}_bn{bn}_s{stages}_{ep}"
         if args.match and args.match not in tag:
             continue
         try:
-            ck = compile_cfg(stages, res, gate, wide)
+            ck = compile_cfg(stages, res, gate, wide, bn)
         except Exception as e:  # noqa: BLE001 (report every config)
             print(f"== {tag}: COMPILE FAILED {type(e).__name__}: {str(e)[:3000]}")
             continue
