@@ -90,11 +90,11 @@ BOUND = {torch.bfloat16: 8e-3, torch.float16: 7e-3}
     # (the TMA store)
     [(256, 512, 384), (1000, 1112, 768), (64, 128, 128), (77, 296, 1040), (40, 384, 640), (300, 640, 4096)],
 )
-@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("wide, block_n", [(False, 256), (True, 256), (True, 128)])
 @pytest.mark.parametrize(
     "out_dtype, epilogue", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)]
 )
-def test_matches_reference(M, N, K, out_dtype, epilogue, wide):
+def test_matches_reference(M, N, K, out_dtype, epilogue, wide, block_n):
     a, b, sa, sb = _operands(M, N, K, "cuda")
     res = (torch.randn(M, N, device="cuda") * 10).to(out_dtype) if epilogue else None
     gate = torch.randn(N, device="cuda").to(torch.bfloat16) if epilogue else None
