@@ -50,9 +50,13 @@ Dispatch (measured on the H100, reports/fp8_matmul)
   ``PERSISTENT`` (env ``FLUX2_FP8_PERSISTENT``, default 1) switches the persistent kernel; it is never
   autotuned with the CUDA-graph timer, the pair that left output columns unwritten inside the
   FLUX.2-dev forward (reports/quant_runtime, run 3 and diag_persistent_bisect).
-- Block scales on sm_90 (fp8 A, TMA-aligned rows): the Gluon warp-specialized kernel of
-  ``fp8_block_gemm_sm90`` (``BLOCK_GLUON``, env ``FLUX2_FP8_BLOCK_GLUON``, default 1), except on
-  fewer than two waves of 128 x 128 tiles with K >= 12288, where stream-K below wins.
+- Block scales with fast accumulation on sm_90 (fp8 A, TMA-aligned rows, bf16 / fp16 output): the Gluon
+  kernel of ``fp8_block_rescale_sm90``, which keeps the wgmma chain across K in units of the current K block's
+  scale and rescales the accumulator between blocks (128 x 256 tiles; 128 x 128 below 1024 rows with
+  N >= 16384). ``BLOCK_RESCALE``, env ``FLUX2_FP8_BLOCK_RESCALE``, default 1.
+- Other block scales on sm_90 (``fast_accum=False``, fp32 output): the Gluon warp-specialized kernel of
+  ``fp8_block_gemm_sm90`` (promotion of each K block in fp32; ``BLOCK_GLUON``, env ``FLUX2_FP8_BLOCK_GLUON``,
+  default 1), except on fewer than two waves of 128 x 128 tiles with K >= 12288, where stream-K below wins.
 - Row scales with fast accumulation on sm_90, fewer than 1024 rows and N >= 16384 (FLUX.2's txt.qkv and
   txt.mlp_in): the Gluon warp-specialized kernel of ``fp8_row_gemm_sm90`` (cooperative 128 x 128 tiles,
   6 stages; 1.05-1.13x the persistent kernel in reports/fp8_matmul/probe_row_ws.md, same bits).
@@ -123,6 +127,10 @@ PERSISTENT = os.environ.get("FLUX2_FP8_PERSISTENT", "1") == "1"
 # Block scales on sm_90: the Gluon warp-specialized kernel (kernels/fp8_block_gemm_sm90.py, ordered
 # consumers, promotion after the wait); env FLUX2_FP8_BLOCK_GLUON=0 keeps the Triton kernels.
 BLOCK_GLUON = os.environ.get("FLUX2_FP8_BLOCK_GLUON", "1") == "1"
+# Block scales with fast accumulation on sm_90 (2-byte outputs): the Gluon kernel with a rescaled accumulator
+# (kernels/fp8_block_rescale_sm90.py, 128 x 256 tiles); env FLUX2_FP8_BLOCK_RESCALE=0 keeps the promotion kernel
+# for them too.
+BLOCK_RESCALE = os.environ.get("FLUX2_FP8_BLOCK_RESCALE", "1") == "1"
 # Row scales on sm_90 for M < 1024 and N >= 16384: the Gluon warp-specialized kernel
 # (kernels/fp8_row_gemm_sm90.py); env FLUX2_FP8_ROW_GLUON=0 keeps the Triton kernels.
 ROW_GLUON = os.environ.get("FLUX2_FP8_ROW_GLUON", "1") == "1"
@@ -1195,12 +1203,10 @@ def _tma_rows(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1
 
 
-def _use_block_gluon(a, b, a_scale, b_scale, residual) -> bool:
-    """Block scales take the Gluon warp-specialized kernel on sm_90 (1.135x the Triton persistent
-    kernel in reports/fp8_matmul/probe_ws_schedule.md), when TMA's alignment holds and the residual
-    is contiguous along N, except where stream-K wins: fewer tiles than two waves with a long K
-    (txt.mlp_out, M = 512, K = 18432: 0.91x; measured on that one shape)."""
-    if not (BLOCK_GLUON and PERSISTENT) or a.device.type != "cuda" or _INTERPRET:
+def _block_gluon_fits(a, b, a_scale, b_scale, residual) -> bool:
+    """What both Gluon block-scaled kernels need: an sm_90 GPU with Gluon, TMA-aligned operand rows, (M, K/128)
+    and (N/128, K/128) scales, a residual contiguous along N."""
+    if a.device.type != "cuda" or _INTERPRET:
         return False
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     if _props(index).major != 9:
@@ -1214,10 +1220,38 @@ def _use_block_gluon(a, b, a_scale, b_scale, residual) -> bool:
         return False
     if tuple(a_scale.shape) != (M, -(-K // QBLOCK)) or tuple(b_scale.shape) != (-(-N // QBLOCK), -(-K // QBLOCK)):
         return False
-    if residual is not None and residual.stride(1) != 1:
+    return residual is None or residual.stride(1) == 1
+
+
+def _use_block_gluon(a, b, a_scale, b_scale, residual) -> bool:
+    """Block scales take the Gluon warp-specialized kernel on sm_90 (1.135x the Triton persistent
+    kernel in reports/fp8_matmul/probe_ws_schedule.md), when TMA's alignment holds and the residual
+    is contiguous along N, except where stream-K wins: fewer tiles than two waves with a long K
+    (txt.mlp_out, M = 512, K = 18432: 0.91x; measured on that one shape)."""
+    if not (BLOCK_GLUON and PERSISTENT) or not _block_gluon_fits(a, b, a_scale, b_scale, residual):
         return False
-    tiles = -(-M // G.BLOCK_N) * -(-N // G.BLOCK_N)  # 128 x 128 tiles
+    (M, K), N = a.shape, b.shape[0]
+    tiles = -(-M // 128) * -(-N // 128)  # 128 x 128 tiles
     return not (tiles < 2 * _num_sms(a.device) and K >= 12288)
+
+
+def _use_block_rescale(a, b, a_scale, b_scale, out_dtype, residual, fast_accum) -> bool:
+    """Block scales with fast accumulation take the rescaled-accumulator kernel on sm_90
+    (``fp8_block_rescale_sm90``: 1.24x the promotion kernel, 0.89x our row-wise GEMM, 1.01x cuBLAS's block-scaled
+    ``_scaled_mm`` in reports/fp8_matmul/probe_block_rescale.py run 2) at every shape, when the output is bf16 /
+    fp16 with 16-byte aligned rows (its TMA store)."""
+    if not (BLOCK_RESCALE and fast_accum) or out_dtype.itemsize != 2 or (b.shape[0] * out_dtype.itemsize) % 16:
+        return False
+    return _block_gluon_fits(a, b, a_scale, b_scale, residual)
+
+
+def _block_rescale_options(M: int, N: int) -> dict:
+    """The rescaled kernel's tile for ``fp8_gemm`` (probe_block_rescale run 3, H100): one m64n256 wgmma per consumer
+    and K step (``wide``), 128 x 256 tiles and 3 stages; 128 x 128 tiles with 6 stages below 1024 rows with
+    N >= 16384, where 128 x 256 tiles leave the last of ~2 waves mostly empty (as the row-wise dispatch)."""
+    if M < 1024 and N >= 16384:
+        return dict(wide=True, block_n=128, num_stages=6)
+    return dict(wide=True, block_n=256, num_stages=3)
 
 
 def _block_gluon_options(M: int, out_dtype: torch.dtype) -> dict:
@@ -1283,6 +1317,15 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
         mode, s_asm, s_ask, s_bsn, s_bsk = SCALE_BLOCK, 0, 0, b_scale.stride(0), b_scale.stride(1)
     else:
         mode, s_asm, s_ask, s_bsn, s_bsk = _scale_layout(a_scale, b_scale, M, N, K)
+    if (
+        mode == SCALE_BLOCK
+        and not a_bf16
+        and _use_block_rescale(a, b, a_scale, b_scale, out_dtype, residual, fast_accum)
+    ):
+        from flux2_bench.kernels.fp8_block_rescale_sm90 import fp8_block_gemm_rescaled_sm90
+
+        return fp8_block_gemm_rescaled_sm90(a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate,
+                                            **_block_rescale_options(M, N))  # fmt: skip
     if mode == SCALE_BLOCK and not a_bf16 and _use_block_gluon(a, b, a_scale, b_scale, residual):
         from flux2_bench.kernels.fp8_block_gemm_sm90 import fp8_block_gemm_sm90_ws
 
@@ -1390,7 +1433,9 @@ def fp8_gemm(
     The result is ``out_dtype`` (M, N). Accumulation is in fp32 registers; ``fast_accum=True`` (the
     FP8-inference default of torchao, and `_scaled_mm(use_fast_accum=True)`) lets Hopper's MMA keep
     its reduced-precision internal accumulation across K, ``False`` adds every 128-wide K step to the
-    accumulator in full fp32 (block scaling always does). On sm_90 with 16-byte-aligned rows this runs
+    accumulator in full fp32. Block scales with ``fast_accum=True`` on sm_90 (2-byte output) accumulate across K
+    in the MMA too, in units of the current block's scale (``fp8_block_rescale_sm90``); elsewhere block scaling
+    always promotes each 128-wide K step. On sm_90 with 16-byte-aligned rows this runs
     the persistent TMA kernel, elsewhere the classic tiled kernel (module docstring, "Dispatch")."""
     _check_fp8_operands(a, b, out_dtype)
     _as_fp32_scale(a_scale, "a_scale")

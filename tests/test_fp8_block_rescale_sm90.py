@@ -166,3 +166,27 @@ def test_flux2_shape_sampled_rows(wide):
     rows = torch.tensor([0, 63, 64, 127, 2047, 4095], device="cuda")
     ref = fp8_gemm_ref(a[rows], b, sa[rows], sb, out_dtype=torch.float32)
     assert _rel_l2(out[rows], ref) < BOUND[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("M, N, K", [(4096, 1024, 768), (512, 16384, 512), (200, 4096, 1152)])
+def test_fp8_gemm_dispatch(M, N, K):
+    """fp8_gemm with block scales: fast accumulation and a bf16 output run this kernel with
+    ``_block_rescale_options`` (the same bits); ``fast_accum=False`` and fp32 outputs keep the promotion kernel
+    (more accurate)."""
+    from flux2_bench.kernels import fp8_matmul as F
+
+    a, b, sa, sb = _operands(M, N, K, "cuda", seed=6)
+    res = torch.randn(M, N, device="cuda").to(torch.bfloat16)
+    gate = torch.randn(N, device="cuda").to(torch.bfloat16)
+    out = F.fp8_gemm(a, b, sa, sb, residual=res, gate=gate)
+    opts = F._block_rescale_options(M, N)
+    assert opts["block_n"] == (128 if M < 1024 and N >= 16384 else 256)
+    assert torch.equal(out, R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, residual=res, gate=gate, **opts))
+    ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32, residual=res, gate=gate)
+    promoted = F.fp8_gemm(a, b, sa, sb, residual=res, gate=gate, fast_accum=False)
+    assert not torch.equal(promoted, out)
+    assert _rel_l2(promoted, ref) < _rel_l2(out, ref) < BOUND[torch.bfloat16]
+    fp32 = F.fp8_gemm(a, b, sa, sb, out_dtype=torch.float32)
+    assert _rel_l2(fp32, fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)) < 1e-4  # promoted, fp32 output
