@@ -189,4 +189,4 @@ def test_fp8_gemm_dispatch(M, N, K):
     assert not torch.equal(promoted, out)
     assert _rel_l2(promoted, ref) < _rel_l2(out, ref) < BOUND[torch.bfloat16]
     fp32 = F.fp8_gemm(a, b, sa, sb, out_dtype=torch.float32)
-    assert _rel_l2(fp32, fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)) < 1e-4  # promoted, fp32 output
+    assert _rel_l2(fp32, fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)) < 1e-3  # promoted, fp32 output
