@@ -133,6 +133,14 @@ if gluon is not None:
         return gl.convert_layout(acc3.reshape([BM, BN]), acc.type.layout)
 
     @gluon.jit
+    def _rcp(x):
+        """1 / x to about 1 ulp in one MUFU.RCP (``rcp.approx.ftz``; x is a step scale in [1e-30, 3e38)). A
+        division compiles to a call with a slow path (ptxas then spilled the accumulators around it) or, as
+        ``gl.fdiv``, to six instructions with range fix-ups."""
+        return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
+                                         pack=1)  # fmt: skip
+
+    @gluon.jit
     def _step_scale(a, b_lo, b_hi):
         """The step's scale per row, for each half of the tile, clamped to SCALE_FLOOR (module docstring)."""
         return gl.maximum(a * b_lo, 1e-30), gl.maximum(a * b_hi, 1e-30)
@@ -217,8 +225,8 @@ if gluon is not None:
                 # under the wgmmas: the rescale factors from scales loaded a step ago, and the loads of the
                 # scales of step j + 2 (not used before the next step: nothing here waits on a load)
                 n_lo, n_hi = _step_scale(a_n, l_n, h_n)
-                f_lo = gl.fdiv(c_lo, n_lo)  # approximate (2 ulp): no slow-path call in the loop
-                f_hi = gl.fdiv(c_hi, n_hi)
+                f_lo = c_lo * _rcp(n_lo)
+                f_hi = c_hi * _rcp(n_hi)
                 a_n, l_n, h_n = _step_raw(sa_ptrs, sb_ptr, mask_m, has_hi, j + 2, k_tiles, stride_ask, stride_bsk,
                                           stride_bsn)  # fmt: skip
                 if WIDE:

@@ -1245,11 +1245,18 @@ def _use_block_rescale(a, b, a_scale, b_scale, out_dtype, residual, fast_accum) 
     return _block_gluon_fits(a, b, a_scale, b_scale, residual)
 
 
-def _block_rescale_options(M: int, N: int) -> dict:
-    """The rescaled kernel's tile for ``fp8_gemm`` (probe_block_rescale run 3, H100): one m64n256 wgmma per consumer
-    and K step (``wide``), 128 x 256 tiles and 3 stages; 128 x 128 tiles with 6 stages below 1024 rows with
-    N >= 16384, where 128 x 256 tiles leave the last of ~2 waves mostly empty (as the row-wise dispatch)."""
-    if M < 1024 and N >= 16384:
+def _block_rescale_options(M: int, N: int, num_sms: int) -> dict:
+    """The rescaled kernel's tile for ``fp8_gemm`` (probe_block_rescale runs 2-3, H100): one m64n256 wgmma per
+    consumer and K step (``wide``, 1.13x two m64n128), 128 x 256 tiles and 3 stages; 128 x 128 tiles with 6 stages
+    where their last wave is so much fuller that it repays their ~12 % lower speed per tile (run 3: 0.80-0.90x the
+    128 x 256 tiles on every shape but double.txt.qkv, 288 tiles of 128 x 256 = 2.18 waves on 132 SMs, where they
+    were 1.07x)."""
+
+    def wave_eff(block_n):
+        waves = -(-M // 128) * -(-N // block_n) / num_sms
+        return waves / math.ceil(waves)
+
+    if wave_eff(128) > 1.14 * wave_eff(256):
         return dict(wide=True, block_n=128, num_stages=6)
     return dict(wide=True, block_n=256, num_stages=3)
 
@@ -1325,7 +1332,7 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
         from flux2_bench.kernels.fp8_block_rescale_sm90 import fp8_block_gemm_rescaled_sm90
 
         return fp8_block_gemm_rescaled_sm90(a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate,
-                                            **_block_rescale_options(M, N))  # fmt: skip
+                                            **_block_rescale_options(M, N, _num_sms(a.device)))  # fmt: skip
     if mode == SCALE_BLOCK and not a_bf16 and _use_block_gluon(a, b, a_scale, b_scale, residual):
         from flux2_bench.kernels.fp8_block_gemm_sm90 import fp8_block_gemm_sm90_ws
 

@@ -341,13 +341,17 @@ def test_gpu_block_scales_dispatch(M, K, N, gluon, monkeypatch):
     if gluon:  # the schedule chosen for this M and a 4-byte output (no TMA store)
         opts = F._block_gluon_options(M, torch.float32)
         assert {k: calls[0].get(k) for k in opts} == opts, calls[0]
-    out_bf16 = F.fp8_gemm(xq, wq, xs, ws, residual=residual, gate=gate)  # 2-byte output: the TMA store
+    # 2-byte output, promoted: the TMA store (with fast accumulation: the rescaled kernel, test_fp8_block_rescale_sm90)
+    out_bf16 = F.fp8_gemm(xq, wq, xs, ws, residual=residual, gate=gate, fast_accum=False)
+    fast_bf16 = F.fp8_gemm(xq, wq, xs, ws, residual=residual, gate=gate)
     monkeypatch.setattr(F, "BLOCK_GLUON", False)
     tri = F.fp8_gemm(xq, wq, xs, ws, residual=residual, gate=gate, out_dtype=torch.float32)
     err = (out - tri).norm().item() / tri.norm().item()
     assert err < 1e-5, f"Gluon vs Triton block path: rel L2 {err:.2e}"
     err = (out_bf16.float() - tri).norm().item() / tri.norm().item()
     assert err < 4e-3, f"Gluon (bf16 out) vs Triton block path: rel L2 {err:.2e}"
+    err = (fast_bf16.float() - tri).norm().item() / tri.norm().item()
+    assert err < 8e-3, f"fast accumulation (bf16 out) vs Triton block path: rel L2 {err:.2e}"
 
 
 @pytest.mark.gpu

@@ -53,6 +53,7 @@ GRAPH_TIMED = (  # also timed as GPU time alone (CUDA graph), suffix "_graph"
     "ours_gemm_row_dp",
     "ours_gemm_row_triton_launch",
     "ours_gemm_block",
+    "ours_gemm_block_promoted",
     "ours_gemm_block_triton",
     "ours_gemm_block_dp",
     "ours_weight_only_row",
@@ -249,6 +250,15 @@ run 6 measured it at 0.96-1.02x bf16 cuBLAS at M >= 4096 and 0.82-0.98x at M = 5
 the library's dispatch): weight-only / bf16 0.93-0.96 by A/B (target 0.91: met); "wo fused" and "wo
 dequant+cuBLAS" now force the Triton fused kernel and dequantize + cuBLAS (WO_SM90 off), as on GPUs without
 FP8 tensor cores; row-wise, block and fp8_linear unchanged within run-to-run noise.
+- Run 17: weight-only A/B 0.953 (met), row-wise 0.983, block / row-wise 0.724, fp8_linear 1.708.
+
+Written before run 18 (session 15; block scales only: with fast accumulation, fp8_gemm's default, and a bf16
+output they now run the rescaled-accumulator kernel, kernels/fp8_block_rescale_sm90.py, 128 x 256 tiles, which
+probe_block_rescale runs 2-3 measured at 0.892-0.894x our row-wise GEMM, 1.24x the promotion kernel and
+1.01x cuBLAS's block-scaled _scaled_mm; the promotion kernel stays for fast_accum=False, timed as
+"ours_gemm_block_promoted"): block / row-wise 0.88-0.91 by A/B (target 0.9: at the line), ours block /
+_scaled_mm block 1.0-1.05; promoted block / row-wise ~0.72 as in run 17; row-wise, weight-only and fp8_linear
+unchanged within run-to-run noise.
 """
 
 
@@ -336,6 +346,7 @@ AB_PAIRS = (
     ("ours_gemm_row", "scaled_mm_row_fast"),
     ("ours_linear_row", TQ_ROW),
     ("ours_gemm_block", "ours_gemm_row"),
+    ("ours_gemm_block_promoted", "ours_gemm_row"),
     ("ours_weight_only_row", "bf16_mm"),
 )
 
@@ -521,7 +532,7 @@ def wo_threshold(F, min_m):
 
 def _classic(F, fn):
     """Run fn with the persistent kernel switched off (the classic tiled kernel, run 2's)."""
-    with patched(F, PERSISTENT=False):
+    with patched(F, PERSISTENT=False, BLOCK_RESCALE=False):
         return fn()
 
 
@@ -534,13 +545,16 @@ def _data_parallel(F, fn):
     kern = F._fp8_gemm_persistent
     if not _DP_ONLY:
         _DP_ONLY.update(configs=[c for c in kern.configs if not c.kwargs["STREAM_K"]], cache={})
-    with patched(kern, configs=_DP_ONLY["configs"], cache=_DP_ONLY["cache"]), patched(F, BLOCK_GLUON=False):
+    with (
+        patched(kern, configs=_DP_ONLY["configs"], cache=_DP_ONLY["cache"]),
+        patched(F, BLOCK_GLUON=False, BLOCK_RESCALE=False),
+    ):
         return fn()
 
 
 def _triton_block(F, fn):
-    """Run fn with block scales on the Triton persistent kernel (stream-K allowed), not the Gluon one."""
-    with patched(F, BLOCK_GLUON=False):
+    """Run fn with block scales on the Triton persistent kernel (stream-K allowed), not the Gluon ones."""
+    with patched(F, BLOCK_GLUON=False, BLOCK_RESCALE=False):
         return fn()
 
 
@@ -572,6 +586,7 @@ def timing(F, name, M, K, N, x, w_bf16, wq):
         "ours_gemm_tensor": lambda: F.fp8_gemm(x8t, w8t, xst, wst),
         "ours_gemm_row": lambda: F.fp8_gemm(x8r, w8r, xsr, wsr),
         "ours_gemm_block": lambda: F.fp8_gemm(x8b, w8b, xsb, wsb),
+        "ours_gemm_block_promoted": lambda: F.fp8_gemm(x8b, w8b, xsb, wsb, fast_accum=False),
         "ours_gemm_row_classic": lambda: _classic(F, lambda: F.fp8_gemm(x8r, w8r, xsr, wsr)),
         "ours_gemm_block_classic": lambda: _classic(F, lambda: F.fp8_gemm(x8b, w8b, xsb, wsb)),
         "ours_gemm_block_triton": lambda: _triton_block(F, lambda: F.fp8_gemm(x8b, w8b, xsb, wsb)),
@@ -822,7 +837,9 @@ def render(data: dict) -> str:
         ("GEMM block / GEMM row-wise (ours), GPU time", "ours_gemm_block_graph", "ours_gemm_row_graph", 0.9),
         ("GEMM block: library dispatch / classic tiled kernel (ours)", "ours_gemm_block", "ours_gemm_block_classic",
          None),
-        ("GEMM block, GPU time: Gluon warp-specialized / Triton persistent (ours)", "ours_gemm_block_graph",
+        ("GEMM block promoted (`fast_accum=False`) / GEMM row-wise (ours)", "ours_gemm_block_promoted",
+         "ours_gemm_row", None),
+        ("GEMM block, GPU time: library dispatch / Triton persistent (ours)", "ours_gemm_block_graph",
          "ours_gemm_block_triton_graph", None),
         ("GEMM block: ours / `_scaled_mm` 1x128x128 blocks", "ours_gemm_block", "scaled_mm_block", None),
         ("weight-only FP8: bf16 cuBLAS time / ours time", "ours_weight_only_row", "bf16_mm", 1 / 1.1),

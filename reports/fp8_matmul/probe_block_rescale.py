@@ -27,6 +27,16 @@ row-wise GEMM (0.888-0.931 on M >= 4096, 0.805-0.914 on M = 512: txt.qkv and txt
 promotion kernel and 1.014x cuBLAS's block-scaled ``_scaled_mm``. Nsight Compute on double.img.proj
 (ncu_block_rescale.sh): tensor pipe 80 % active (two wgmmas: 70 %), issue slots 43 % busy.
 
+Run 3 (H100, 95063f9, written after it): ``block_n=128`` 1.07x the 128 x 256 tiles on double.txt.qkv only (288
+tiles of 128 x 256 on 132 SMs: 2.18 waves), 0.99x on txt.mlp_in and 0.80-0.92x elsewhere (expected 1.05-1.12x on
+both text shapes with N >= 16384); 4 stages no better than 6. ``fp8_matmul._block_rescale_options`` takes 128 x 128
+tiles where their wave efficiency beats the 128 x 256 tiles' by more than 1.14x (txt.qkv only among FLUX.2's).
+
+Expectation for run 4 (written before it): the step scales' reciprocal in one MUFU.RCP (``rcp.approx``) instead of
+``gl.fdiv``'s six instructions cut the wide kernel's K loop from 266 to 238 SASS instructions; they run under the
+wgmma, not after its wait, so 1.00-1.03x (less issue pressure: "dispatch" was the top stall reason in run 2's
+profile).
+
     python3 reports/fp8_matmul/probe_block_rescale.py --out $OUT/probe_block_rescale_run1.json
 """
 
@@ -53,10 +63,10 @@ SHAPES = [("single.linear1", 4608, 6144, 55296), ("single.linear2", 4608, 24576,
           ("double.txt.qkv", 512, 6144, 18432), ("double.txt.mlp_in", 512, 6144, 36864),
           ("double.txt.mlp_out", 512, 18432, 6144), ("double.txt.proj", 512, 6144, 6144)]  # fmt: skip
 # name -> fp8_block_gemm_rescaled_sm90 options (run 1: "rescaled" only; run 2: "rescaled" and "rescaled_wide")
+# run 3 also "rescaled_wide_bn128_s4" (4 stages: no better than 6)
 VARIANTS = {
     "rescaled_wide": dict(wide=True),
     "rescaled_wide_bn128_s6": dict(wide=True, block_n=128, num_stages=6),
-    "rescaled_wide_bn128_s4": dict(wide=True, block_n=128, num_stages=4),
 }
 
 
