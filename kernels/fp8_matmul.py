@@ -52,8 +52,8 @@ Dispatch (measured on the H100, reports/fp8_matmul)
   FLUX.2-dev forward (reports/quant_runtime, run 3 and diag_persistent_bisect).
 - Block scales with fast accumulation on sm_90 (fp8 A, TMA-aligned rows, bf16 / fp16 output): the Gluon
   kernel of ``fp8_block_rescale_sm90``, which keeps the wgmma chain across K in units of the current K block's
-  scale and rescales the accumulator between blocks (128 x 256 tiles; 128 x 128 below 1024 rows with
-  N >= 16384). ``BLOCK_RESCALE``, env ``FLUX2_FP8_BLOCK_RESCALE``, default 1.
+  scale and rescales the accumulator between blocks (128 x 256 tiles). ``BLOCK_RESCALE``, env
+  ``FLUX2_FP8_BLOCK_RESCALE``, default 1.
 - Other block scales on sm_90 (``fast_accum=False``, fp32 output): the Gluon warp-specialized kernel of
   ``fp8_block_gemm_sm90`` (promotion of each K block in fp32; ``BLOCK_GLUON``, env ``FLUX2_FP8_BLOCK_GLUON``,
   default 1), except on fewer than two waves of 128 x 128 tiles with K >= 12288, where stream-K below wins.
@@ -1245,20 +1245,11 @@ def _use_block_rescale(a, b, a_scale, b_scale, out_dtype, residual, fast_accum) 
     return _block_gluon_fits(a, b, a_scale, b_scale, residual)
 
 
-def _block_rescale_options(M: int, N: int, num_sms: int) -> dict:
-    """The rescaled kernel's tile for ``fp8_gemm`` (probe_block_rescale runs 2-3, H100): one m64n256 wgmma per
-    consumer and K step (``wide``, 1.13x two m64n128), 128 x 256 tiles and 3 stages; 128 x 128 tiles with 6 stages
-    where their last wave is so much fuller that it repays their ~12 % lower speed per tile (run 3: 0.80-0.90x the
-    128 x 256 tiles on every shape but double.txt.qkv, 288 tiles of 128 x 256 = 2.18 waves on 132 SMs, where they
-    were 1.07x)."""
-
-    def wave_eff(block_n):
-        waves = -(-M // 128) * -(-N // block_n) / num_sms
-        return waves / math.ceil(waves)
-
-    if wave_eff(128) > 1.14 * wave_eff(256):
-        return dict(wide=True, block_n=128, num_stages=6)
-    return dict(wide=True, block_n=256, num_stages=3)
+# The rescaled kernel's tile for ``fp8_gemm`` (reports/fp8_matmul/probe_block_rescale.py, H100): one m64n256 wgmma
+# per consumer and K step (``wide``: 1.13x two m64n128 in run 2), 128 x 256 tiles, 3 stages, at every shape. Its
+# 128 x 128 tiles (6 stages) were 1.07x on double.txt.qkv in run 3 (288 tiles of 128 x 256 on 132 SMs: 2.18 waves)
+# but 0.98x there in run 4, and 0.66-0.92x on every other FLUX.2 shape in both runs.
+BLOCK_RESCALE_OPTIONS = dict(wide=True, block_n=256, num_stages=3)
 
 
 def _block_gluon_options(M: int, out_dtype: torch.dtype) -> dict:
@@ -1332,7 +1323,7 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
         from flux2_bench.kernels.fp8_block_rescale_sm90 import fp8_block_gemm_rescaled_sm90
 
         return fp8_block_gemm_rescaled_sm90(a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate,
-                                            **_block_rescale_options(M, N, _num_sms(a.device)))  # fmt: skip
+                                            **BLOCK_RESCALE_OPTIONS)  # fmt: skip
     if mode == SCALE_BLOCK and not a_bf16 and _use_block_gluon(a, b, a_scale, b_scale, residual):
         from flux2_bench.kernels.fp8_block_gemm_sm90 import fp8_block_gemm_sm90_ws
 

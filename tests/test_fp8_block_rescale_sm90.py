@@ -46,15 +46,6 @@ def test_rejects_bad_operands_and_scales():
         R.fp8_block_gemm_rescaled_sm90(a.t().contiguous().t(), b, sa, sb)
 
 
-def test_tile_rule_follows_wave_quantization():
-    """128 x 128 tiles only where the 128 x 256 tiles' last wave is far emptier (FLUX.2's txt.qkv on 132 SMs)."""
-    from flux2_bench.kernels.fp8_matmul import _block_rescale_options as opts
-
-    assert opts(512, 18432, 132)["block_n"] == 128  # 2.18 waves of 128 x 256, 4.36 of 128 x 128
-    for M, N in ((512, 36864), (512, 6144), (4096, 18432), (4608, 55296), (4096, 6144)):
-        assert opts(M, N, 132) == dict(wide=True, block_n=256, num_stages=3), (M, N)
-
-
 def test_shared_memory_budget():
     assert R.smem_bytes(3) <= R.SMEM_BYTES < R.smem_bytes(4)  # 3 stages is the deepest ring that fits
     a, b, sa, sb = _operands(32, 256, 256)
@@ -182,7 +173,7 @@ def test_flux2_shape_sampled_rows(wide):
 @pytest.mark.parametrize("M, N, K", [(4096, 1024, 768), (512, 18432, 512), (200, 4096, 1152)])
 def test_fp8_gemm_dispatch(M, N, K):
     """fp8_gemm with block scales: fast accumulation and a bf16 output run this kernel with
-    ``_block_rescale_options`` (the same bits); ``fast_accum=False`` and fp32 outputs keep the promotion kernel
+    ``BLOCK_RESCALE_OPTIONS`` (the same bits); ``fast_accum=False`` and fp32 outputs keep the promotion kernel
     (more accurate)."""
     from flux2_bench.kernels import fp8_matmul as F
 
@@ -190,7 +181,7 @@ def test_fp8_gemm_dispatch(M, N, K):
     res = torch.randn(M, N, device="cuda").to(torch.bfloat16)
     gate = torch.randn(N, device="cuda").to(torch.bfloat16)
     out = F.fp8_gemm(a, b, sa, sb, residual=res, gate=gate)
-    opts = F._block_rescale_options(M, N, F._num_sms(a.device))
+    opts = F.BLOCK_RESCALE_OPTIONS
     assert torch.equal(out, R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, residual=res, gate=gate, **opts))
     ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32, residual=res, gate=gate)
     promoted = F.fp8_gemm(a, b, sa, sb, residual=res, gate=gate, fast_accum=False)

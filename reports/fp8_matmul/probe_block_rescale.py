@@ -29,13 +29,19 @@ promotion kernel and 1.014x cuBLAS's block-scaled ``_scaled_mm``. Nsight Compute
 
 Run 3 (H100, 95063f9, written after it): ``block_n=128`` 1.07x the 128 x 256 tiles on double.txt.qkv only (288
 tiles of 128 x 256 on 132 SMs: 2.18 waves), 0.99x on txt.mlp_in and 0.80-0.92x elsewhere (expected 1.05-1.12x on
-both text shapes with N >= 16384); 4 stages no better than 6. ``fp8_matmul._block_rescale_options`` takes 128 x 128
-tiles where their wave efficiency beats the 128 x 256 tiles' by more than 1.14x (txt.qkv only among FLUX.2's).
+both text shapes with N >= 16384); 4 stages no better than 6. (The JSON's "git" reads 9ac848e: the device's
+checkout had a stale .git, and GIT_SHA came from it; the code was 95063f9.)
 
 Expectation for run 4 (written before it): the step scales' reciprocal in one MUFU.RCP (``rcp.approx``) instead of
 ``gl.fdiv``'s six instructions cut the wide kernel's K loop from 266 to 238 SASS instructions; they run under the
 wgmma, not after its wait, so 1.00-1.03x (less issue pressure: "dispatch" was the top stall reason in run 2's
 profile).
+
+Run 4 (H100, 8a0c30f, written after it): the wide kernel at 0.904x our row-wise GEMM (run 3: 0.892; as expected),
+1.256x the promotion kernel, 1.022x cuBLAS's block-scaled ``_scaled_mm``; M >= 4096 0.907-0.934, M = 512
+0.822-0.930. ``block_n=128`` fell to 0.81x row-wise on txt.qkv (run 3: 0.87x) and 0.64-0.79x elsewhere: no longer
+ahead of the 128 x 256 tiles anywhere. The reciprocal change is the only code difference between the runs and
+should not slow it; not understood. ``fp8_matmul.BLOCK_RESCALE_OPTIONS`` is 128 x 256 at every shape.
 
     python3 reports/fp8_matmul/probe_block_rescale.py --out $OUT/probe_block_rescale_run1.json
 """
