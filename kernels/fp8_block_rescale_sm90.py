@@ -386,9 +386,23 @@ def fp8_block_gemm_rescaled_sm90(
         raise ValueError(f"num_stages={num_stages} with block_n={block_n} needs {smem} B of shared memory, more than "
                          f"sm_90's {SMEM_BYTES}")  # fmt: skip
     _block.check_sm90_launch("fp8_block_gemm_rescaled_sm90", a, b, a_scale, b_scale, residual, gate)
-    out = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    for name, t in (("a", a), ("b", b), ("out", out)):
+    for name, t in (("a", a), ("b", b)):
         _block._check_tma(t, name)
+    if (N * out_dtype.itemsize) % 16:
+        raise ValueError(
+            f"the output's rows must be a multiple of 16 bytes for TMA, got N={N} x {out_dtype.itemsize} B"
+        )
+    return run_checked(a, b, a_scale, b_scale, out_dtype, residual, gate, num_stages=num_stages, wide=wide,
+                       block_n=block_n)  # fmt: skip
+
+
+def run_checked(a, b, a_scale, b_scale, out_dtype, residual, gate, *, num_stages, wide, block_n) -> torch.Tensor:
+    """``fp8_block_gemm_rescaled_sm90`` for arguments already validated (``fp8_matmul.fp8_gemm``'s dispatch checks
+    them before it picks this kernel): allocate the output and launch, without the per-call checks that cost
+    host time on the small text GEMMs."""
+    M, K = a.shape
+    N = b.shape[0]
+    out = torch.empty((M, N), device=a.device, dtype=out_dtype)
     if M == 0 or N == 0:
         return out
     if K == 0:

@@ -1203,6 +1203,9 @@ def _tma_rows(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1
 
 
+_GLUON_SM90: dict[int, bool] = {}
+
+
 def _block_gluon_fits(a, b, a_scale, b_scale, residual) -> bool:
     """What both Gluon block-scaled kernels need: an sm_90 GPU with Gluon, TMA-aligned operand rows, (M, K/128)
     and (N/128, K/128) scales, a residual contiguous along N."""
@@ -1211,12 +1214,14 @@ def _block_gluon_fits(a, b, a_scale, b_scale, residual) -> bool:
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     if _props(index).major != 9:
         return False
-    from flux2_bench.kernels import fp8_block_gemm_sm90 as G
+    if index not in _GLUON_SM90:
+        from flux2_bench.kernels import fp8_block_gemm_sm90 as G
 
-    if not G.is_available(a.device):
+        _GLUON_SM90[index] = G.is_available(a.device)
+    if not _GLUON_SM90[index]:
         return False
     (M, K), N = a.shape, b.shape[0]
-    if not all(_tma_rows(t) for t in (a, b)):
+    if not (_tma_rows(a) and _tma_rows(b)):
         return False
     if tuple(a_scale.shape) != (M, -(-K // QBLOCK)) or tuple(b_scale.shape) != (-(-N // QBLOCK), -(-K // QBLOCK)):
         return False
@@ -1320,10 +1325,10 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
         and not a_bf16
         and _use_block_rescale(a, b, a_scale, b_scale, out_dtype, residual, fast_accum)
     ):
-        from flux2_bench.kernels.fp8_block_rescale_sm90 import fp8_block_gemm_rescaled_sm90
+        from flux2_bench.kernels import fp8_block_rescale_sm90 as R
 
-        return fp8_block_gemm_rescaled_sm90(a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate,
-                                            **BLOCK_RESCALE_OPTIONS)  # fmt: skip
+        # fp8_gemm checked the operands, scales and epilogue; _use_block_rescale what the kernel adds
+        return R.run_checked(a, b, a_scale, b_scale, out_dtype, residual, gate, **BLOCK_RESCALE_OPTIONS)
     if mode == SCALE_BLOCK and not a_bf16 and _use_block_gluon(a, b, a_scale, b_scale, residual):
         from flux2_bench.kernels.fp8_block_gemm_sm90 import fp8_block_gemm_sm90_ws
 
