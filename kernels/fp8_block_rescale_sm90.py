@@ -375,6 +375,10 @@ def fp8_block_gemm_rescaled_sm90(
     _check_epilogue(residual, gate, M, N)
     if residual is not None and residual.stride(1) != 1:
         raise ValueError(f"residual must be contiguous along N, got strides {residual.stride()}")
+    if (N * out_dtype.itemsize) % 16:
+        raise ValueError(
+            f"the output's rows must be a multiple of 16 bytes for TMA, got N={N} x {out_dtype.itemsize} B"
+        )
     if not 2 <= num_stages <= 8:
         raise ValueError(f"num_stages must be in 2..8, got {num_stages}")
     if block_n not in (128, 256):
@@ -388,10 +392,6 @@ def fp8_block_gemm_rescaled_sm90(
     _block.check_sm90_launch("fp8_block_gemm_rescaled_sm90", a, b, a_scale, b_scale, residual, gate)
     for name, t in (("a", a), ("b", b)):
         _block._check_tma(t, name)
-    if (N * out_dtype.itemsize) % 16:
-        raise ValueError(
-            f"the output's rows must be a multiple of 16 bytes for TMA, got N={N} x {out_dtype.itemsize} B"
-        )
     return run_checked(a, b, a_scale, b_scale, out_dtype, residual, gate, num_stages=num_stages, wide=wide,
                        block_n=block_n)  # fmt: skip
 

@@ -44,6 +44,9 @@ def test_rejects_bad_operands_and_scales():
         R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, out_dtype=torch.float32)
     with pytest.raises(ValueError, match="contiguous along K"):
         R.fp8_block_gemm_rescaled_sm90(a.t().contiguous().t(), b, sa, sb)
+    a2, b2, sa2, sb2 = _operands(32, 300, 256)
+    with pytest.raises(ValueError, match="multiple of 16 bytes"):
+        R.fp8_block_gemm_rescaled_sm90(a2, b2, sa2, sb2)  # 600-byte bf16 rows: no TMA store
 
 
 def test_shared_memory_budget():
