@@ -259,6 +259,14 @@ probe_block_rescale runs 2-3 measured at 0.892-0.894x our row-wise GEMM, 1.24x t
 "ours_gemm_block_promoted"): block / row-wise 0.88-0.91 by A/B (target 0.9: at the line), ours block /
 _scaled_mm block 1.0-1.05; promoted block / row-wise ~0.72 as in run 17; row-wise, weight-only and fp8_linear
 unchanged within run-to-run noise.
+- Run 18: block / row-wise A/B 0.904 (met), GPU time 0.924 (met), eager 0.864 (missed: on txt.proj the eager
+  block call took 71 us for a 40 us kernel, ~30 us of host time more than the row-wise call); ours block /
+  _scaled_mm block 0.927 eager; promoted block / row-wise A/B 0.725; row-wise A/B 0.981, weight-only 0.956,
+  fp8_linear 1.702.
+
+Written before run 19 (session 15; the host path only: fp8_gemm launches the rescaled kernel without
+re-validating its arguments, and caches the per-device Gluon check): eager block / row-wise 0.88-0.92, txt.proj's
+eager block time within 10 us of its GPU time; A/B and GPU-time ratios as in run 18 within noise.
 """
 
 
