@@ -125,7 +125,10 @@ producer warp loading them a step ahead, at 1fc6630) measured 0.95x (two consume
 probe_ws_consumers run 3, expected 1.02-1.06x: the producer warp then waits on global loads between its
 TMA issues; the option was removed.
 
-``fp8_matmul._block_gluon_options`` picks the dispatch from these measurements.
+``fp8_matmul._block_gluon_options`` picks the dispatch from these measurements. Since session 15 ``fp8_gemm``
+runs this kernel for block scales with ``fast_accum=False`` or an fp32 output only; fast accumulation with a
+2-byte output goes to ``fp8_block_rescale_sm90`` (a rescaled accumulator instead of a promoted one: 128 x 256
+tiles, 1.25x this kernel).
 """
 
 from __future__ import annotations

@@ -1133,6 +1133,47 @@ def _wo_decode_note(data, wo_small, over) -> str:
     return note
 
 
+def _block_note(timed, over, pct_range, g, row) -> str:
+    """The block-scaling paragraph from run 18 on (fast accumulation: the rescaled-accumulator kernel)."""
+    pairs = [(s, s["times"]["ours_gemm_block_vs_ours_gemm_row_ab"]) for s in timed
+             if "ratio" in s["times"].get("ours_gemm_block_vs_ours_gemm_row_ab", {})]  # fmt: skip
+    ab = [x for _, x in pairs]
+    pro = [s["times"]["ours_gemm_block_promoted_vs_ours_gemm_row_ab"] for s in timed
+           if "ratio" in s["times"].get("ours_gemm_block_promoted_vs_ours_gemm_row_ab", {})]  # fmt: skip
+    g_ab = _geo([x["ratio"] for x in ab])
+    eager, gpu = over(timed, "ours_gemm_block", row), over(timed, "ours_gemm_block" + g, row + g)
+    met = all(v >= 0.9 for v in (g_ab, eager, gpu))
+    errs = {k: [s["correctness"][k]["rel_l2_vs_ref"] for s in timed if k in s.get("correctness", {})]
+            for k in ("linear_block", "linear_row")}  # fmt: skip
+    big = [x["ratio"] for s, x in pairs if s["M"] >= 4096]
+    small = [x["ratio"] for s, x in pairs if s["M"] < 4096]
+    ranges = (f"{min(big, default=0):.3f}-{max(big, default=0):.3f}x on M >= 4096, "
+              f"{min(small, default=0):.3f}-{max(small, default=0):.3f}x on M = 512")  # fmt: skip
+    return (
+        f"- **Block scaling: target >= 0.9 {'met' if met else 'missed'}** (block / row-wise, ours: interleaved A/B "
+        f"{g_ab:.3f}x, eager {eager:.3f}x, GPU time {gpu:.3f}x; A/B {ranges}). With fast accumulation "
+        "(`fp8_gemm`'s default) and a 2-byte output, block scales on sm_90 run the rescaled-accumulator kernel of "
+        "`kernels/fp8_block_rescale_sm90.py`: the wgmma chain runs across K in units of the current K block's scale, "
+        "and between blocks each accumulator row is multiplied by s_k / s_(k+1) on the CUDA cores, so a warpgroup "
+        "holds one 64 x 256 accumulator (128 registers) instead of a running sum and a product, and the kernel runs "
+        "our row-wise kernel's 128 x 256 tiles (one m64n256 wgmma per consumer and K step). GPU time reaches "
+        f"{pct_range(timed, 'ours_gemm_block' + g)} of the measured ceiling; "
+        f"{over(timed, 'ours_gemm_block' + g, 'scaled_mm_block' + g):.2f}x cuBLAS's 1x128/128x128 `_scaled_mm` and "
+        f"{over(timed, 'ours_gemm_block' + g, 'ours_gemm_block_triton' + g):.2f}x the Triton persistent kernel in GPU "
+        "time. The price is fast accumulation's error: rel L2 against the fp32 reference "
+        f"{min(errs['linear_block'], default=0):.1e}-{max(errs['linear_block'], default=0):.1e} for block "
+        f"`fp8_linear` (row-wise, also fast: {min(errs['linear_row'], default=0):.1e}-"
+        f"{max(errs['linear_row'], default=0):.1e}; it grows with K). `fast_accum=False` keeps the promotion kernel "
+        "of `kernels/fp8_block_gemm_sm90.py` (each K block added in fp32 on the CUDA cores, 128 x 128 tiles): "
+        f"{_geo([x['ratio'] for x in pro]):.3f}x row-wise by A/B. What limits the rescaled kernel "
+        "(`ncu_block_ws.md`, double.img.proj): the tensor pipe is 80 % active against cuBLAS row-wise's 93 %; each "
+        "consumer waits for its wgmma, then rescales 128 registers before it can issue the next (the other "
+        "consumer's wgmma covers that), and its loop issues ~240 instructions per K step. Next steps: the M = 512 "
+        "shapes (txt.qkv: 288 tiles of 128 x 256 = 2.2 waves on 132 SMs; its 128 x 128 variant measured 1.07x in "
+        "one probe run and 0.98x in the next), and TMA multicast across a 1 x 2 cluster as for row-wise."
+    )
+
+
 def _ab_note(timed: list) -> str:
     """The row-wise target by the interleaved A/B timer, and what the wide-tile probe found."""
     key = "ours_gemm_row_vs_scaled_mm_row_fast_ab"
@@ -1268,26 +1309,31 @@ def analysis(data: dict, timed: list) -> str:
         "dimension of a layout, checked on the CPU) nor Gluon 3.6 (its Hopper TMA copy takes no multicast "
         "argument) exposes, so inline PTX or CUTLASS; and a launch path without per-call Python work "
         "(capture the transformer block in a CUDA graph).",
-        f"- **Block scaling: target >= 0.9 missed.** On sm_90, block scales now run the Gluon warp-specialized "
-        "kernel of `kernels/fp8_block_gemm_sm90.py` (one TMA producer warp; two consumer warpgroups of 64 rows "
-        "on 128 x 128 tiles, or three on 192 x 128 tiles where M is a multiple of 192 from 4608 rows; each "
-        "promotes its product right after the wait with the scales loaded a step ahead and multiplied at their "
-        "promotion; bf16 tiles leave through a TMA store; `fp8_matmul._block_gluon_options`), except on fewer "
-        "than two waves of tiles with K >= 12288, where the Triton persistent kernel's stream-K wins. Block: "
-        f"{over(timed, 'ours_gemm_block', row):.3f}x our row-wise eager, "
-        f"{over(timed, 'ours_gemm_block' + g, row + g):.3f}x in GPU time ({pct_range(timed, 'ours_gemm_block' + g)} "
-        f"of the ceiling); {over(timed, 'ours_gemm_block' + g, 'ours_gemm_block_triton' + g):.3f}x the Triton "
-        f"persistent kernel and {over(timed, 'ours_gemm_block' + g, 'scaled_mm_block' + g):.2f}x cuBLAS's "
-        "1x128/128x128 `_scaled_mm` in GPU time. Why it stays there: Nsight Compute on double.img.proj "
-        "(`ncu_block_ws.md`) has our kernel's tensor pipe active well below cuBLAS's block and row-wise kernels, "
-        "both of which use 128 x 128 tiles too, with 6 stages and a 1 x 2 cluster (TMA multicast of one "
-        "operand). The promotion keeps a fresh product and the running sum in registers "
-        "(64 + 64 fp32 per thread for a 64 x 128 warpgroup tile), which rules out our row-wise kernel's 128 x 256 "
-        "tile (`probe_ws_schedule.md`, run 2: spills). Measured and kept: deferring the scale multiply and the "
-        "TMA store; three consumers helped only at M = 4608; deeper rings (4-6 stages) and "
-        "staging the scales through shared memory were slower (`probe_ws_consumers.md`). Next step: TMA "
-        "multicast across a 1 x 2 cluster (not exposed by Gluon 3.6: inline PTX or CUTLASS), and scale loads "
-        "that ptxas cannot schedule ahead of the wgmma wait (consumer 1 still waits on them; `ncu_block_ws.md`).",
+        _block_note(timed, over, pct_range, g, row)
+        if data["meta"].get("run", 0) >= 18
+        else (
+            f"- **Block scaling: target >= 0.9 missed.** On sm_90, block scales now run the Gluon warp-specialized "
+            "kernel of `kernels/fp8_block_gemm_sm90.py` (one TMA producer warp; two consumer warpgroups of 64 rows "
+            "on 128 x 128 tiles, or three on 192 x 128 tiles where M is a multiple of 192 from 4608 rows; each "
+            "promotes its product right after the wait with the scales loaded a step ahead and multiplied at their "
+            "promotion; bf16 tiles leave through a TMA store; `fp8_matmul._block_gluon_options`), except on fewer "
+            "than two waves of tiles with K >= 12288, where the Triton persistent kernel's stream-K wins. Block: "
+            f"{over(timed, 'ours_gemm_block', row):.3f}x our row-wise eager, "
+            f"{over(timed, 'ours_gemm_block' + g, row + g):.3f}x in GPU time "
+            f"({pct_range(timed, 'ours_gemm_block' + g)} "
+            f"of the ceiling); {over(timed, 'ours_gemm_block' + g, 'ours_gemm_block_triton' + g):.3f}x the Triton "
+            f"persistent kernel and {over(timed, 'ours_gemm_block' + g, 'scaled_mm_block' + g):.2f}x cuBLAS's "
+            "1x128/128x128 `_scaled_mm` in GPU time. Why it stays there: Nsight Compute on double.img.proj "
+            "(`ncu_block_ws.md`) has our kernel's tensor pipe active well below cuBLAS's block and row-wise kernels, "
+            "both of which use 128 x 128 tiles too, with 6 stages and a 1 x 2 cluster (TMA multicast of one "
+            "operand). The promotion keeps a fresh product and the running sum in registers "
+            "(64 + 64 fp32 per thread for a 64 x 128 warpgroup tile), which rules out our row-wise kernel's 128 x 256 "
+            "tile (`probe_ws_schedule.md`, run 2: spills). Measured and kept: deferring the scale multiply and the "
+            "TMA store; three consumers helped only at M = 4608; deeper rings (4-6 stages) and "
+            "staging the scales through shared memory were slower (`probe_ws_consumers.md`). Next step: TMA "
+            "multicast across a 1 x 2 cluster (not exposed by Gluon 3.6: inline PTX or CUTLASS), and scale loads "
+            "that ptxas cannot schedule ahead of the wgmma wait (consumer 1 still waits on them; `ncu_block_ws.md`)."
+        ),
         f'- **fp8_linear: target >= 1.15 met.** Row-wise against torch "quantize then `_scaled_mm`": geomean '
         f"{_geo(lin):.2f}x eager (min {min(lin):.2f}, max {max(lin):.2f}), "
         f"{over(timed, 'ours_linear_row' + g, TQ_ROW + g):.2f}x in GPU time. The eager minimum is an M = 512 "
