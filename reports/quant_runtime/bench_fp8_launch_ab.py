@@ -11,10 +11,15 @@ alternated A/B/C/A/B/C in one process (clock drift between device calls is about
   from run 3 on with the queued GPU-time autotune timer and stream-K configs among the candidates;
 - "persistent, no stream-K" (run 4 on): the same without the stream-K configs, to tell a stream-K
   split of K (another fp32 summation order) from any other difference.
+- "persistent, promoted block" (fp8-block recipe only, from run 10 on): block scales on the Gluon promotion
+  kernel (``FLUX2_FP8_BLOCK_RESCALE=0``: fp32 promotion of every 128-wide K block), the library default up to
+  session 14; from run 10 the persistent variants above it run the rescaled-accumulator kernel
+  (``kernels/fp8_block_rescale_sm90.py``: fast accumulation across K), and their SQNR against the classic
+  kernel's promoted sums measures what fast accumulation changes in the model's output.
 - "persistent, Triton block" (fp8-block recipe only, from run 6 on): block scales on the Triton
-  persistent kernel instead of the Gluon warp-specialized one (``FLUX2_FP8_BLOCK_GLUON=0``); the
-  variants above it run the Gluon kernel for block scales on sm_90 (the persistent ones; the
-  classic ones never do).
+  persistent kernel instead of the Gluon ones (``FLUX2_FP8_BLOCK_GLUON=0``, ``FLUX2_FP8_BLOCK_RESCALE=0``);
+  up to run 9 the variants above it ran the Gluon warp-specialized (promotion) kernel for block scales
+  on sm_90 (the persistent ones; the classic ones never do).
 - "persistent, Triton row" (fp8-row recipe only, from run 8 on): row scales on the Triton persistent kernel
   everywhere (``FLUX2_FP8_ROW_GLUON=0``); the persistent variants above it run the Gluon warp-specialized
   row kernel on the text GEMMs with N >= 16384 (txt.qkv, txt.mlp_in at M = 512), which must give the same bits.
@@ -24,6 +29,12 @@ classic kernel's, measured in runs 1-2); a stream-K split sums K in another orde
 Synthetic weights: speed and agreement only, not image fidelity.
 
     python3 reports/quant_runtime/bench_fp8_launch_ab.py --out $OUT/fp8_launch_ab.json
+
+Expectation for run 10 (fp8-block, written before it, session 15): the rescaled kernel's GEMMs run 1.25x the
+promotion kernel's (reports/fp8_matmul run 19), and the block GEMMs were most of run 6's 366 ms step, so
+"persistent, cached launch" 300-335 ms against 360-370 ms for "persistent, promoted block"; its SQNR against the
+classic kernel 35-40 dB (run 6: a stream-K split of K alone gave 39.6 dB: the forward amplifies any change in
+the GEMMs' summation), the promoted variants inf or ~40 dB as before.
 """
 
 from __future__ import annotations
@@ -45,13 +56,14 @@ from flux2_bench.model import use_fused  # noqa: E402
 from flux2_bench.quantize.formats import sqnr  # noqa: E402
 from flux2_bench.weights import model_bytes, synthetic_transformer  # noqa: E402
 
-VARIANTS = {  # name: (PERSISTENT, FAST_LAUNCH, stream-K configs allowed, BLOCK_GLUON, ROW_GLUON)
-    "classic, triton launch": (False, False, True, True, True),
-    "classic, cached launch": (False, True, True, True, True),
-    "persistent, cached launch": (True, True, True, True, True),
-    "persistent, no stream-K": (True, True, False, True, True),
-    "persistent, Triton block": (True, True, True, False, True),
-    "persistent, Triton row": (True, True, True, True, False),
+VARIANTS = {  # name: (PERSISTENT, FAST_LAUNCH, stream-K configs allowed, BLOCK_GLUON, ROW_GLUON, BLOCK_RESCALE)
+    "classic, triton launch": (False, False, True, True, True, False),
+    "classic, cached launch": (False, True, True, True, True, False),
+    "persistent, cached launch": (True, True, True, True, True, True),
+    "persistent, no stream-K": (True, True, False, True, True, True),
+    "persistent, promoted block": (True, True, True, True, True, False),
+    "persistent, Triton block": (True, True, True, False, True, False),
+    "persistent, Triton row": (True, True, True, True, False, True),
 }
 
 
@@ -68,12 +80,13 @@ def run(recipe: str, rounds: int) -> list[dict]:
     tuned = {True: (kern.configs, {}), False: ([c for c in kern.configs if not c.kwargs["STREAM_K"]], {})}
     with torch.inference_mode(), use_fused(True):
         for rnd in range(rounds):
-            for name, (persistent, fast, stream_k, gluon, row_gluon) in VARIANTS.items():
-                if recipe != "fp8-block" and not gluon:
-                    continue  # BLOCK_GLUON only changes block-scaled GEMMs
+            for name, (persistent, fast, stream_k, gluon, row_gluon, rescale) in VARIANTS.items():
+                if recipe != "fp8-block" and (not gluon or (persistent and not rescale)):
+                    continue  # BLOCK_GLUON and BLOCK_RESCALE only change block-scaled GEMMs
                 if recipe != "fp8-row" and not row_gluon:
                     continue  # ROW_GLUON only changes row-scaled GEMMs
                 F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON, F.ROW_GLUON = persistent, fast, gluon, row_gluon
+                F.BLOCK_RESCALE = rescale
                 kern.configs, kern.cache = tuned[stream_k]  # each set autotunes once, into its own cache
                 free()
                 out = model(*call_args).float()
@@ -127,14 +140,14 @@ def main() -> None:
         return
     if not args.out:
         ap.error("--out or --markdown")
-    default = (F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON, F.ROW_GLUON)
+    default = (F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON, F.ROW_GLUON, F.BLOCK_RESCALE)
     result = {"env": env_block(), "preset": PRESET, "size": 1024, "weights": "synthetic (random)",
               "git_sha": os.environ.get("GIT_SHA", "unknown")}  # fmt: skip
     configs = F._fp8_gemm_persistent.configs
     try:
         result["rows"] = run(args.recipe, args.rounds)
     finally:
-        F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON, F.ROW_GLUON = default
+        F.PERSISTENT, F.FAST_LAUNCH, F.BLOCK_GLUON, F.ROW_GLUON, F.BLOCK_RESCALE = default
         F._fp8_gemm_persistent.configs = configs
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
