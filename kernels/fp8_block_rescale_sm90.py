@@ -362,17 +362,18 @@ def fp8_block_gemm_rescaled_sm90(
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     num_stages: int = 3,
-    wide: bool = False,
+    wide: bool = True,
     block_n: int = BLOCK_N,
 ) -> torch.Tensor:
     """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` with 1x128 (A) and 128x128 (B) block scales on
     Hopper, fast accumulation through a rescaled accumulator (module docstring): e4m3 ``a`` (M, K), ``b`` (N, K),
     both K-contiguous with 16-byte aligned rows (K a multiple of 16); fp32 ``a_scale`` (M, ceil(K/128)),
     ``b_scale`` (ceil(N/128), ceil(K/128)); ``out_dtype`` bf16 or fp16 with 16-byte aligned rows (TMA store).
-    ``num_stages``: depth of the TMA ring (2 or 3 fit sm_90's shared memory: ``smem_bytes``). ``wide``: one
-    m64n256 wgmma per consumer and K step into one accumulator, rescaled per half through a reshape (else two
-    m64n128 wgmmas, one accumulator per weight block). ``block_n``: 256 (two weight blocks per tile) or 128 (one;
-    ``wide`` then means one m64n128 wgmma; more tiles where M is small, as for the row-wise kernel at M = 512)."""
+    ``num_stages``: depth of the TMA ring (2 or 3 fit sm_90's shared memory at ``block_n=256``, up to 6 at 128:
+    ``smem_bytes``). ``wide`` (default, 1.13x the other on the H100): one m64n256 wgmma per consumer and K step into
+    one accumulator, rescaled per half through a reshape; ``wide=False``: two m64n128 wgmmas, one accumulator per
+    weight block. ``block_n``: 256 (two weight blocks per tile) or 128 (one; needs ``wide``: one m64n128 wgmma;
+    more tiles where M is small, but no faster on FLUX.2's shapes: probe_block_rescale runs 3-4)."""
     _check_fp8_operands(a, b, out_dtype)
     if out_dtype not in _OUT_GL:
         raise ValueError(f"fp8_block_gemm_rescaled_sm90 writes bf16 or fp16 (TMA store), got out_dtype={out_dtype}")
