@@ -17,6 +17,7 @@ kernel options of probe_ws_consumers) is summarized by ``python3 ncu_block_ws.py
 """
 
 import csv
+import os
 import re
 import sys
 from pathlib import Path
@@ -105,7 +106,8 @@ from flux2_bench.kernels import fp8_block_gemm_sm90 as G  # noqa: E402
 from flux2_bench.kernels import fp8_matmul as F  # noqa: E402
 from flux2_bench.quantize.formats import quantize_fp8_block, quantize_fp8_row  # noqa: E402
 
-M, K, N = 4096, 6144, 6144
+# double.img.proj unless NCU_SHAPE="M,K,N" (ncu_row.sh profiles double.img.qkv too)
+M, K, N = (int(v) for v in os.environ.get("NCU_SHAPE", "4096,6144,6144").split(","))
 variant = sys.argv[1]
 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
 w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
