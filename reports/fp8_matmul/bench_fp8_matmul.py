@@ -1174,6 +1174,29 @@ def _block_note(timed, over, pct_range, g, row) -> str:
     )
 
 
+def _row_profile_note(d: Path) -> str:
+    """One sentence from ncu_row.sh's pages (ncu_row.md), if they are there: where our row-wise kernel's time goes
+    on the shape where it trails cuBLAS most."""
+    pages = {v: d / f"qkv_{v}.txt" for v in ("row", "cublas_row")}
+    if not all(p.exists() for p in pages.values()):
+        return ""
+    from ncu_row import metric
+
+    t = {v: p.read_text() for v, p in pages.items()}
+    keys = ("Compute (SM) Throughput", "L2 Hit Rate", "DRAM Throughput", "Issue Slots Busy", "Duration")
+    m = {k: {v: metric(t[v], k).split()[0] for v in t} for k in keys}
+    return (
+        f" Nsight Compute on double.img.qkv (`ncu_row.md`, clocks locked): {m['Duration']['row']} us against "
+        f"{m['Duration']['cublas_row']} us; tensor pipe {m['Compute (SM) Throughput']['row']} % active against "
+        f"cuBLAS's {m['Compute (SM) Throughput']['cublas_row']} %, L2 hit rate {m['L2 Hit Rate']['row']} % against "
+        f"{m['L2 Hit Rate']['cublas_row']} % (DRAM {m['DRAM Throughput']['row']} % against "
+        f"{m['DRAM Throughput']['cublas_row']} % busy), issue slots {m['Issue Slots Busy']['row']} % against "
+        f"{m['Issue Slots Busy']['cublas_row']} % busy. The gap is tensor-pipe idle time; our kernel is not "
+        "warp-specialized (its warps issue the loads, barriers and wgmmas alike), and it reads more from DRAM than "
+        "cuBLAS's 1 x 2 clusters, which the GROUP_M probe (no change from 4 to 32) suggests is not what costs."
+    )
+
+
 def _ab_note(timed: list) -> str:
     """The row-wise target by the interleaved A/B timer, and what the wide-tile probe found."""
     key = "ours_gemm_row_vs_scaled_mm_row_fast_ab"
@@ -1361,7 +1384,7 @@ def analysis(data: dict, timed: list) -> str:
     ]
     ab_note = _ab_note(timed)
     if ab_note:
-        out.insert(1, ab_note)
+        out.insert(1, ab_note + _row_profile_note(Path(data.get("_dir", ".")) / "ncu_row_run1"))
     if data.get("skipped"):
         out.append(
             "- **Not timed in this run** (the run's time budget ran out; run 3 timed them with the same "
