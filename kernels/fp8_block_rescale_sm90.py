@@ -187,7 +187,7 @@ if gluon is not None:
         a_smem, b_smem, c_smem, ready, empty, out_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr,
         M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk, stride_rm, stride_gn,
         HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
-        WIDE: gl.constexpr, LATE_RELEASE: gl.constexpr,
+        WIDE: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup: rows [WG * 64, WG * 64 + 64) of every 128 x 256 tile of the program, as two 64 x 128
         accumulators (one per weight-scale block) kept in units of the current K step's scale (module
@@ -235,8 +235,6 @@ if gluon is not None:
                 b_t = b_smem.index(s)
                 if WIDE:
                     acc = warpgroup_mma(a_t, b_t.permute((1, 0)), acc, is_async=True)
-                    if LATE_RELEASE:  # the previous step's slot, with its warpgroup barrier, under this wgmma
-                        mbarrier.arrive(empty.index((it + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=j > 0)
                 else:
                     acc_lo = warpgroup_mma(a_t, b_t.slice(0, HALF).permute((1, 0)), acc_lo, is_async=True)
                     acc_hi = warpgroup_mma(a_t, b_t.slice(HALF, HALF).permute((1, 0)), acc_hi, is_async=True)
@@ -249,8 +247,7 @@ if gluon is not None:
                                           stride_bsn)  # fmt: skip
                 if WIDE:
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                    if not LATE_RELEASE:
-                        mbarrier.arrive(empty.index(s), count=1)
+                    mbarrier.arrive(empty.index(s), count=1)
                     if NH == 2:
                         acc = _rescale_wide(acc, f_lo, f_hi)
                     else:
@@ -263,8 +260,6 @@ if gluon is not None:
                 c_lo = n_lo
                 c_hi = n_hi
                 it += 1
-            if WIDE and LATE_RELEASE:  # the tile's last slot
-                mbarrier.arrive(empty.index((it + NUM_STAGES - 1) % NUM_STAGES), count=1)
             if WIDE and NH == 2:
                 acc3 = acc.reshape([BM, 2, HALF]).permute((0, 2, 1))
                 acc_lo, acc_hi = acc3.split()
@@ -297,7 +292,6 @@ if gluon is not None:
         PRODUCER_REGS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         WIDE: gl.constexpr,
-        LATE_RELEASE: gl.constexpr,
         num_warps: gl.constexpr,
     ):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -329,10 +323,10 @@ if gluon is not None:
             [
             (_rescale_consumer, (a_smem, b_smem, c_smem, ready, empty, out_desc, a_scale_ptr, b_scale_ptr, res_ptr,
                                  gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk, stride_rm,
-                                 stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG0, WIDE, LATE_RELEASE)),
+                                 stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG0, WIDE)),
             (_rescale_consumer, (a_smem, b_smem, c_smem, ready, empty, out_desc, a_scale_ptr, b_scale_ptr, res_ptr,
                                  gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk, stride_rm,
-                                 stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG1, WIDE, LATE_RELEASE)),
+                                 stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG1, WIDE)),
             (_block._ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),
             ],
             [4, 1],
@@ -370,7 +364,6 @@ def fp8_block_gemm_rescaled_sm90(
     num_stages: int = 3,
     wide: bool = True,
     block_n: int = BLOCK_N,
-    late_release: bool = False,
 ) -> torch.Tensor:
     """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` with 1x128 (A) and 128x128 (B) block scales on
     Hopper, fast accumulation through a rescaled accumulator (module docstring): e4m3 ``a`` (M, K), ``b`` (N, K),
@@ -380,9 +373,7 @@ def fp8_block_gemm_rescaled_sm90(
     ``smem_bytes``). ``wide`` (default, 1.13x the other on the H100): one m64n256 wgmma per consumer and K step into
     one accumulator, rescaled per half through a reshape; ``wide=False``: two m64n128 wgmmas, one accumulator per
     weight block. ``block_n``: 256 (two weight blocks per tile) or 128 (one; needs ``wide``: one m64n128 wgmma;
-    more tiles where M is small, but no faster on FLUX.2's shapes: probe_block_rescale runs 3-4). ``late_release``
-    (``wide`` only): each K step's ring slot is released after the next step's wgmma is issued, so the warpgroup
-    barrier that precedes Gluon's mbarrier arrive runs under that wgmma instead of before the rescale."""
+    more tiles where M is small, but no faster on FLUX.2's shapes: probe_block_rescale runs 3-4)."""
     _check_fp8_operands(a, b, out_dtype)
     if out_dtype not in _OUT_GL:
         raise ValueError(f"fp8_block_gemm_rescaled_sm90 writes bf16 or fp16 (TMA store), got out_dtype={out_dtype}")
@@ -419,11 +410,10 @@ def fp8_block_gemm_rescaled_sm90(
     for name, t in (("a", a), ("b", b)):
         _block._check_tma(t, name)
     return run_checked(a, b, a_scale, b_scale, out_dtype, residual, gate, num_stages=num_stages, wide=wide,
-                       block_n=block_n, late_release=late_release)  # fmt: skip
+                       block_n=block_n)  # fmt: skip
 
 
-def run_checked(a, b, a_scale, b_scale, out_dtype, residual, gate, *, num_stages, wide, block_n,
-                late_release=False) -> torch.Tensor:  # fmt: skip
+def run_checked(a, b, a_scale, b_scale, out_dtype, residual, gate, *, num_stages, wide, block_n) -> torch.Tensor:
     """``fp8_block_gemm_rescaled_sm90`` for arguments already validated (``fp8_matmul.fp8_gemm``'s dispatch checks
     them before it picks this kernel): allocate the output and launch, without the per-call checks that cost
     host time on the small text GEMMs."""
@@ -440,17 +430,16 @@ def run_checked(a, b, a_scale, b_scale, out_dtype, residual, gate, *, num_stages
     res = residual if residual is not None else out
     g = gate.reshape(-1) if gate is not None else out.view(-1)
     return _launch(a, b, a_scale, b_scale, out, res, g, residual is not None, gate is not None, num_stages, wide,
-                   block_n, late_release)  # fmt: skip
+                   block_n)  # fmt: skip
 
 
-def _launch(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, wide, block_n, late_release=False):
+def _launch(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, wide, block_n):
     M, K = a.shape
     N = b.shape[0]
     ints = (M, N, K, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), res.stride(0),
             g.stride(0))  # fmt: skip
     consts = dict(HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=GROUP_M,
-                  PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, WIDE=bool(wide),
-                  LATE_RELEASE=bool(late_release and wide))  # fmt: skip
+                  PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, WIDE=bool(wide))  # fmt: skip
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     # everything the launch specializes on (as in fp8_row_gemm_sm90._launch)
     key = (index, a.stride(0), b.stride(0), out.stride(0), out.dtype, res.dtype, g.dtype, block_n, *ints,

@@ -43,10 +43,6 @@ Run 4 (H100, 8a0c30f, written after it): the wide kernel at 0.904x our row-wise 
 ahead of the 128 x 256 tiles anywhere. The reciprocal change is the only code difference between the runs and
 should not slow it; not understood. ``fp8_matmul.BLOCK_RESCALE_OPTIONS`` is 128 x 256 at every shape.
 
-Expectation for run 5 (written before it): ``late_release`` moves the warpgroup barrier and the mbarrier arrive
-that release a ring slot from between the wgmma wait and the rescale to under the next step's wgmma (the CPU
-compile shows only the 128 rescale FMULs left after the wait): 1.00-1.04x the wide kernel.
-
     python3 reports/fp8_matmul/probe_block_rescale.py --out $OUT/probe_block_rescale_run1.json
 """
 
@@ -74,10 +70,9 @@ SHAPES = [("single.linear1", 4608, 6144, 55296), ("single.linear2", 4608, 24576,
           ("double.txt.mlp_out", 512, 18432, 6144), ("double.txt.proj", 512, 6144, 6144)]  # fmt: skip
 # name -> fp8_block_gemm_rescaled_sm90 options (run 1: "rescaled" only; run 2: "rescaled" and "rescaled_wide")
 # run 3 also "rescaled_wide_bn128_s4" (4 stages: no better than 6)
-# run 4 also "rescaled_wide_bn128_s6" (block_n=128, 6 stages)
 VARIANTS = {
     "rescaled_wide": dict(wide=True),
-    "rescaled_wide_late": dict(wide=True, late_release=True),
+    "rescaled_wide_bn128_s6": dict(wide=True, block_n=128, num_stages=6),
 }
 
 
