@@ -67,6 +67,9 @@ Measured (H100; reports/fp8_matmul/probe_block_rescale.py runs 1-4, bench_fp8_ma
 - The step scales' reciprocal in one MUFU.RCP (run 4): 0.904x row-wise (run 3 without it: 0.892x).
 - ``block_n=128``: 1.07x the 128 x 256 tiles on txt.qkv in run 3, 0.98x there in run 4, slower on every other
   shape; not dispatched.
+- Releasing each ring slot after the next step's wgmma issue, so that the warpgroup barrier in front of Gluon's
+  mbarrier arrive runs under it (run 5, expected 1.00-1.04x): 0.946x; with 3 stages the producer then has a step
+  less to refill the slot. Removed.
 - bench_fp8_matmul run 19 (fp8_gemm's dispatch, ``fp8_matmul.BLOCK_RESCALE_OPTIONS``): block / row-wise 0.903x
   by interleaved A/B, 0.915x eager, 0.925x in GPU time (the issue's 0.9 target), 1.06x cuBLAS block in GPU time.
 - Accuracy, rel L2 against fp32 (random data, bf16 output): 2.8e-3 at K = 6144 to 6.9e-3 at K = 24576, against

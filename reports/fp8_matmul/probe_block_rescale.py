@@ -43,6 +43,16 @@ Run 4 (H100, 8a0c30f, written after it): the wide kernel at 0.904x our row-wise 
 ahead of the 128 x 256 tiles anywhere. The reciprocal change is the only code difference between the runs and
 should not slow it; not understood. ``fp8_matmul.BLOCK_RESCALE_OPTIONS`` is 128 x 256 at every shape.
 
+Expectation for run 5 (written before it): ``late_release`` (a kernel option at 9141755) moves the warpgroup
+barrier and the mbarrier arrive that release a ring slot from between the wgmma wait and the rescale to under the
+next step's wgmma (the CPU compile showed only the 128 rescale FMULs left after the wait): 1.00-1.04x the wide
+kernel.
+
+Run 5 (H100, 0e07999, written after it): ``late_release`` 0.946x the wide kernel (bits equal), which measured
+0.909x our row-wise GEMM in this run. The miss: with 3 stages (the most that fit), releasing every slot a step
+later leaves the producer one step less to refill it, and that costs more than the barrier did. The option was
+removed (its variant ``rescaled_wide_late`` is in ``probe_block_rescale_run5.json``).
+
     python3 reports/fp8_matmul/probe_block_rescale.py --out $OUT/probe_block_rescale_run1.json
 """
 
@@ -69,7 +79,8 @@ SHAPES = [("single.linear1", 4608, 6144, 55296), ("single.linear2", 4608, 24576,
           ("double.txt.qkv", 512, 6144, 18432), ("double.txt.mlp_in", 512, 6144, 36864),
           ("double.txt.mlp_out", 512, 18432, 6144), ("double.txt.proj", 512, 6144, 6144)]  # fmt: skip
 # name -> fp8_block_gemm_rescaled_sm90 options (run 1: "rescaled" only; run 2: "rescaled" and "rescaled_wide")
-# run 3 also "rescaled_wide_bn128_s4" (4 stages: no better than 6)
+# run 3 also "rescaled_wide_bn128_s4" (4 stages: no better than 6); run 5 "rescaled_wide_late" instead of the
+# block_n=128 one (the late_release option of 9141755, 0.946x, removed)
 VARIANTS = {
     "rescaled_wide": dict(wide=True),
     "rescaled_wide_bn128_s6": dict(wide=True, block_n=128, num_stages=6),
