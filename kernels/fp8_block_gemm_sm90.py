@@ -624,6 +624,29 @@ def check_sm90_launch(fn: str, *tensors: torch.Tensor | None) -> None:
         raise RuntimeError(f"{fn} needs sm_90 (Hopper); {torch.cuda.get_device_name(a.device)} is sm_{major}{minor}")
 
 
+def check_block_operands(a, b, a_scale, b_scale, out_dtype, residual, gate) -> tuple[int, int, int]:
+    """The arguments of a Gluon block-scaled GEMM (this kernel's and ``fp8_block_rescale_sm90``'s): ``fp8_gemm``'s
+    own checks, then what TMA adds (K-contiguous operands and residual) and the block-scale shapes. Returns
+    (M, N, K)."""
+    _check_fp8_operands(a, b, out_dtype)
+    for name, t in (("a", a), ("b", b)):
+        if t.stride(1) != 1:
+            raise ValueError(f"{name} must be contiguous along K, got strides {t.stride()}")
+    M, K = a.shape
+    N = b.shape[0]
+    kb, nb = -(-K // QBLOCK), -(-N // QBLOCK)
+    for name, s, shape in (("a_scale", a_scale, (M, kb)), ("b_scale", b_scale, (nb, kb))):
+        _as_fp32_scale(s, name)
+        if tuple(s.shape) != shape:
+            raise ValueError(
+                f"{name} must have the block-scale shape {shape} for M={M}, N={N}, K={K}, got {tuple(s.shape)}"
+            )
+    _check_epilogue(residual, gate, M, N)
+    if residual is not None and residual.stride(1) != 1:
+        raise ValueError(f"residual must be contiguous along N, got strides {residual.stride()}")
+    return M, N, K
+
+
 def _check_tma(t: torch.Tensor, name: str) -> None:
     """TMA descriptors need a 16-byte aligned base address and 16-byte aligned row strides."""
     if t.data_ptr() % 16 != 0:
@@ -668,22 +691,7 @@ def fp8_block_gemm_sm90(
     (192 x 128 tiles, 160 registers per consumer). ``ws_defer_scale``: multiply each step's scales at
     its promotion instead of when loaded (unlagged schedule). ``ws_tma_store``: write the tile through
     shared memory and a TMA store (2-byte outputs with 16-byte aligned rows)."""
-    _check_fp8_operands(a, b, out_dtype)  # fp8_gemm's own checks, then what TMA adds
-    for name, t in (("a", a), ("b", b)):
-        if t.stride(1) != 1:
-            raise ValueError(f"{name} must be contiguous along K, got strides {t.stride()}")
-    M, K = a.shape
-    N = b.shape[0]
-    kb, nb = -(-K // QBLOCK), -(-N // QBLOCK)
-    for name, s, shape in (("a_scale", a_scale, (M, kb)), ("b_scale", b_scale, (nb, kb))):
-        _as_fp32_scale(s, name)
-        if tuple(s.shape) != shape:
-            raise ValueError(
-                f"{name} must have the block-scale shape {shape} for M={M}, N={N}, K={K}, got {tuple(s.shape)}"
-            )
-    _check_epilogue(residual, gate, M, N)
-    if residual is not None and residual.stride(1) != 1:
-        raise ValueError(f"residual must be contiguous along N, got strides {residual.stride()}")
+    M, N, K = check_block_operands(a, b, a_scale, b_scale, out_dtype, residual, gate)
     if block_m not in _WARPS:
         raise ValueError(f"block_m must be one of {sorted(_WARPS)}, got {block_m}")
     if not 2 <= num_stages <= 6:

@@ -85,7 +85,7 @@ import os
 import torch
 
 from flux2_bench.kernels import fp8_block_gemm_sm90 as _block
-from flux2_bench.kernels.fp8_matmul import QBLOCK, _as_fp32_scale, _check_epilogue, _check_fp8_operands, _rebased
+from flux2_bench.kernels.fp8_matmul import _rebased
 
 gluon, gl = _block.gluon, _block.gl
 if gluon is not None:
@@ -377,24 +377,9 @@ def fp8_block_gemm_rescaled_sm90(
     one accumulator, rescaled per half through a reshape; ``wide=False``: two m64n128 wgmmas, one accumulator per
     weight block. ``block_n``: 256 (two weight blocks per tile) or 128 (one; needs ``wide``: one m64n128 wgmma;
     more tiles where M is small, but no faster on FLUX.2's shapes: probe_block_rescale runs 3-4)."""
-    _check_fp8_operands(a, b, out_dtype)
+    M, N, K = _block.check_block_operands(a, b, a_scale, b_scale, out_dtype, residual, gate)
     if out_dtype not in _OUT_GL:
         raise ValueError(f"fp8_block_gemm_rescaled_sm90 writes bf16 or fp16 (TMA store), got out_dtype={out_dtype}")
-    for name, t in (("a", a), ("b", b)):
-        if t.stride(1) != 1:
-            raise ValueError(f"{name} must be contiguous along K, got strides {t.stride()}")
-    M, K = a.shape
-    N = b.shape[0]
-    kb, nb = -(-K // QBLOCK), -(-N // QBLOCK)
-    for name, s, shape in (("a_scale", a_scale, (M, kb)), ("b_scale", b_scale, (nb, kb))):
-        _as_fp32_scale(s, name)
-        if tuple(s.shape) != shape:
-            raise ValueError(
-                f"{name} must have the block-scale shape {shape} for M={M}, N={N}, K={K}, got {tuple(s.shape)}"
-            )
-    _check_epilogue(residual, gate, M, N)
-    if residual is not None and residual.stride(1) != 1:
-        raise ValueError(f"residual must be contiguous along N, got strides {residual.stride()}")
     if (N * out_dtype.itemsize) % 16:
         raise ValueError(
             f"the output's rows must be a multiple of 16 bytes for TMA, got N={N} x {out_dtype.itemsize} B"
