@@ -60,6 +60,7 @@ import os
 import torch
 
 from flux2_bench.kernels import fp8_block_gemm_sm90 as _block
+from flux2_bench.kernels import fp8_block_rescale_sm90 as _rescale
 from flux2_bench.kernels.fp8_matmul import _check_epilogue, _check_fp8_operands, _rebased
 
 gluon, gl = _block.gluon, _block.gl
@@ -88,11 +89,27 @@ EXPECTATION = (
 if gluon is not None:
 
     @gluon.jit
+    def _load_col_scales(b_scale_ptr, off_n, N, stride_bsn, WIDTH: gl.constexpr, layout: gl.constexpr):
+        offs_n = off_n + gl.arange(0, WIDTH, layout=layout)
+        return gl.load(b_scale_ptr + offs_n * stride_bsn, mask=offs_n < N, other=0.0)
+
+    @gluon.jit
+    def _row_part(acc, a_s, b_s, c_buf, out_desc, off_m, off_n, N, gate_ptr, res_ptr, offs_m, mask_m, stride_rm,
+                  stride_gn, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, STORE: gl.constexpr):  # fmt: skip
+        """Epilogue of one part of a consumer's tile (``c_buf``'s width of columns from ``off_n``): scales, then
+        gate, residual, cast and TMA store (``fp8_block_rescale_sm90._store_half``). ``STORE=False`` (timing
+        probes only) skips the store and leaves the output unwritten."""
+        acc = acc * (a_s[:, None] * b_s[None, :])
+        if STORE:
+            _rescale._store_half(acc, c_buf, out_desc, off_m, off_n, N, gate_ptr, res_ptr, offs_m, mask_m, stride_rm,
+                                 stride_gn, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
+
+    @gluon.jit
     def _row_consumer(
         a_smem, b_smem, c_smem, ready, empty, turn, out_desc, a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr,
         M, N, K, stride_asm, stride_bsn, stride_rm, stride_gn,
         HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
-        PINGPONG: gl.constexpr,
+        PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, SUBTILE: gl.constexpr, STORE: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup. Cooperative: rows [WG * 64, WG * 64 + 64) of every tile of the program (its own
         64-row A box in each slot). Ping-pong: all 128 rows of every other tile of the program (WG 0 the
@@ -113,11 +130,16 @@ if gluon is not None:
         BM_TILE: gl.constexpr = BM * BOXES
         BN: gl.constexpr = b_smem.shape[1]
         BK: gl.constexpr = b_smem.shape[2]
+        PART: gl.constexpr = c_smem.shape[2]  # epilogue columns per TMA store: BN, or BN / 2 (SUBTILE)
         gl.static_assert(gl.num_warps() == 4)
         gl.static_assert((PINGPONG and BOXES == 1) or (not PINGPONG and BOXES == 2 and BM == 64))
+        gl.static_assert((BN // 2 if SUBTILE else BN) == PART)
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
-        row_l: gl.constexpr = gl.SliceLayout(1, mma)
-        col_l: gl.constexpr = gl.SliceLayout(0, mma)
+        mma_p: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, PART, 32])  # fmt: skip
+        row_l: gl.constexpr = gl.SliceLayout(1, mma_p)
+        col_l: gl.constexpr = gl.SliceLayout(0, mma_p)
+        pre_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])  # prefetched scales: 1-2 registers a thread
 
         num_pid_m = gl.cdiv(M, BM_TILE)
         num_pid_n = gl.cdiv(N, BN)
@@ -142,6 +164,13 @@ if gluon is not None:
             off_m = pid_m * BM_TILE + row0
             off_n = pid_n * BN
             acc = gl.zeros([BM, BN], gl.float32, layout=mma)
+            if PREFETCH:  # the tile's scales, loaded before the K loop so that it hides their latency
+                pm = off_m + gl.arange(0, BM, layout=pre_l)
+                a_pre = gl.load(a_scale_ptr + pm * stride_asm, mask=pm < M, other=0.0)
+                pn = off_n + gl.arange(0, PART, layout=pre_l)
+                b_pre0 = gl.load(b_scale_ptr + pn * stride_bsn, mask=pn < N, other=0.0)
+                if SUBTILE:
+                    b_pre1 = gl.load(b_scale_ptr + (pn + PART) * stride_bsn, mask=pn + PART < N, other=0.0)
             if PINGPONG:  # this consumer's n-th tile: after the other's K loop of the tile before it
                 if WG == 0:
                     mbarrier.wait(turn.index(0), (n + 1) & 1, pred=n > 0)
@@ -165,32 +194,43 @@ if gluon is not None:
 
             # epilogue, in fp8_matmul._epilogue_math's order (the same bits as the Triton kernels)
             offs_m = off_m + gl.arange(0, BM, layout=row_l)
-            offs_n = off_n + gl.arange(0, BN, layout=col_l)
             mask_m = offs_m < M
-            mask_n = offs_n < N
-            a_s = gl.load(a_scale_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
-            b_s = gl.load(b_scale_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
-            acc = acc * (a_s[:, None] * b_s[None, :])
-            if HAS_GATE:
-                g = gl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(gl.float32)
-                acc = acc * g[None, :]
-            if HAS_RESIDUAL:
-                rows = offs_m.to(gl.int64)[:, None]
-                r = gl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
-                            other=0.0)  # fmt: skip
-                acc = acc + r.to(gl.float32)
+            if PREFETCH:
+                a_s = gl.convert_layout(a_pre, row_l)
+            else:
+                a_s = gl.load(a_scale_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
             c_buf = c_smem.index(WG)
-            tma.store_wait(0)  # this consumer's previous tile has left c_buf
-            c_buf.store(acc.to(out_desc.dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(out_desc, [off_m, off_n], c_buf)  # clipped at M, N
+            if SUBTILE:  # two 64 x BN/2 halves through one buffer (the smem of a fourth ring stage)
+                acc_lo, acc_hi = acc.reshape([BM, 2, PART]).permute((0, 2, 1)).split()
+                acc_lo = gl.convert_layout(acc_lo, mma_p)  # register relabelling, no data movement
+                acc_hi = gl.convert_layout(acc_hi, mma_p)
+                if PREFETCH:
+                    b_lo = gl.convert_layout(b_pre0, col_l)
+                    b_hi = gl.convert_layout(b_pre1, col_l)
+                else:
+                    b_lo = _load_col_scales(b_scale_ptr, off_n, N, stride_bsn, PART, col_l)
+                    b_hi = _load_col_scales(b_scale_ptr, off_n + PART, N, stride_bsn, PART, col_l)
+                tma.store_wait(0)  # this consumer's previous store has been read out of c_buf
+                _row_part(acc_lo, a_s, b_lo, c_buf, out_desc, off_m, off_n, N, gate_ptr, res_ptr, offs_m, mask_m,
+                          stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, STORE)  # fmt: skip
+                tma.store_wait(0)
+                _row_part(acc_hi, a_s, b_hi, c_buf, out_desc, off_m, off_n + PART, N, gate_ptr, res_ptr, offs_m,
+                          mask_m, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, STORE)  # fmt: skip
+            else:
+                if PREFETCH:
+                    b_s = gl.convert_layout(b_pre0, col_l)
+                else:
+                    b_s = _load_col_scales(b_scale_ptr, off_n, N, stride_bsn, PART, col_l)
+                tma.store_wait(0)  # this consumer's previous tile has left c_buf
+                _row_part(acc, a_s, b_s, c_buf, out_desc, off_m, off_n, N, gate_ptr, res_ptr, offs_m, mask_m,
+                          stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, STORE)  # fmt: skip
         tma.store_wait(0)
 
     @gluon.jit
     def _fp8_row_gemm_sm90_kernel(
         a_desc,  # (M, K) e4m3, block [64 (cooperative) or 128 (ping-pong), BLOCK_K]
         b_desc,  # (N, K) e4m3, block [BLOCK_N, BLOCK_K]
-        out_desc,  # (M, N) bf16 / fp16, block [rows per consumer, BLOCK_N]
+        out_desc,  # (M, N) bf16 / fp16, block [rows per consumer, BLOCK_N (or BLOCK_N / 2: SUBTILE)]
         a_scale_ptr, b_scale_ptr, res_ptr, gate_ptr,
         M, N, K, stride_asm, stride_bsn, stride_rm, stride_gn,
         HAS_RESIDUAL: gl.constexpr,
@@ -200,6 +240,9 @@ if gluon is not None:
         PRODUCER_REGS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         PINGPONG: gl.constexpr,
+        PREFETCH: gl.constexpr,
+        SUBTILE: gl.constexpr,
+        STORE: gl.constexpr,
         num_warps: gl.constexpr,
     ):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -212,7 +255,7 @@ if gluon is not None:
 
         a_smem = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES * BOXES, BM, BK], a_desc.layout)
         b_smem = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES, BN, BK], b_desc.layout)
-        c_smem = gl.allocate_shared_memory(out_desc.dtype, [2, BM, BN], out_desc.layout)
+        c_smem = gl.allocate_shared_memory(out_desc.dtype, [2, BM, out_desc.block_type.shape[1]], out_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -231,10 +274,10 @@ if gluon is not None:
             [
             (_row_consumer, (a_smem, b_smem, c_smem, ready, empty, turn, out_desc, a_scale_ptr, b_scale_ptr, res_ptr,
                              gate_ptr, M, N, K, stride_asm, stride_bsn, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE,
-                             GROUP, WG0, PINGPONG)),
+                             GROUP, WG0, PINGPONG, PREFETCH, SUBTILE, STORE)),
             (_row_consumer, (a_smem, b_smem, c_smem, ready, empty, turn, out_desc, a_scale_ptr, b_scale_ptr, res_ptr,
                              gate_ptr, M, N, K, stride_asm, stride_bsn, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE,
-                             GROUP, WG1, PINGPONG)),
+                             GROUP, WG1, PINGPONG, PREFETCH, SUBTILE, STORE)),
             (_block._ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),
             ],
             [4, 1],
@@ -253,11 +296,16 @@ _LAUNCHERS: dict[tuple, tuple] = {}
 _OUT_GL = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def smem_bytes(num_stages: int, block_n: int, pingpong: bool, out_bytes: int = 2) -> int:
+def smem_bytes(
+    num_stages: int, block_n: int, pingpong: bool, out_bytes: int = 2, subtile: bool = False, prefetch: bool = False
+) -> int:
     """Shared memory of the kernel: the ring (128 A rows and ``block_n`` B rows of 128 e4m3 per stage), the
-    two consumers' TMA-store buffers, 2 mbarriers per stage and the 2 ping-pong ones."""
+    two consumers' TMA-store buffers (half-width with ``subtile``), 2 mbarriers per stage and the 2 ping-pong
+    ones, and with ``prefetch`` the layout-conversion scratch of the prefetched scales."""
     rows = 128 if pingpong else 64
-    return num_stages * (128 + block_n) * BLOCK_K + 2 * rows * block_n * out_bytes + 16 * num_stages + 16
+    part = block_n // 2 if subtile else block_n
+    scratch = 8 * block_n if prefetch else 0  # an upper bound (compile_row_sm90: 864-1888 B at 256)
+    return num_stages * (128 + block_n) * BLOCK_K + 2 * rows * part * out_bytes + 16 * num_stages + 16 + scratch
 
 
 def _scale_stride(s: torch.Tensor, name: str, shapes: tuple) -> int:
@@ -285,13 +333,20 @@ def fp8_row_gemm_sm90(
     block_n: int = 256,
     num_stages: int = 3,
     pingpong: bool = False,
+    prefetch_scales: bool = False,
+    epilogue_subtile: bool = False,
+    _store: bool = True,
 ) -> torch.Tensor:
     """``residual + gate * (a_scale * b_scale * (a @ b.T))`` on Hopper with per-row / per-tensor scales (module
     docstring): e4m3 ``a`` (M, K) and ``b`` (N, K), both K-contiguous with 16-byte aligned rows (K a multiple
     of 16); fp32 ``a_scale`` (M,) / (M, 1) / one element, ``b_scale`` (N,) / (N, 1) / (1, N) / one element;
     ``out_dtype`` bf16 or fp16. ``pingpong``: each consumer warpgroup owns whole 128 x 128 tiles (``block_n``
     must be 128); otherwise both share 128 x ``block_n`` tiles (128 or 256). ``num_stages``: depth of the TMA
-    ring (2-8, within sm_90's 227 KB of shared memory: ``smem_bytes``)."""
+    ring (2-8, within sm_90's 227 KB of shared memory: ``smem_bytes``). ``prefetch_scales``: load each tile's
+    scales before its K loop instead of in the epilogue. ``epilogue_subtile`` (cooperative only): store each
+    consumer's 64 x ``block_n`` tile in two halves through one half-size buffer, which frees the shared memory
+    of a fourth ring stage at ``block_n=256``. ``_store=False`` is for timing probes: the output is left
+    unwritten."""
     _check_fp8_operands(a, b, out_dtype)
     if out_dtype not in _OUT_GL:
         raise ValueError(f"fp8_row_gemm_sm90 writes bf16 or fp16 (TMA store), got out_dtype={out_dtype}")
@@ -311,9 +366,11 @@ def fp8_row_gemm_sm90(
         raise ValueError(
             f"pingpong tiles are 128 x 128 per consumer (128 accumulator registers); got block_n={block_n}"
         )
+    if pingpong and epilogue_subtile:
+        raise ValueError("epilogue_subtile is for the cooperative schedule (pingpong=False)")
     if not 2 <= num_stages <= 8:
         raise ValueError(f"num_stages must be in 2..8, got {num_stages}")
-    smem = smem_bytes(num_stages, block_n, pingpong)
+    smem = smem_bytes(num_stages, block_n, pingpong, subtile=epilogue_subtile, prefetch=prefetch_scales)
     if smem > SMEM_BYTES:
         raise ValueError(f"num_stages={num_stages} with block_n={block_n}{' (ping-pong)' if pingpong else ''} needs "
                          f"{smem} B of shared memory, more than sm_90's {SMEM_BYTES}")  # fmt: skip
@@ -331,15 +388,17 @@ def fp8_row_gemm_sm90(
     res = residual if residual is not None else out
     g = gate.reshape(-1) if gate is not None else out.view(-1)
     return _launch(a, b, a_scale, b_scale, out, res, g, s_am, s_bn, residual is not None, gate is not None,
-                   block_n, num_stages, pingpong)  # fmt: skip
+                   block_n, num_stages, pingpong, prefetch_scales, epilogue_subtile, _store)  # fmt: skip
 
 
-def _launch(a, b, a_scale, b_scale, out, res, g, s_am, s_bn, has_res, has_gate, block_n, num_stages, pingpong):
+def _launch(a, b, a_scale, b_scale, out, res, g, s_am, s_bn, has_res, has_gate, block_n, num_stages, pingpong,
+            prefetch=False, subtile=False, store=True):  # fmt: skip
     M, K = a.shape
     N = b.shape[0]
     ints = (M, N, K, s_am, s_bn, res.stride(0), g.stride(0))
     consts = dict(HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=GROUP_M,
-                  PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, PINGPONG=pingpong)  # fmt: skip
+                  PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, PINGPONG=pingpong, PREFETCH=prefetch,
+                  SUBTILE=subtile, STORE=store)  # fmt: skip
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     # everything the launch specializes on: integer values (Triton specializes on 1 and on 16-divisibility),
     # the pointers' 16-byte alignment, dtypes, the descriptors' shapes and row strides, the constexprs
@@ -357,8 +416,9 @@ def _launch(a, b, a_scale, b_scale, out, res, g, s_am, s_bn, has_res, has_gate, 
                               gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K], e4m3))  # fmt: skip
     b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [block_n, BLOCK_K],
                               gl.NVMMASharedLayout.get_default_for([block_n, BLOCK_K], e4m3))  # fmt: skip
-    o_layout = gl.NVMMASharedLayout.get_default_for([rows, block_n], getattr(gl, _OUT_GL[out.dtype]))
-    out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [rows, block_n], o_layout)
+    part = block_n // 2 if subtile else block_n
+    o_layout = gl.NVMMASharedLayout.get_default_for([rows, part], getattr(gl, _OUT_GL[out.dtype]))
+    out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [rows, part], o_layout)
     # one tile per program where tiles are few (ping-pong too: the ring serializes a program's K loops)
     grid = (min(-(-M // 128) * -(-N // block_n), _block._num_sms(index)), 1, 1)
     compiled = _fp8_row_gemm_sm90_kernel[grid](

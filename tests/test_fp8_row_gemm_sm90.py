@@ -44,10 +44,14 @@ def test_rejects_bad_arguments():
         R.fp8_row_gemm_sm90(a, b, sa, sb, block_n=64)
     with pytest.raises(ValueError, match="pingpong tiles are 128 x 128"):
         R.fp8_row_gemm_sm90(a, b, sa, sb, pingpong=True, block_n=256)
+    with pytest.raises(ValueError, match="epilogue_subtile is for the cooperative schedule"):
+        R.fp8_row_gemm_sm90(a, b, sa, sb, pingpong=True, block_n=128, epilogue_subtile=True)
     with pytest.raises(ValueError, match="num_stages must be in 2..8"):
         R.fp8_row_gemm_sm90(a, b, sa, sb, num_stages=1)
     with pytest.raises(ValueError, match="shared memory"):
         R.fp8_row_gemm_sm90(a, b, sa, sb, block_n=256, num_stages=4)
+    with pytest.raises(ValueError, match="shared memory"):
+        R.fp8_row_gemm_sm90(a, b, sa, sb, block_n=256, num_stages=5, epilogue_subtile=True)
     with pytest.raises(ValueError, match="contiguous along K"):
         R.fp8_row_gemm_sm90(a.t().contiguous().t(), b, sa, sb)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
@@ -59,6 +63,12 @@ def test_shared_memory_budget():
     assert R.smem_bytes(3, 256, False) <= R.SMEM_BYTES < R.smem_bytes(4, 256, False)
     assert R.smem_bytes(5, 128, True) <= R.SMEM_BYTES < R.smem_bytes(6, 128, True)
     assert R.smem_bytes(6, 128, False) <= R.SMEM_BYTES < R.smem_bytes(7, 128, False)
+    # the half-width output buffer frees a fourth stage at 128 x 256, with room for the prefetched scales
+    assert (
+        R.smem_bytes(4, 256, False, subtile=True, prefetch=True)
+        <= R.SMEM_BYTES
+        < R.smem_bytes(5, 256, False, subtile=True)
+    )
 
 
 # --- GPU: maths against the fp32 reference ------------------------------------------------------
@@ -88,6 +98,9 @@ def _check(out, a, b, sa, sb, res, gate, what):
 SCHEDULES = {
     "coop_bn256_s3": dict(block_n=256, num_stages=3),
     "coop_bn128_s6": dict(block_n=128, num_stages=6),
+    "coop_bn256_s3_pre": dict(block_n=256, num_stages=3, prefetch_scales=True),
+    "coop_bn256_s4_sub_pre": dict(block_n=256, num_stages=4, epilogue_subtile=True, prefetch_scales=True),
+    "coop_bn128_s6_sub": dict(block_n=128, num_stages=6, epilogue_subtile=True),
     "pingpong_s5": dict(pingpong=True, block_n=128, num_stages=5),
     "pingpong_s2": dict(pingpong=True, block_n=128, num_stages=2),
 }

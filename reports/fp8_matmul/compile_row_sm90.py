@@ -55,12 +55,13 @@ def dump_and_report(ck, d: Path, tag: str, expected_smem: int) -> str:
     return sass
 
 
-def compile_cfg(block_n: int, stages: int, pingpong: bool, res: bool, gate: bool):
+def compile_cfg(block_n: int, stages: int, pingpong: bool, res: bool, gate: bool, prefetch=False, subtile=False):
     rows = 128 if pingpong else 64
+    part = block_n // 2 if subtile else block_n
     sig = {
         "a_desc": desc_sig(rows),
         "b_desc": desc_sig(block_n),
-        "out_desc": desc_sig_n(rows, block_n, torch.bfloat16),
+        "out_desc": desc_sig_n(rows, part, torch.bfloat16),
         "a_scale_ptr": "*fp32",
         "b_scale_ptr": "*fp32",
         "res_ptr": "*bf16",
@@ -74,7 +75,8 @@ def compile_cfg(block_n: int, stages: int, pingpong: bool, res: bool, gate: bool
         "stride_gn": "i32",
     }
     const = dict(HAS_RESIDUAL=res, HAS_GATE=gate, NUM_STAGES=stages, GROUP=R.GROUP_M, PRODUCER_REGS=R.PRODUCER_REGS,
-                 CONSUMER_REGS=R.CONSUMER_REGS, PINGPONG=pingpong, num_warps=4)  # fmt: skip
+                 CONSUMER_REGS=R.CONSUMER_REGS, PINGPONG=pingpong, PREFETCH=prefetch, SUBTILE=subtile,
+                 STORE=True, num_warps=4)  # fmt: skip
     for c in const:
         sig[c] = "constexpr"
     names = list(sig)
@@ -90,19 +92,23 @@ def main():
     ap.add_argument("--match", default=None, help="only the configs whose tag contains this string")
     args = ap.parse_args()
     print("triton", triton.__version__)
-    cfgs = [(256, 3, False, False, False), (256, 3, False, True, True), (128, 5, True, False, False),
-            (128, 5, True, True, True), (128, 6, False, False, False)]  # fmt: skip
-    for block_n, stages, pp, res, gate in cfgs:
+    # (block_n, stages, ping-pong, residual, gate, prefetch_scales, epilogue_subtile)
+    cfgs = [(256, 3, False, False, False, False, False), (256, 3, False, True, True, False, False),
+            (128, 5, True, False, False, False, False), (128, 5, True, True, True, False, False),
+            (128, 6, False, False, False, False, False), (256, 3, False, False, False, True, False),
+            (256, 4, False, False, False, True, True), (256, 4, False, True, True, True, True),
+            (256, 4, False, False, False, False, True)]  # fmt: skip
+    for block_n, stages, pp, res, gate, pre, sub in cfgs:
         epi = f"{'res' if res else 'nores'}_{'gate' if gate else 'nogate'}"
-        tag = f"{'pp' if pp else 'coop'}_bn{block_n}_s{stages}_{epi}"
+        tag = f"{'pp' if pp else 'coop'}_bn{block_n}_s{stages}_{epi}{'_pre' if pre else ''}{'_sub' if sub else ''}"
         if args.match and args.match not in tag:
             continue
         try:
-            ck = compile_cfg(block_n, stages, pp, res, gate)
+            ck = compile_cfg(block_n, stages, pp, res, gate, pre, sub)
         except Exception as e:  # noqa: BLE001 (report every config)
             print(f"== {tag}: COMPILE FAILED {type(e).__name__}: {str(e)[:3000]}")
             continue
-        sass = dump_and_report(ck, Path(args.dump), tag, R.smem_bytes(stages, block_n, pp))
+        sass = dump_and_report(ck, Path(args.dump), tag, R.smem_bytes(stages, block_n, pp, subtile=sub, prefetch=pre))
         tma_loops = [lp for lp in loops(sass) if any(opcode(x).startswith("UTMALDG") for _, x in lp[2])]
         for start, end, body in tma_loops[:1]:
             print(f"   producer loop {start:#x}-{end:#x}: {len(body)} instrs, order: {order_summary(body)}")
