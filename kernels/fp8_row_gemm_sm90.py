@@ -98,9 +98,13 @@ if gluon is not None:
                   stride_gn, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, STORE: gl.constexpr):  # fmt: skip
         """Epilogue of one part of a consumer's tile (``c_buf``'s width of columns from ``off_n``): scales, then
         gate, residual, cast and TMA store (``fp8_block_rescale_sm90._store_half``). ``STORE=False`` (timing
-        probes only) skips the store and leaves the output unwritten."""
+        probes only) stores nothing, the output is left unwritten: the store sits behind a test that is false at
+        run time but not at compile time (``off_m < 0``), so that the compiler keeps the wgmmas and the scaling."""
         acc = acc * (a_s[:, None] * b_s[None, :])
-        if STORE:
+        if STORE:  # noqa: SIM114 (a constexpr branch and a run-time one: kept apart so STORE compiles to no test)
+            _rescale._store_half(acc, c_buf, out_desc, off_m, off_n, N, gate_ptr, res_ptr, offs_m, mask_m, stride_rm,
+                                 stride_gn, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
+        elif off_m < 0:
             _rescale._store_half(acc, c_buf, out_desc, off_m, off_n, N, gate_ptr, res_ptr, offs_m, mask_m, stride_rm,
                                  stride_gn, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
 

@@ -55,7 +55,9 @@ def dump_and_report(ck, d: Path, tag: str, expected_smem: int) -> str:
     return sass
 
 
-def compile_cfg(block_n: int, stages: int, pingpong: bool, res: bool, gate: bool, prefetch=False, subtile=False):
+def compile_cfg(
+    block_n: int, stages: int, pingpong: bool, res: bool, gate: bool, prefetch=False, subtile=False, store=True
+):
     rows = 128 if pingpong else 64
     part = block_n // 2 if subtile else block_n
     sig = {
@@ -76,7 +78,7 @@ def compile_cfg(block_n: int, stages: int, pingpong: bool, res: bool, gate: bool
     }
     const = dict(HAS_RESIDUAL=res, HAS_GATE=gate, NUM_STAGES=stages, GROUP=R.GROUP_M, PRODUCER_REGS=R.PRODUCER_REGS,
                  CONSUMER_REGS=R.CONSUMER_REGS, PINGPONG=pingpong, PREFETCH=prefetch, SUBTILE=subtile,
-                 STORE=True, num_warps=4)  # fmt: skip
+                 STORE=store, num_warps=4)  # fmt: skip
     for c in const:
         sig[c] = "constexpr"
     names = list(sig)
