@@ -201,6 +201,7 @@ if gluon is not None:
         BK: gl.constexpr = b_smem.shape[2]
         HALF: gl.constexpr = c_smem.shape[2]  # one weight-scale block of columns
         NH: gl.constexpr = BN // HALF  # weight blocks per tile: 1 or 2
+        BUFS: gl.constexpr = c_smem.shape[0] // 2  # output buffers per consumer: NH, or 1 shared by the halves
         gl.static_assert(WIDE or NH == 2)
         gl.static_assert(gl.num_warps() == 4)
         gl.static_assert(BM == 64)
@@ -274,10 +275,12 @@ if gluon is not None:
             tma.store_wait(0)  # this consumer's previous tile has left its buffers
             offs_e = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
             mask_e = offs_e < M
-            _store_half(acc_lo, c_smem.index(NH * WG), out_desc, off_m, off_n, N, gate_ptr, res_ptr, offs_e, mask_e,
+            _store_half(acc_lo, c_smem.index(BUFS * WG), out_desc, off_m, off_n, N, gate_ptr, res_ptr, offs_e, mask_e,
                         stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
             if NH == 2:
-                _store_half(acc_hi, c_smem.index(2 * WG + 1), out_desc, off_m, off_n + HALF, N, gate_ptr, res_ptr,
+                if BUFS == 1:
+                    tma.store_wait(0)  # the left half has been read out of the shared buffer
+                _store_half(acc_hi, c_smem.index(BUFS * WG + BUFS - 1), out_desc, off_m, off_n + HALF, N, gate_ptr, res_ptr,
                             offs_e, mask_e, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE)  # fmt: skip
         tma.store_wait(0)
 
@@ -295,6 +298,7 @@ if gluon is not None:
         PRODUCER_REGS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         WIDE: gl.constexpr,
+        SHARE_OUT: gl.constexpr,
         num_warps: gl.constexpr,
     ):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -309,8 +313,8 @@ if gluon is not None:
         a_smem = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES * 2, BM, BK], a_desc.layout)
         b_smem = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES, BN, BK], b_desc.layout)
         c_smem = gl.allocate_shared_memory(
-            out_desc.dtype, [2 * (BN // HALF), BM, HALF], out_desc.layout
-        )  # consumer x half
+            out_desc.dtype, [2 * (1 if SHARE_OUT else BN // HALF), BM, HALF], out_desc.layout
+        )  # consumer x half (SHARE_OUT: one buffer per consumer, the halves stored in turn)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
@@ -348,10 +352,11 @@ _LAUNCHERS: dict[tuple, tuple] = {}
 _OUT_GL = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def smem_bytes(num_stages: int, block_n: int = BLOCK_N, out_bytes: int = 2) -> int:
+def smem_bytes(num_stages: int, block_n: int = BLOCK_N, out_bytes: int = 2, share_out_buffer: bool = False) -> int:
     """Shared memory of the kernel: the ring (128 A rows and ``block_n`` B rows of 128 e4m3 per stage), the
-    64 x 128 TMA-store buffers (one per consumer and weight block of the tile) and 2 mbarriers per stage."""
-    halves = block_n // HALF_N
+    64 x 128 TMA-store buffers (one per consumer and weight block of the tile, or one per consumer with
+    ``share_out_buffer``) and 2 mbarriers per stage."""
+    halves = 1 if share_out_buffer else block_n // HALF_N
     return num_stages * (BLOCK_M + block_n) * BLOCK_K + 2 * halves * 64 * HALF_N * out_bytes + 16 * num_stages
 
 
@@ -367,6 +372,7 @@ def fp8_block_gemm_rescaled_sm90(
     num_stages: int = 3,
     wide: bool = True,
     block_n: int = BLOCK_N,
+    share_out_buffer: bool = False,
 ) -> torch.Tensor:
     """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` with 1x128 (A) and 128x128 (B) block scales on
     Hopper, fast accumulation through a rescaled accumulator (module docstring): e4m3 ``a`` (M, K), ``b`` (N, K),
@@ -376,7 +382,9 @@ def fp8_block_gemm_rescaled_sm90(
     ``smem_bytes``). ``wide`` (default, 1.13x the other on the H100): one m64n256 wgmma per consumer and K step into
     one accumulator, rescaled per half through a reshape; ``wide=False``: two m64n128 wgmmas, one accumulator per
     weight block. ``block_n``: 256 (two weight blocks per tile) or 128 (one; needs ``wide``: one m64n128 wgmma;
-    more tiles where M is small, but no faster on FLUX.2's shapes: probe_block_rescale runs 3-4)."""
+    more tiles where M is small, but no faster on FLUX.2's shapes: probe_block_rescale runs 3-4).
+    ``share_out_buffer``: the two 64 x 128 halves of each consumer's output go out in turn through one buffer,
+    which frees the shared memory of a fourth ring stage at ``block_n=256``."""
     M, N, K = _block.check_block_operands(a, b, a_scale, b_scale, out_dtype, residual, gate)
     if out_dtype not in _OUT_GL:
         raise ValueError(f"fp8_block_gemm_rescaled_sm90 writes bf16 or fp16 (TMA store), got out_dtype={out_dtype}")
@@ -390,7 +398,7 @@ def fp8_block_gemm_rescaled_sm90(
         raise ValueError(f"block_n must be 128 or 256, got {block_n}")
     if block_n == 128 and not wide:
         raise ValueError("block_n=128 has one weight block per tile: it runs as wide=True (one accumulator)")
-    smem = smem_bytes(num_stages, block_n)
+    smem = smem_bytes(num_stages, block_n, share_out_buffer=share_out_buffer)
     if smem > SMEM_BYTES:
         raise ValueError(f"num_stages={num_stages} with block_n={block_n} needs {smem} B of shared memory, more than "
                          f"sm_90's {SMEM_BYTES}")  # fmt: skip
@@ -398,10 +406,11 @@ def fp8_block_gemm_rescaled_sm90(
     for name, t in (("a", a), ("b", b)):
         _block._check_tma(t, name)
     return run_checked(a, b, a_scale, b_scale, out_dtype, residual, gate, num_stages=num_stages, wide=wide,
-                       block_n=block_n)  # fmt: skip
+                       block_n=block_n, share_out_buffer=share_out_buffer)  # fmt: skip
 
 
-def run_checked(a, b, a_scale, b_scale, out_dtype, residual, gate, *, num_stages, wide, block_n) -> torch.Tensor:
+def run_checked(a, b, a_scale, b_scale, out_dtype, residual, gate, *, num_stages, wide, block_n,
+                share_out_buffer=False) -> torch.Tensor:  # fmt: skip
     """``fp8_block_gemm_rescaled_sm90`` for arguments already validated (``fp8_matmul.fp8_gemm``'s dispatch checks
     them before it picks this kernel): allocate the output and launch, without the per-call checks that cost
     host time on the small text GEMMs."""
@@ -418,16 +427,17 @@ def run_checked(a, b, a_scale, b_scale, out_dtype, residual, gate, *, num_stages
     res = residual if residual is not None else out
     g = gate.reshape(-1) if gate is not None else out.view(-1)
     return _launch(a, b, a_scale, b_scale, out, res, g, residual is not None, gate is not None, num_stages, wide,
-                   block_n)  # fmt: skip
+                   block_n, share_out_buffer)  # fmt: skip
 
 
-def _launch(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, wide, block_n):
+def _launch(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, wide, block_n, share_out=False):
     M, K = a.shape
     N = b.shape[0]
     ints = (M, N, K, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), res.stride(0),
             g.stride(0))  # fmt: skip
     consts = dict(HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=GROUP_M,
-                  PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, WIDE=bool(wide))  # fmt: skip
+                  PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, WIDE=bool(wide),
+                  SHARE_OUT=bool(share_out))  # fmt: skip
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     # everything the launch specializes on (as in fp8_row_gemm_sm90._launch)
     key = (index, a.stride(0), b.stride(0), out.stride(0), out.dtype, res.dtype, g.dtype, block_n, *ints,

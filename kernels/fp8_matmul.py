@@ -57,11 +57,12 @@ Dispatch (measured on the H100, reports/fp8_matmul)
 - Other block scales on sm_90 (``fast_accum=False``, fp32 output): the Gluon warp-specialized kernel of
   ``fp8_block_gemm_sm90`` (promotion of each K block in fp32; ``BLOCK_GLUON``, env ``FLUX2_FP8_BLOCK_GLUON``,
   default 1), except on fewer than two waves of 128 x 128 tiles with K >= 12288, where stream-K below wins.
-- Row scales with fast accumulation on sm_90, fewer than 1024 rows and N >= 16384 (FLUX.2's txt.qkv and
-  txt.mlp_in): the Gluon warp-specialized kernel of ``fp8_row_gemm_sm90`` (cooperative 128 x 128 tiles,
-  6 stages; 1.05-1.13x the persistent kernel in reports/fp8_matmul/probe_row_ws.md, same bits).
-  ``ROW_GLUON``, env ``FLUX2_FP8_ROW_GLUON``, default 1. Elsewhere the persistent kernel is as fast or
-  faster (M >= 4096: the Gluon kernel's 128 x 256 tiles at 1.000-1.005x; M = 512 with N = 6144: stream-K).
+- Row scales with fast accumulation and a 2-byte output on sm_90: the Gluon warp-specialized kernel of
+  ``fp8_row_gemm_sm90``, same bits as the persistent kernel (``_row_gluon_options``). From 1024 rows:
+  cooperative 128 x 256 tiles, 4 stages, subtiled epilogue, prefetched scales (1.010x the persistent kernel
+  on M >= 4096, reports/fp8_matmul/probe_row_epilogue.py); below 1024 rows with N >= 16384 (FLUX.2's txt.qkv
+  and txt.mlp_in): 128 x 128 tiles, 6 stages (1.05-1.13x, probe_row_ws.md). ``ROW_GLUON``, env
+  ``FLUX2_FP8_ROW_GLUON``, default 1. Other shapes below 1024 rows keep the persistent kernel (as fast).
 - Stream-K (persistent kernel, ``STREAM_K`` configs): for block scales and promoted accumulation
   on tile counts that leave a partial last wave (FLUX.2's M = 512 text GEMMs), lanes of programs per
   row of tiles share that row's N x K iterations and fix up split tiles through an fp32 workspace
@@ -1270,33 +1271,46 @@ def _block_gluon_options(M: int, out_dtype: torch.dtype) -> dict:
     return dict(opts, consumers=2, ordered=True, num_stages=3 if M >= 1024 else 5)
 
 
-# fp8_row_gemm_sm90's schedule where it is dispatched (probe_row_ws runs 1-2: the fastest on txt.qkv)
-ROW_GLUON_OPTIONS = dict(block_n=128, num_stages=6)
+# fp8_row_gemm_sm90's schedules where they are dispatched (``_row_gluon_options``)
+ROW_GLUON_OPTIONS_TEXT = dict(block_n=128, num_stages=6)  # probe_row_ws runs 1-2: the fastest on txt.qkv
+ROW_GLUON_OPTIONS = dict(block_n=256, num_stages=4, epilogue_subtile=True, prefetch_scales=True)
 
 
-def _use_row_gluon(a, b, out_dtype, residual, fast_accum) -> bool:
-    """Row scales take the Gluon warp-specialized kernel on sm_90 where probe_row_ws (runs 1-2, H100, interleaved
-    A/B against the persistent kernel) measured it faster: fewer than 1024 rows with N >= 16384 (txt.qkv 1.13x,
-    txt.mlp_in 1.05x); fast accumulation, a 2-byte output, TMA-aligned rows, a residual contiguous along N.
-    At M >= 4096 it ran at the persistent kernel's speed (1.000-1.005x), and at M = 512 with N = 6144 stream-K
-    wins (0.95x)."""
+def _row_gluon_options(a, b, out_dtype, residual, fast_accum) -> dict | None:
+    """The Gluon warp-specialized kernel's schedule for row scales on sm_90, or None for the Triton kernels.
+    Measured by interleaved A/B on the H100: from 1024 rows, 128 x 256 tiles with 4 stages, the subtiled
+    epilogue and prefetched scales (``ROW_GLUON_OPTIONS``; probe_row_epilogue runs 1-2: 1.010x the persistent
+    kernel on the M >= 4096 FLUX.2 shapes, same bits); below 1024 rows with N >= 16384 (txt.qkv, txt.mlp_in)
+    cooperative 128 x 128 tiles with 6 stages (``ROW_GLUON_OPTIONS_TEXT``; probe_row_ws: 1.05-1.13x). Other
+    shapes below 1024 rows keep the persistent kernel (M = 512, N = 6144: 0.997-1.001x). Needs fast
+    accumulation, a 2-byte output, TMA-aligned rows and a residual contiguous along N."""
     if not (ROW_GLUON and PERSISTENT and fast_accum) or a.device.type != "cuda" or _INTERPRET:
-        return False
+        return None
     M, N = a.shape[0], b.shape[0]
-    if not (M < 1024 and N >= 16384) or out_dtype.itemsize != 2:
-        return False
+    if M >= 1024:
+        opts = ROW_GLUON_OPTIONS
+    elif N >= 16384:
+        opts = ROW_GLUON_OPTIONS_TEXT
+    else:
+        return None
+    if out_dtype.itemsize != 2:
+        return None
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     if _props(index).major != 9:
-        return False
+        return None
     from flux2_bench.kernels import fp8_row_gemm_sm90 as R
 
     if not R.is_available(a.device):
-        return False
+        return None
     if not all(_tma_rows(t) for t in (a, b)):
-        return False
+        return None
     if (N * out_dtype.itemsize) % 16:  # the output's rows, for the TMA store
-        return False
-    return residual is None or (residual.stride(1) == 1 and (residual.stride(0) * residual.element_size()) % 16 == 0)
+        return None
+    if residual is not None and not (
+        residual.stride(1) == 1 and (residual.stride(0) * residual.element_size()) % 16 == 0
+    ):
+        return None
+    return opts
 
 
 def _use_persistent(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool:
@@ -1342,12 +1356,11 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
             gate=gate,
             **_block_gluon_options(M, out_dtype),
         )
-    if mode == SCALE_ROW and not a_bf16 and _use_row_gluon(a, b, out_dtype, residual, fast_accum):
+    row_gluon = mode == SCALE_ROW and not a_bf16 and _row_gluon_options(a, b, out_dtype, residual, fast_accum)
+    if row_gluon:
         from flux2_bench.kernels.fp8_row_gemm_sm90 import fp8_row_gemm_sm90
 
-        return fp8_row_gemm_sm90(
-            a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate, **ROW_GLUON_OPTIONS
-        )
+        return fp8_row_gemm_sm90(a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate, **row_gluon)
     out = torch.empty((M, N), device=a.device, dtype=out_dtype)
     if M == 0 or N == 0:
         return out

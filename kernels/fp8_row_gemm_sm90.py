@@ -50,7 +50,7 @@ separates that kernel from cuBLAS. Ping-pong (after the fix in ``_row_consumer``
 issuing m64n128 wgmmas keeps the tensor cores less busy than two issuing together, which the hidden epilogue
 does not repay). Cooperative 128 x 128 with 6
 stages won on the M = 512 text GEMMs with N >= 16384 (txt.qkv 1.13x, txt.mlp_in 1.05x, by A/B): that is what
-``fp8_matmul`` dispatches here (``_use_row_gluon``).
+``fp8_matmul`` dispatches here (``_row_gluon_options``).
 """
 
 from __future__ import annotations

@@ -57,6 +57,10 @@ def test_shared_memory_budget():
     with pytest.raises(ValueError, match="num_stages must be in 2..8"):
         R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, num_stages=1)
     assert R.smem_bytes(6, 128) <= R.SMEM_BYTES < R.smem_bytes(7, 128)
+    # one output buffer per consumer frees a fourth stage at 128 x 256
+    assert R.smem_bytes(4, share_out_buffer=True) <= R.SMEM_BYTES < R.smem_bytes(5, share_out_buffer=True)
+    with pytest.raises(ValueError, match="shared memory"):
+        R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, num_stages=5, share_out_buffer=True)
     with pytest.raises(ValueError, match="block_n must be 128 or 256"):
         R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, block_n=64)
     with pytest.raises(ValueError, match="wide=True"):
@@ -93,17 +97,18 @@ BOUND = {torch.bfloat16: 8e-3, torch.float16: 7e-3}
     # (the TMA store)
     [(256, 512, 384), (1000, 1112, 768), (64, 128, 128), (77, 296, 1040), (40, 384, 640), (300, 640, 4096)],
 )
-@pytest.mark.parametrize("wide, block_n", [(False, 256), (True, 256), (True, 128)])
+@pytest.mark.parametrize("wide, block_n, share", [(False, 256, False), (True, 256, False), (True, 128, False),
+                                                  (True, 256, True)])  # fmt: skip
 @pytest.mark.parametrize(
     "out_dtype, epilogue", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)]
 )
-def test_matches_reference(M, N, K, out_dtype, epilogue, wide, block_n):
+def test_matches_reference(M, N, K, out_dtype, epilogue, wide, block_n, share):
     a, b, sa, sb = _operands(M, N, K, "cuda")
     res = (torch.randn(M, N, device="cuda") * 10).to(out_dtype) if epilogue else None
     gate = torch.randn(N, device="cuda").to(torch.bfloat16) if epilogue else None
     out = R.fp8_block_gemm_rescaled_sm90(
         a, b, sa, sb, out_dtype=out_dtype, residual=res, gate=gate, wide=wide, block_n=block_n,
-        num_stages=6 if block_n == 128 else 3,
+        num_stages=6 if block_n == 128 else 4 if share else 3, share_out_buffer=share,
     )  # fmt: skip
     ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32, residual=res, gate=gate)
     assert out.dtype == out_dtype and out.shape == (M, N)
@@ -192,3 +197,16 @@ def test_fp8_gemm_dispatch(M, N, K):
     assert _rel_l2(promoted, ref) < _rel_l2(out, ref) < BOUND[torch.bfloat16]
     fp32 = F.fp8_gemm(a, b, sa, sb, out_dtype=torch.float32)
     assert _rel_l2(fp32, fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)) < 1e-3  # promoted, fp32 output
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_shared_output_buffer_gives_the_same_bits():
+    """The fourth stage and the shared output buffer change when data moves, not the maths."""
+    a, b, sa, sb = _operands(1000, 1112, 1536, "cuda", seed=7)
+    res = (torch.randn(1000, 1112, device="cuda") * 10).to(torch.bfloat16)
+    gate = torch.randn(1112, device="cuda").to(torch.bfloat16)
+    for epi in ({}, {"residual": res, "gate": gate}):
+        base = R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, **epi)
+        shared = R.fp8_block_gemm_rescaled_sm90(a, b, sa, sb, num_stages=4, share_out_buffer=True, **epi)
+        assert torch.equal(base, shared)

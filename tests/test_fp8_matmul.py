@@ -357,9 +357,10 @@ def test_gpu_block_scales_dispatch(M, K, N, gluon, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "M, K, N, gluon",
-    # txt.qkv and txt.mlp_in shapes (smaller K): the Gluon kernel; txt.proj (N = 6144) and M >= 1024: the persistent
-    # kernel; N = 16392 (rows of 32784 B: aligned) at M = 300: Gluon
-    [(512, 1024, 18432, True), (300, 512, 16392, True), (512, 1024, 6144, False), (1024, 512, 18432, False)],
+    # txt.qkv and txt.mlp_in shapes (smaller K): the 128 x 128 schedule; N = 16392 (rows of 32784 B: aligned) at
+    # M = 300 too; txt.proj (N = 6144): the persistent kernel; from 1024 rows: the 128 x 256 schedule (ragged M, N)
+    [(512, 1024, 18432, "text"), (300, 512, 16392, "text"), (512, 1024, 6144, None), (1024, 512, 18432, "main"),
+     (1100, 640, 1112, "main")],
 )  # fmt: skip
 def test_gpu_row_scales_dispatch(M, K, N, gluon, monkeypatch):
     """fp8_gemm with row scales on sm_90 takes the Gluon warp-specialized kernel where it was measured faster,
@@ -381,7 +382,8 @@ def test_gpu_row_scales_dispatch(M, K, N, gluon, monkeypatch):
         out = F.fp8_gemm(xq, wq, xs, ws, **epi)
         assert bool(calls) == gluon, f"Gluon kernel called: {bool(calls)}, expected {gluon}"
         if gluon:
-            assert {k: calls[0].get(k) for k in F.ROW_GLUON_OPTIONS} == F.ROW_GLUON_OPTIONS
+            want = F.ROW_GLUON_OPTIONS if gluon == "main" else F.ROW_GLUON_OPTIONS_TEXT
+            assert {k: calls[0].get(k) for k in want} == want
         monkeypatch.setattr(F, "ROW_GLUON", False)
         tri = F.fp8_gemm(xq, wq, xs, ws, **epi)
         monkeypatch.setattr(F, "ROW_GLUON", True)

@@ -50,6 +50,7 @@ GRAPH_TIMED = (  # also timed as GPU time alone (CUDA graph), suffix "_graph"
     "scaled_mm_block",
     "ours_gemm_row",
     "ours_gemm_row_classic",
+    "ours_gemm_row_triton",
     "ours_gemm_row_dp",
     "ours_gemm_row_triton_launch",
     "ours_gemm_block",
@@ -352,6 +353,7 @@ def bench_graph(fn, n=20, reps=5):
 # The four target pairs, timed interleaved: (ours, anchor); ratio = anchor time / ours time.
 AB_PAIRS = (
     ("ours_gemm_row", "scaled_mm_row_fast"),
+    ("ours_gemm_row", "ours_gemm_row_triton"),
     ("ours_linear_row", TQ_ROW),
     ("ours_gemm_block", "ours_gemm_row"),
     ("ours_gemm_block_promoted", "ours_gemm_row"),
@@ -555,8 +557,15 @@ def _data_parallel(F, fn):
         _DP_ONLY.update(configs=[c for c in kern.configs if not c.kwargs["STREAM_K"]], cache={})
     with (
         patched(kern, configs=_DP_ONLY["configs"], cache=_DP_ONLY["cache"]),
-        patched(F, BLOCK_GLUON=False, BLOCK_RESCALE=False),
+        patched(F, BLOCK_GLUON=False, BLOCK_RESCALE=False, ROW_GLUON=False),
     ):
+        return fn()
+
+
+def _triton_row(F, fn):
+    """Run fn with row scales on the Triton persistent kernel (the library's M >= 1024 default until run 19),
+    not the Gluon one."""
+    with patched(F, ROW_GLUON=False):
         return fn()
 
 
@@ -574,8 +583,10 @@ def _wo_forced(F, min_m, *args, asm=True):
 
 
 def _no_fast_launch(F, fn):
-    """Run fn through Triton's own launch path (autotuner + JIT binder), not the cached launcher."""
-    with patched(F, FAST_LAUNCH=False):
+    """Run fn through Triton's (or Gluon's) own launch path (autotuner + JIT binder), not the cached launchers."""
+    from flux2_bench.kernels import fp8_row_gemm_sm90 as R
+
+    with patched(F, FAST_LAUNCH=False), patched(R, FAST_LAUNCH=False):
         return fn()
 
 
@@ -596,6 +607,7 @@ def timing(F, name, M, K, N, x, w_bf16, wq):
         "ours_gemm_block": lambda: F.fp8_gemm(x8b, w8b, xsb, wsb),
         "ours_gemm_block_promoted": lambda: F.fp8_gemm(x8b, w8b, xsb, wsb, fast_accum=False),
         "ours_gemm_row_classic": lambda: _classic(F, lambda: F.fp8_gemm(x8r, w8r, xsr, wsr)),
+        "ours_gemm_row_triton": lambda: _triton_row(F, lambda: F.fp8_gemm(x8r, w8r, xsr, wsr)),
         "ours_gemm_block_classic": lambda: _classic(F, lambda: F.fp8_gemm(x8b, w8b, xsb, wsb)),
         "ours_gemm_block_triton": lambda: _triton_block(F, lambda: F.fp8_gemm(x8b, w8b, xsb, wsb)),
         "ours_gemm_row_dp": lambda: _data_parallel(F, lambda: F.fp8_gemm(x8r, w8r, xsr, wsr)),
@@ -814,6 +826,13 @@ def render(data: dict) -> str:
             "inside the FLUX.2-dev forward (reports/quant_runtime, run 3 and diag_persistent_bisect), is "
             "refused while the persistent kernel is on; with the eager timer the fp8-row forward gives the "
             "classic kernel's bits (reports/quant_runtime/fp8_launch_ab*.json)."
+            + (
+                " From run 20 on, row scales from 1024 rows (and below with N >= 16384) run the Gluon "
+                "warp-specialized kernel of `fp8_row_gemm_sm90` (same bits); `ours row triton` is the persistent "
+                "Triton kernel it replaced there, `FLUX2_FP8_ROW_GLUON=0` selects it."
+                if m.get("run", 2) >= 20
+                else ""
+            )
             if m.get("run", 2) >= 6
             else "**Library default at the time: the classic tiled kernel.** The persistent TMA kernel timed here "
             "was opt-in (`FLUX2_FP8_PERSISTENT=1`): inside the FLUX.2-dev forward it produced wrong outputs once "
@@ -837,7 +856,10 @@ def render(data: dict) -> str:
         ("GEMM row-wise: ours / `_scaled_mm` row-wise (default accum)", "ours_gemm_row", "scaled_mm_row", None),
         ("GEMM per-tensor: ours / `_scaled_mm` tensor (fast)", "ours_gemm_tensor", "scaled_mm_tensor_fast", None),
         ("GEMM row precise: ours / `_scaled_mm` row (default accum)", "ours_gemm_row_precise", "scaled_mm_row", None),
-        ("GEMM row-wise: persistent TMA / classic tiled kernel (ours)", "ours_gemm_row", "ours_gemm_row_classic", None),
+        ("GEMM row-wise: library dispatch / classic tiled kernel (ours)", "ours_gemm_row", "ours_gemm_row_classic",
+         None),
+        ("GEMM row-wise, GPU time: library dispatch / Triton persistent (ours)", "ours_gemm_row_graph",
+         "ours_gemm_row_triton_graph", None),
         ("`fp8_linear` row / torch quantize + `_scaled_mm` row (fast)", "ours_linear_row", TQ_ROW, 1.15),
         ("`fp8_linear` tensor dyn / torch quant + `_scaled_mm` tensor", "ours_linear_tensor_dynamic", TQ_TENSOR, None),
         ("`fp8_linear` row, GPU time: ours / torch quant + `_scaled_mm`", "ours_linear_row_graph", TQ_G, 1.15),
@@ -909,6 +931,7 @@ def render(data: dict) -> str:
         ("ours_gemm_tensor", "ours tensor"),
         ("ours_gemm_row", "ours row"),
         ("ours_gemm_row_classic", "ours row classic"),
+        ("ours_gemm_row_triton", "ours row triton"),
         ("ours_gemm_row_precise", "ours row precise"),
         ("ours_gemm_block", "ours block"),
         ("ours_gemm_block_promoted", "ours block promoted"),
@@ -1191,9 +1214,31 @@ def _row_profile_note(d: Path) -> str:
         f"cuBLAS's {m['Compute (SM) Throughput']['cublas_row']} %, L2 hit rate {m['L2 Hit Rate']['row']} % against "
         f"{m['L2 Hit Rate']['cublas_row']} % (DRAM {m['DRAM Throughput']['row']} % against "
         f"{m['DRAM Throughput']['cublas_row']} % busy), issue slots {m['Issue Slots Busy']['row']} % against "
-        f"{m['Issue Slots Busy']['cublas_row']} % busy. The gap is tensor-pipe idle time; our kernel is not "
-        "warp-specialized (its warps issue the loads, barriers and wgmmas alike), and it reads more from DRAM than "
-        "cuBLAS's 1 x 2 clusters, which the GROUP_M probe (no change from 4 to 32) suggests is not what costs."
+        f"{m['Issue Slots Busy']['cublas_row']} % busy. The gap is tensor-pipe idle time; that kernel (the library's "
+        "default at M >= 4096 until run 19) is not warp-specialized (its warps issue the loads, barriers and "
+        "wgmmas alike), and it reads more from DRAM than cuBLAS's 1 x 2 clusters, which the GROUP_M probe (no "
+        "change from 4 to 32) suggests is not what costs."
+    )
+
+
+def _row_epilogue_note(d: Path) -> str:
+    """What probe_row_epilogue's latest run found (the Gluon row kernel's epilogue and ring depth), if it is there."""
+    runs = sorted(d.glob("probe_row_epilogue_run*.json"), key=lambda p: int(p.stem.rsplit("run", 1)[1]))
+    if not runs:
+        return ""
+    data = json.loads(runs[-1].read_text())
+    g = data["geomean"]
+    key = "coop_s4_sub_pre_nostore / coop_s4_sub_pre"
+    if f"{key} (all)" not in g:
+        return ""
+    return (
+        f" `{runs[-1].name}` (git {data['git']}): the Gluon kernel's 128 x 256 schedule with 4 stages, the subtiled "
+        f"epilogue and prefetched scales ran {g['coop_s4_sub_pre / library_row (M>=4096)']:.3f}x the persistent "
+        "kernel on M >= 4096 (hence the dispatch from run 20 on) and "
+        f"{g['coop_s4_sub_pre / scaled_mm_row_fast (all)']:.3f}x `_scaled_mm` row fast over all shapes. With its "
+        f"tile stores skipped (a diagnostic) it ran {g[key + ' (M>=4096)']:.3f}x faster on M >= 4096, "
+        f"{g['coop_s4_sub_pre_nostore / scaled_mm_row_fast (all)']:.3f}x `_scaled_mm` over all shapes: hiding the "
+        "whole epilogue (a ping-pong schedule) would at best reach parity; the rest of the gap is in the K loop."
     )
 
 
@@ -1384,7 +1429,8 @@ def analysis(data: dict, timed: list) -> str:
     ]
     ab_note = _ab_note(timed)
     if ab_note:
-        out.insert(1, ab_note + _row_profile_note(Path(data.get("_dir", ".")) / "ncu_row_run1"))
+        d = Path(data.get("_dir", "."))
+        out.insert(1, ab_note + _row_profile_note(d / "ncu_row_run1") + _row_epilogue_note(d))
     if data.get("skipped"):
         out.append(
             "- **Not timed in this run** (the run's time budget ran out; run 3 timed them with the same "

@@ -40,7 +40,7 @@ def desc_sig(rows: int, cols: int, dtype) -> str:
     return mangle_type(TensorDescriptor(t, [512, 512], [512, 1], [rows, cols], lay))
 
 
-def compile_cfg(num_stages: int, has_res: bool, has_gate: bool, wide: bool, block_n: int = 256):
+def compile_cfg(num_stages: int, has_res: bool, has_gate: bool, wide: bool, block_n: int = 256, share=False):
     e4m3 = torch.float8_e4m3fn
     sig = {"a_desc": desc_sig(64, 128, e4m3), "b_desc": desc_sig(block_n, 128, e4m3),
            "out_desc": desc_sig(64, R.HALF_N, torch.bfloat16), "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
@@ -48,7 +48,8 @@ def compile_cfg(num_stages: int, has_res: bool, has_gate: bool, wide: bool, bloc
     for n in ("M", "N", "K", "stride_asm", "stride_ask", "stride_bsn", "stride_bsk", "stride_rm", "stride_gn"):
         sig[n] = "i32"
     const = dict(HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=R.GROUP_M,
-                 PRODUCER_REGS=R.PRODUCER_REGS, CONSUMER_REGS=R.CONSUMER_REGS, WIDE=wide, num_warps=4)  # fmt: skip
+                 PRODUCER_REGS=R.PRODUCER_REGS, CONSUMER_REGS=R.CONSUMER_REGS, WIDE=wide, SHARE_OUT=share,
+                 num_warps=4)  # fmt: skip
     for c in const:
         sig[c] = "constexpr"
     names = list(sig)
@@ -64,16 +65,18 @@ def main():
     ap.add_argument("--match", default=None, help="only the configs whose tag contains this string")
     args = ap.parse_args()
     print("triton", triton.__version__)
-    for stages, res, gate, wide, bn in [(3, False, False, False, 256), (3, True, True, False, 256),
-                                        (2, False, False, False, 256), (3, False, False, True, 256),
-                                        (3, True, True, True, 256), (6, False, False, True, 128),
-                                        (6, True, True, True, 128)]:  # fmt: skip
+    cfgs = [  # (stages, residual, gate, wide, block_n, share_out_buffer)
+        (3, False, False, False, 256, False), (3, True, True, False, 256, False), (2, False, False, False, 256, False),
+        (3, False, False, True, 256, False), (3, True, True, True, 256, False), (6, False, False, True, 128, False),
+        (6, True, True, True, 128, False), (4, False, False, True, 256, True), (4, True, True, True, 256, True),
+    ]  # fmt: skip
+    for stages, res, gate, wide, bn, share in cfgs:
         ep = f"{'res' if res else 'nores'}_{'gate' if gate else 'nogate'}"
-        tag = f"rescale{'_wide' if wide else ''}_bn{bn}_s{stages}_{ep}"
+        tag = f"rescale{'_wide' if wide else ''}_bn{bn}_s{stages}_{ep}{'_shared' if share else ''}"
         if args.match and args.match not in tag:
             continue
         try:
-            ck = compile_cfg(stages, res, gate, wide, bn)
+            ck = compile_cfg(stages, res, gate, wide, bn, share)
         except Exception as e:  # noqa: BLE001 (report every config)
             print(f"== {tag}: COMPILE FAILED {type(e).__name__}: {str(e)[:3000]}")
             continue

@@ -53,6 +53,12 @@ Run 5 (H100, 0e07999, written after it): ``late_release`` 0.946x the wide kernel
 later leaves the producer one step less to refill it, and that costs more than the barrier did. The option was
 removed (its variant ``rescaled_wide_late`` is in ``probe_block_rescale_run5.json``).
 
+Expectation for run 6 (written before it): ``share_out_buffer`` (one 64 x 128 output buffer per consumer, the
+halves stored in turn) with a fourth ring stage, as the row-wise kernel's subtiled epilogue gained (0.6-1.7 % on
+M >= 4096 and up to 12 % on the few-tile M = 512 shapes, probe_row_epilogue): 1.01-1.03x the 3-stage wide kernel.
+From this run on ``library_row`` is the Gluon row-wise kernel (``fp8_matmul._row_gluon_options``), 1.01x the
+Triton persistent kernel it replaced at M >= 1024.
+
     python3 reports/fp8_matmul/probe_block_rescale.py --out $OUT/probe_block_rescale_run1.json
 """
 
@@ -81,9 +87,10 @@ SHAPES = [("single.linear1", 4608, 6144, 55296), ("single.linear2", 4608, 24576,
 # name -> fp8_block_gemm_rescaled_sm90 options (run 1: "rescaled" only; run 2: "rescaled" and "rescaled_wide")
 # run 3 also "rescaled_wide_bn128_s4" (4 stages: no better than 6); run 5 "rescaled_wide_late" instead of the
 # block_n=128 one (the late_release option of 9141755, 0.946x, removed)
+# run 6: "rescaled_wide_s4_shared" instead of the block_n=128 one
 VARIANTS = {
     "rescaled_wide": dict(wide=True),
-    "rescaled_wide_bn128_s6": dict(wide=True, block_n=128, num_stages=6),
+    "rescaled_wide_s4_shared": dict(wide=True, num_stages=4, share_out_buffer=True),
 }
 
 

@@ -42,6 +42,14 @@ above the measured ceiling of 1459). Its run-2 version keeps the store behind a 
 Expectation for run 2 (written before it): the no-store diagnostic (run-time skipped) against
 ``coop_s4_sub_pre``: 1.02-1.05x on M >= 4096. At 1.05x or more the epilogue is the gap (ping-pong would pay);
 at 1.02x or less it is the K loop (the operands' path through L2: cuBLAS's cluster multicast).
+
+Run 2 (H100, 79449ac, written after it): the diagnostic (CPU compile: all 8 QGMMA kept) ran 1.024x
+``coop_s4_sub_pre`` on M >= 4096 (1.028x over all shapes), at the low end of the expectation: the epilogue that
+is left costs about 2.5 %, and even with it free the kernel would reach only 1.005x ``_scaled_mm`` row fast
+(1.014x on M >= 4096; double.img.qkv 0.963x). The rest of the gap is in the K loop. ``coop_s4_sub_pre`` again
+ran 1.010x the library's dispatch on M >= 4096 (0.978x ``_scaled_mm`` over all shapes, 0.991x on M >= 4096;
+txt.mlp_out 1.001x and txt.proj 1.001x the library, txt.qkv and txt.mlp_in 0.90-0.96x the library's 128 x 128
+schedule), so ``fp8_matmul`` dispatches it from 1024 rows (``_row_gluon_options``).
 """
 
 from __future__ import annotations
