@@ -52,7 +52,7 @@ Dispatch (measured on the H100, reports/fp8_matmul)
   FLUX.2-dev forward (reports/quant_runtime, run 3 and diag_persistent_bisect).
 - Block scales with fast accumulation on sm_90 (fp8 A, TMA-aligned rows, bf16 / fp16 output): the Gluon
   kernel of ``fp8_block_rescale_sm90``, which keeps the wgmma chain across K in units of the current K block's
-  scale and rescales the accumulator between blocks (128 x 256 tiles). ``BLOCK_RESCALE``, env
+  scale and rescales the accumulator between blocks (128 x 256 tiles, 4 stages). ``BLOCK_RESCALE``, env
   ``FLUX2_FP8_BLOCK_RESCALE``, default 1.
 - Other block scales on sm_90 (``fast_accum=False``, fp32 output): the Gluon warp-specialized kernel of
   ``fp8_block_gemm_sm90`` (promotion of each K block in fp32; ``BLOCK_GLUON``, env ``FLUX2_FP8_BLOCK_GLUON``,
@@ -1252,10 +1252,11 @@ def _use_block_rescale(a, b, a_scale, b_scale, out_dtype, residual, fast_accum) 
 
 
 # The rescaled kernel's tile for ``fp8_gemm`` (reports/fp8_matmul/probe_block_rescale.py, H100): one m64n256 wgmma
-# per consumer and K step (``wide``: 1.13x two m64n128 in run 2), 128 x 256 tiles, 3 stages, at every shape. Its
+# per consumer and K step (``wide``: 1.13x two m64n128 in run 2), 128 x 256 tiles at every shape. Its
 # 128 x 128 tiles (6 stages) were 1.07x on double.txt.qkv in run 3 (288 tiles of 128 x 256 on 132 SMs: 2.18 waves)
 # but 0.98x there in run 4, and 0.66-0.92x on every other FLUX.2 shape in both runs.
-BLOCK_RESCALE_OPTIONS = dict(wide=True, block_n=256, num_stages=3)
+# One output buffer per consumer and a 4th ring stage: 1.024x the 3-stage kernel (probe_block_rescale run 6).
+BLOCK_RESCALE_OPTIONS = dict(wide=True, block_n=256, num_stages=4, share_out_buffer=True)
 
 
 def _block_gluon_options(M: int, out_dtype: torch.dtype) -> dict:

@@ -380,7 +380,7 @@ def test_gpu_row_scales_dispatch(M, K, N, gluon, monkeypatch):
     for epi in ({}, dict(residual=residual, gate=gate)):
         calls.clear()
         out = F.fp8_gemm(xq, wq, xs, ws, **epi)
-        assert bool(calls) == gluon, f"Gluon kernel called: {bool(calls)}, expected {gluon}"
+        assert bool(calls) == (gluon is not None), f"Gluon kernel called: {bool(calls)}, expected schedule {gluon}"
         if gluon:
             want = F.ROW_GLUON_OPTIONS if gluon == "main" else F.ROW_GLUON_OPTIONS_TEXT
             assert {k: calls[0].get(k) for k in want} == want

@@ -59,6 +59,11 @@ M >= 4096 and up to 12 % on the few-tile M = 512 shapes, probe_row_epilogue): 1.
 From this run on ``library_row`` is the Gluon row-wise kernel (``fp8_matmul._row_gluon_options``), 1.01x the
 Triton persistent kernel it replaced at M >= 1024.
 
+Run 6 (H100, 30db74a, written after it): ``share_out_buffer`` with 4 stages 1.024x the 3-stage wide kernel
+(1.011-1.076x per shape, the most on the few-tile M = 512 shapes; bits and rel L2 unchanged), as expected.
+Against the new row-wise dispatch: 0.921x (3 stages: 0.901x); 1.056x cuBLAS's block-scaled ``_scaled_mm``.
+``fp8_matmul.BLOCK_RESCALE_OPTIONS`` takes it.
+
     python3 reports/fp8_matmul/probe_block_rescale.py --out $OUT/probe_block_rescale_run1.json
 """
 
