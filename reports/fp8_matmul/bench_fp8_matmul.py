@@ -894,8 +894,8 @@ def render(data: dict) -> str:
         ts = "" if target is None else f">= {target:.2f}"
         L.append(f"| {label} | {g:.3f} | {min(vals):.3f} | {max(vals):.3f} | {ts} | {met} |")
     L.append("")
-    ab_targets = {"ours_gemm_row": 1.0, "ours_linear_row": 1.15, "ours_gemm_block": 0.9}
-    ab_targets["ours_weight_only_row"] = 1 / 1.1
+    ab_targets = {("ours_gemm_row", "scaled_mm_row_fast"): 1.0, ("ours_linear_row", TQ_ROW): 1.15,
+                  ("ours_gemm_block", "ours_gemm_row"): 0.9, ("ours_weight_only_row", "bf16_mm"): 1 / 1.1}  # fmt: skip
     if any(f"{o}_vs_{a}_ab" in s["times"] for s in timed for o, a in AB_PAIRS):
         L += [
             "### The same targets in GPU time, interleaved A/B",
@@ -914,7 +914,7 @@ def render(data: dict) -> str:
                 continue
             g = _geo([x["ratio"] for x in ab])
             lo, hi = _geo([x["ratio_min"] for x in ab]), _geo([x["ratio_max"] for x in ab])
-            t = ab_targets.get(o)
+            t = ab_targets.get((o, a))
             verdict = "" if t is None else ("yes" if g >= t else "**no**")
             L.append(
                 f"| `{o}` / `{a}` | {g:.3f} | {min(x['ratio'] for x in ab):.3f} | {max(x['ratio'] for x in ab):.3f} | "
