@@ -22,7 +22,8 @@ alternated A/B/C/A/B/C in one process (clock drift between device calls is about
   on sm_90 (the persistent ones; the classic ones never do).
 - "persistent, Triton row" (fp8-row recipe only, from run 8 on): row scales on the Triton persistent kernel
   everywhere (``FLUX2_FP8_ROW_GLUON=0``); the persistent variants above it run the Gluon warp-specialized
-  row kernel on the text GEMMs with N >= 16384 (txt.qkv, txt.mlp_in at M = 512), which must give the same bits.
+  row kernel on the text GEMMs with N >= 16384 (txt.qkv, txt.mlp_in at M = 512), and from run 11 on also on
+  every row-scaled GEMM from 1024 rows (``fp8_matmul._row_gluon_options``), which must give the same bits.
 Each row reports ms/step and the output's SQNR against the first variant's output: the cached launcher
 must give the same bits (inf dB), and so must the data-parallel persistent kernel (its K loop is the
 classic kernel's, measured in runs 1-2); a stream-K split sums K in another order (finite, high dB).
@@ -37,6 +38,13 @@ classic kernel 35-40 dB (run 6: a stream-K split of K alone gave 39.6 dB: the fo
 the GEMMs' summation), the promoted variants inf or ~40 dB as before.
 Run 10 (written after it): 292-296 ms against 334 ms promoted and 391-395 ms Triton; 39.2 dB against 39.6 dB
 for the promotion kernel.
+
+Expectation for runs 11 (fp8-row) and 12 (fp8-block), written before them (session 16): row scales from 1024 rows
+now run the Gluon 128 x 256 schedule (1.010-1.022x the Triton persistent kernel, probe_row_epilogue and
+fp8_matmul run 20) and the rescaled block kernel has a fourth stage (1.024x, probe_block_rescale run 6). Run 11:
+every persistent variant gives the classic kernel's bits (inf dB, as in run 9), "persistent, cached launch" 0-4 ms
+per step below "persistent, Triton row" (~280 ms: inside the rounds' spread). Run 12: "persistent, cached launch"
+285-292 ms (run 10: 292-296), SQNR 39.2 dB as in run 10 (the fourth stage does not change the bits).
 """
 
 from __future__ import annotations
