@@ -72,6 +72,9 @@ Measured (H100; reports/fp8_matmul/probe_block_rescale.py runs 1-4, bench_fp8_ma
   less to refill the slot. Removed.
 - bench_fp8_matmul run 19 (fp8_gemm's dispatch, ``fp8_matmul.BLOCK_RESCALE_OPTIONS``): block / row-wise 0.903x
   by interleaved A/B, 0.915x eager, 0.925x in GPU time (the issue's 0.9 target), 1.06x cuBLAS block in GPU time.
+- ``share_out_buffer`` (session 16, probe_block_rescale run 6): one 64 x 128 output buffer per consumer, the
+  halves stored in turn, frees a fourth ring stage: 1.024x (up to 1.08x on the M = 512 shapes), same bits.
+  bench_fp8_matmul run 20 with it: block / row-wise 0.925x by A/B against the faster Gluon row-wise dispatch.
 - Accuracy, rel L2 against fp32 (random data, bf16 output): 2.8e-3 at K = 6144 to 6.9e-3 at K = 24576, against
   2.4e-3 to 4.3e-3 for the row-wise fast accumulation and 1.7e-3 for the promotion kernel (the bf16 rounding):
   expected "like row-wise", measured 1.2-1.6x it. (The estimate above, ~2e-4, was fast accumulation's error
