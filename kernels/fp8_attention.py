@@ -6,20 +6,21 @@ whose bf16 arithmetic is broken, can run it). D is a power of two in [32, 128]; 
 are masked; FLUX.2 uses 4608 at 1024², 16896 at 2048², about 45 k with ten references).
 
 Quantization (all scales fp32, fp32 accumulation everywhere):
-- K smoothing: K's per-channel mean over the sequence is subtracted first. Softmax is invariant to it
-  (it adds the same q·mean to every logit of a row), so this is exact, and it removes the per-channel
-  offset that would otherwise eat the fp8 range of K.
+- K smoothing: K's per-channel mean (over a strided sample of 256 tokens, `sample_tokens`) is subtracted
+  first. Softmax is invariant to any per-channel offset (it adds the same q·offset to every logit of a
+  row), so this is exact, and it removes the offset that would otherwise eat the fp8 range of K.
 - Q·Kᵀ in FP8 e4m3 with one scale per `scale_block` (64 or 128) tokens per head, for Q and K. The
   softmax scale and log2(e) are folded into Q's scale so the kernel uses exp2.
 - P·V: `pv="fp8"` casts P to e4m3 after shifting it to [0, 256] (exp2(s - m + 8); the 256 cancels in
-  the row sum and keeps small probabilities out of e4m3's subnormals) and V is scaled per channel
-  (amax over the sequence / 448). `pv="bf16"` multiplies P in the input dtype with the original V.
+  the row sum and keeps small probabilities out of e4m3's subnormals) and V is scaled per channel:
+  max(64 x the sample's |max|, the |max| over the sequence) / 448 (`V_HEADROOM`: one read of V). `pv="bf16"` multiplies P in the input dtype with the original V.
 - `qk="int8"`: Q and K in int8 with the same block scales instead of e4m3 (same tensor-core rate on
   H100). e4m3's 3 mantissa bits give ~2.6 % RMS error per element whatever the scale; int8 over a
   block of RMS-normed values gives about a third of that (tests and reports/fp8_attention measure it).
 
-Two kernels: a pre-pass (`_stats_kernel`: K column sums and V column amax in chunks; `_quant_kernel`:
-per-block Q/K scales, fp8 casts, V cast and transpose to (B, H, D, Lp)) and `_attn_fwd`. The optional
+A pre-pass that reads Q, K and V once (`_sample_kernel`: the K mean and V's channel-scale estimate from
+the sample; `_quant_kernel`: per-block Q/K scales, fp8 casts, V cast and transpose to (B, H, D, Lp);
+`_v_fixup_kernel`: re-casts a head's V where a token exceeded the estimate, else returns) and `_attn_fwd`. The optional
 fused variant (`norm_rope=(q_weight, k_weight, cos, sin)`) takes Q and K before FLUX.2's QK-RMSNorm and
 RoPE and applies them in the pre-pass as it loads them (kernels/qk_rope.py's `_norm_rope_rows`, same
 bits as the separate pass; reports/fp8_attention/fused_norm_rope.md measures whether it pays). The fp8
@@ -51,6 +52,14 @@ P_SHIFT = 8.0  # P is computed as 2**8 * softmax numerator: max 256, smallest no
 LOG2E = 1.4426950408889634
 # quantize_qkv(v_perm16=True): token c of every 16 is stored at V_PERM16[c] (c = 8a + 2t + b -> 4t + 2a + b)
 V_PERM16 = tuple(((c >> 1) & 3) * 4 + ((c >> 3) & 1) * 2 + (c & 1) for c in range(16))
+# The pre-pass reads K and V once (`quantize_qkv`): K's mean (smoothing) and V's channel scale come from SAMPLE
+# tokens spread over the sequence (`sample_tokens`). Any per-channel vector subtracted from K is exact (softmax),
+# the sample mean only has to remove most of the offset. V's channel scale is max(V_HEADROOM x the sample's
+# |max|, the |max| over all tokens) / 448: e4m3's relative precision is the same over its normal range (2**-6 to
+# 448), so the headroom costs nothing but values below 2**-6 / 448 * V_HEADROOM of the sample's largest (which
+# go subnormal), and a channel whose tokens exceed the estimate is re-cast by `_v_fixup_kernel` (rare; exact).
+SAMPLE = 256
+V_HEADROOM = 64.0
 PAD = 128  # quantized copies are padded to a multiple of this many tokens (>= every block size)
 # fp8 P·V: half of each tile's exp2 on the FMA pipe (`_exp2_fma`); FLUX2_ATTN_EXP2_SPLIT=1 turns it on.
 # Off: measured slower on the H100 (reports/fp8_attention/exp2_split.md) because this kernel is
@@ -99,21 +108,20 @@ def _norm_rope_tile(x, offs_l, L, off_b, w_ptr, cos_ptr, sin_ptr, stride_cb, str
 
 
 @triton.jit
-def _stats_kernel(
-    k_ptr, v_ptr, ksum_ptr, vmax_ptr,
+def _sample_kernel(
+    k_ptr, v_ptr, kmean_ptr, vest_ptr,
     kw_ptr, cos_ptr, sin_ptr, eps,
-    L, H, CHUNK,
+    L, S,
+    H,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_cb, stride_cl,
-    D: tl.constexpr, BLOCK_L: tl.constexpr, WITH_V: tl.constexpr,
+    D: tl.constexpr, S_MAX: tl.constexpr, BLOCK_L: tl.constexpr, WITH_V: tl.constexpr, V_HEADROOM: tl.constexpr,
     NORM_ROPE: tl.constexpr, ROUND: tl.constexpr, EXACT_BF16: tl.constexpr,
 ):  # fmt: skip
-    """Partial K column sums and V column |max| over one CHUNK of tokens: out[(b*H+h), chunk, D].
-    NORM_ROPE: K is taken before QK-norm and RoPE, which are applied here (and again in _quant_kernel)."""
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    n_chunks = tl.num_programs(0)
+    """One head's estimates over S of its tokens (token i * L // S for i < S, ``sample_tokens``): K's column
+    mean and V_HEADROOM times V's column |max|. NORM_ROPE: K is taken before QK-norm and RoPE, applied here."""
+    pid_bh = tl.program_id(0)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_d = tl.arange(0, D)
@@ -121,8 +129,9 @@ def _stats_kernel(
     v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
     ksum = tl.zeros([D], dtype=tl.float32)
     vmax = tl.zeros([D], dtype=tl.float32)
-    for start in range(pid_c * CHUNK, tl.minimum(pid_c * CHUNK + CHUNK, L), BLOCK_L):
-        offs_l = start + tl.arange(0, BLOCK_L)
+    for start in tl.static_range(0, S_MAX, BLOCK_L):
+        i = start + tl.arange(0, BLOCK_L)
+        offs_l = tl.where(i < S, (i * L) // S, L)  # L: a row past the end (masked)
         mask = (offs_l < L)[:, None]
         k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         if NORM_ROPE:
@@ -132,15 +141,26 @@ def _stats_kernel(
         if WITH_V:
             v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=mask, other=0.0)
             vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), axis=0))
-    out = (pid_bh * n_chunks + pid_c) * D + offs_d
-    tl.store(ksum_ptr + out, ksum)
+    tl.store(kmean_ptr + pid_bh * D + offs_d, ksum / S)
     if WITH_V:
-        tl.store(vmax_ptr + out, vmax)
+        tl.store(vest_ptr + pid_bh * D + offs_d, vmax * V_HEADROOM)
+
+
+@triton.jit
+def _store_v_block(v, v_amax, vt8_ptr, bh, Lp, offs_l, offs_d,
+                   SCALE_BLOCK: tl.constexpr, D: tl.constexpr, EMULATE_CAST: tl.constexpr, V_PERM16: tl.constexpr):  # fmt: skip
+    """V rows ``offs_l`` (SCALE_BLOCK, D) in fp32 -> e4m3 with the channel scale v_amax / 448, stored transposed
+    at (bh, D, Lp)."""
+    v8 = _to_fp8(v * (448.0 / v_amax)[None, :], True, EMULATE_CAST)
+    if V_PERM16:  # token 16 g + 8 a + 2 t + b stored at 16 g + 4 t + 2 a + b (fp8_attention_sm90's P order),
+        # permuted in registers so that the store stays contiguous (an index permutation made it 1.2x slower)
+        v8 = tl.reshape(tl.permute(tl.reshape(v8, (SCALE_BLOCK // 16, 2, 4, 2, D)), (0, 2, 1, 3, 4)), (SCALE_BLOCK, D))
+    tl.store(vt8_ptr + bh * D * Lp + offs_d[None, :] * Lp + offs_l[:, None], v8)
 
 
 @triton.jit
 def _quant_kernel(
-    q_ptr, k_ptr, v_ptr, ksum_ptr, vmax_ptr,
+    q_ptr, k_ptr, v_ptr, kmean_ptr, vest_ptr, vblk_ptr,
     q8_ptr, k8_ptr, vt8_ptr, qs_ptr, ks_ptr, vs_ptr,
     qw_ptr, kw_ptr, cos_ptr, sin_ptr, eps,
     L, Lp, H, n_sblk, q_scale_mult,
@@ -152,9 +172,10 @@ def _quant_kernel(
     QK_MAX: tl.constexpr, EMULATE_CAST: tl.constexpr,
     NORM_ROPE: tl.constexpr, ROUND: tl.constexpr, EXACT_BF16: tl.constexpr, V_PERM16: tl.constexpr,
 ):  # fmt: skip
-    """One SCALE_BLOCK of tokens of one head: Q and smoothed K to fp8 with one scale each; V to fp8
-    with its per-channel scale, stored transposed (block 0 also stores the V scales). Rows past L are
-    written as zeros (padding). ksum/vmax: (B*H, D) column sums of K and column |max| of V."""
+    """One SCALE_BLOCK of tokens of one head: Q and smoothed K (minus ``kmean``) to fp8 with one scale each; V to
+    fp8 with the channel scale ``vest`` / 448 (the estimate; ``_v_fixup_kernel`` corrects it where V exceeds it),
+    stored transposed (block 0 also stores the V scales), and this block's V column |max| into ``vblk``. Rows
+    past L are written as zeros (padding)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -179,7 +200,7 @@ def _quant_kernel(
     if NORM_ROPE:
         k = _norm_rope_tile(k, offs_l, L, off_b, kw_ptr, cos_ptr, sin_ptr, stride_cb, stride_cl, eps,
                             D, ROUND, EXACT_BF16)  # fmt: skip
-    k = tl.where(row_ok, k - (tl.load(ksum_ptr + pid_bh * D + offs_d) / L)[None, :], 0.0)
+    k = tl.where(row_ok, k - tl.load(kmean_ptr + pid_bh * D + offs_d)[None, :], 0.0)
     k_amax = tl.maximum(tl.max(tl.abs(k)), 1e-30)
     tl.store(k8_ptr + dst, _to_qk(k * (QK_MAX / k_amax), QK_INT8, EMULATE_CAST))
     tl.store(ks_ptr + pid_bh * n_sblk + pid_s, k_amax / QK_MAX)
@@ -187,16 +208,40 @@ def _quant_kernel(
     if WITH_V:
         v = tl.load(v_ptr + off_b * stride_vb + off_h * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :],
                     mask=row_ok, other=0.0).to(tl.float32)  # fmt: skip
-        v_amax = tl.maximum(tl.load(vmax_ptr + pid_bh * D + offs_d), 1e-30)
-        v8 = _to_fp8(v * (448.0 / v_amax)[None, :], True, EMULATE_CAST)
+        tl.store(vblk_ptr + (bh * n_sblk + pid_s) * D + offs_d, tl.max(tl.abs(v), axis=0))
+        v_amax = tl.maximum(tl.load(vest_ptr + pid_bh * D + offs_d), 1e-30)
         if pid_s == 0:
             tl.store(vs_ptr + pid_bh * D + offs_d, v_amax / 448.0)
-        if V_PERM16:  # token 16 g + 8 a + 2 t + b stored at 16 g + 4 t + 2 a + b (fp8_attention_sm90's P order),
-            # permuted in registers so that the store stays contiguous (an index permutation made it 1.2x slower)
-            v8 = tl.reshape(
-                tl.permute(tl.reshape(v8, (SCALE_BLOCK // 16, 2, 4, 2, D)), (0, 2, 1, 3, 4)), (SCALE_BLOCK, D)
-            )
-        tl.store(vt8_ptr + bh * D * Lp + offs_d[None, :] * Lp + offs_l[:, None], v8)
+        _store_v_block(v, v_amax, vt8_ptr, bh, Lp, offs_l, offs_d, SCALE_BLOCK, D, EMULATE_CAST, V_PERM16)
+
+
+@triton.jit
+def _v_fixup_kernel(
+    v_ptr, vest_ptr, vblk_ptr, vt8_ptr, vs_ptr,
+    L, Lp, H, n_sblk,
+    stride_vb, stride_vh, stride_vl,
+    D: tl.constexpr, SCALE_BLOCK: tl.constexpr, EMULATE_CAST: tl.constexpr, V_PERM16: tl.constexpr,
+):  # fmt: skip
+    """One head: V's column |max| over all tokens (the quant kernel's block maxima). Where it exceeds the estimate
+    the quant kernel cast with (a token more than V_HEADROOM times the sample's largest: saturated), re-cast the
+    head's V with the channel scale max(estimate, |max|) / 448. Otherwise (the usual case) return: the head's
+    V was read once."""
+    pid_bh = tl.program_id(0)
+    bh = pid_bh.to(tl.int64)
+    offs_d = tl.arange(0, D)
+    est = tl.maximum(tl.load(vest_ptr + pid_bh * D + offs_d), 1e-30)
+    amax = tl.zeros([D], dtype=tl.float32)
+    for s in range(n_sblk):
+        amax = tl.maximum(amax, tl.load(vblk_ptr + (bh * n_sblk + s) * D + offs_d))
+    if tl.max(amax - est) > 0:
+        v_amax = tl.maximum(amax, est)
+        tl.store(vs_ptr + pid_bh * D + offs_d, v_amax / 448.0)
+        v_base = v_ptr + (pid_bh // H).to(tl.int64) * stride_vb + (pid_bh % H).to(tl.int64) * stride_vh
+        for s in range(n_sblk):
+            offs_l = s * SCALE_BLOCK + tl.arange(0, SCALE_BLOCK)
+            v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=(offs_l < L)[:, None],
+                        other=0.0).to(tl.float32)  # fmt: skip
+            _store_v_block(v, v_amax, vt8_ptr, bh, Lp, offs_l, offs_d, SCALE_BLOCK, D, EMULATE_CAST, V_PERM16)
 
 
 @triton.jit
@@ -391,6 +436,12 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, pv: str, scale_block: int, qk
         raise ValueError(f"fp8 tensor cores need compute capability >= 8.9, got {cap} ({q.device})")
 
 
+def sample_tokens(L: int, device=None) -> Tensor:
+    """The tokens whose K mean and V |max| the pre-pass estimates from: i * L // S for i < S = min(L, SAMPLE)."""
+    S = min(L, SAMPLE)
+    return torch.arange(S, device=device) * L // S
+
+
 def quantize_qkv(
     q: Tensor,
     k: Tensor,
@@ -404,7 +455,8 @@ def quantize_qkv(
     eps: float = 1e-6,
     v_perm16: bool = False,
 ) -> dict[str, Tensor]:
-    """The pre-pass: K mean, Q/K fp8 (or int8) + block scales, V fp8 (transposed) + channel scales.
+    """The pre-pass: K mean and V's channel scale (estimated from ``sample_tokens``, V's corrected where it
+    saturates), Q/K fp8 (or int8) + block scales, V fp8 (transposed) + channel scales.
 
     Returns q8, k8 (B, H, Lp, D) e4m3 (int8 for qk="int8") with Lp = L rounded up to 128; qs, ks (B, H, Lp/scale_block) fp32
     (qs includes scale*log2(e)); for pv="fp8" also vt8 (B, H, D, Lp) e4m3 and vs (B, H, D) fp32.
@@ -434,23 +486,20 @@ def quantize_qkv(
     with_v = pv == "fp8"
     dev = q.device
 
-    block_l = 64
-    # 256-token chunks: >= 864 programs at FLUX.2's shortest L, so the reduction is bandwidth-bound
-    # (run 1 used 512: 432 programs at L=4608, pre-pass at ~2/3 of copy bandwidth)
-    chunk = 256
-    n_chunks = triton.cdiv(L, chunk)
-    ksum = torch.empty(B * H, n_chunks, D, device=dev, dtype=torch.float32)
-    vmax = torch.empty_like(ksum) if with_v else ksum
+    # one read of K and V: the K mean and V's channel scale come from a strided sample of the tokens
+    # (reports/fp8_attention/probe_prepass_time.md: the exact statistics cost a pass of their own, 40 % of the
+    # pre-pass at L = 4608)
+    n_sample = min(L, SAMPLE)
+    kmean = torch.empty(B * H, D, device=dev, dtype=torch.float32)
+    vest = torch.empty_like(kmean) if with_v else kmean
     fused = norm_rope is not None
     stride_cb, stride_cl = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1)) if fused else (0, 0)
     rope_meta = dict(NORM_ROPE=fused, ROUND=_ROUND[q.dtype], EXACT_BF16=_INTERPRET)
-    _stats_kernel[(n_chunks, B * H)](
-        k, v, ksum, vmax, kw, cos, sin, eps, L, H, chunk,
+    _sample_kernel[(B * H,)](
+        k, v, kmean, vest, kw, cos, sin, eps, L, n_sample, H,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), stride_cb, stride_cl,
-        D=D, BLOCK_L=block_l, WITH_V=with_v, num_warps=4, **rope_meta,
+        D=D, S_MAX=SAMPLE, BLOCK_L=64, WITH_V=with_v, V_HEADROOM=V_HEADROOM, num_warps=4, **rope_meta,
     )  # fmt: skip
-    ksum = ksum.sum(1)  # (B*H, D); the quant kernel divides by L
-    vamax = vmax.amax(1) if with_v else ksum  # (B*H, D)
 
     out = {
         "q8": torch.empty(B, H, Lp, D, device=dev, dtype=qk_dtype),
@@ -466,8 +515,9 @@ def quantize_qkv(
         out["vs"] = torch.empty(B, H, D, device=dev, dtype=torch.float32)
     vt8 = out.get(vt_key, out["k8"])
     vs = out.get("vs", out["qs"])
+    vblk = torch.empty(B * H, n_sblk, D, device=dev, dtype=torch.float32) if with_v else kmean
     _quant_kernel[(n_sblk, B * H)](
-        q, k, v, ksum, vamax,
+        q, k, v, kmean, vest, vblk,
         out["q8"], out["k8"], vt8, out["qs"], out["ks"], vs,
         qw, kw, cos, sin, eps,
         L, Lp, H, n_sblk, sm_scale * LOG2E,
@@ -478,6 +528,11 @@ def quantize_qkv(
         D=D, SCALE_BLOCK=scale_block, WITH_V=with_v, QK_INT8=qk == "int8", QK_MAX=QK_RANGE[qk],
         EMULATE_CAST=emulate, V_PERM16=v_perm16, num_warps=PREPASS_WARPS[scale_block], **rope_meta,
     )  # fmt: skip
+    if with_v:
+        _v_fixup_kernel[(B * H,)](
+            v, vest, vblk, vt8, vs, L, Lp, H, n_sblk, v.stride(0), v.stride(1), v.stride(2),
+            D=D, SCALE_BLOCK=scale_block, EMULATE_CAST=emulate, V_PERM16=v_perm16, num_warps=PREPASS_WARPS[scale_block],
+        )  # fmt: skip
     return out
 
 
@@ -591,6 +646,16 @@ def _quantize_blocks_ref(x: Tensor, scale_block: int, qk: str = "fp8") -> tuple[
     return x8.view(B, H, Lp, D), (amax / qmax).view(B, H, Lp // scale_block)
 
 
+def _quantize_v_ref(v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """V (B, H, L, D) -> e4m3 values as fp32 and the channel scales (B, H, 1, D): amax = max(V_HEADROOM x the
+    sample's |max|, the |max| over all tokens), scale amax / 448, as the pre-pass computes them."""
+    vf = v.float().abs()
+    amax = torch.maximum(vf[:, :, idx].amax(dim=2, keepdim=True) * V_HEADROOM, vf.amax(dim=2, keepdim=True))
+    amax = amax.clamp_min(1e-30)
+    vq = (v.float() * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return vq, amax / FP8_MAX
+
+
 def fp8_attention_ref(
     q: Tensor,
     k: Tensor,
@@ -617,14 +682,14 @@ def fp8_attention_ref(
     def pad(x: Tensor) -> Tensor:
         return torch.nn.functional.pad(x, (0, 0, 0, Lp - L))
 
+    idx = sample_tokens(L, q.device)
     q8, qs = _quantize_blocks_ref(pad(q.float()), scale_block, qk)
-    k8, ks = _quantize_blocks_ref(pad(k.float() - k.float().mean(dim=2, keepdim=True)), scale_block, qk)
+    k8, ks = _quantize_blocks_ref(pad(k.float() - k.float()[:, :, idx].mean(dim=2, keepdim=True)), scale_block, qk)
     q8, k8 = q8[:, :, :L], k8[:, :, :L]
     qs_rows = (qs * (sm_scale * LOG2E)).repeat_interleave(scale_block, dim=-1)[..., :L]
     ks_rows = ks.repeat_interleave(scale_block, dim=-1)[..., :L]
     if pv == "fp8":
-        vs = v.float().abs().amax(dim=2, keepdim=True).clamp_min(1e-30) / FP8_MAX  # (B, H, 1, D)
-        vq = (v.float() / vs).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+        vq, vs = _quantize_v_ref(v, idx)
     else:
         vq = v
 

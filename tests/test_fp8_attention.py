@@ -9,12 +9,14 @@ import triton
 import triton.language as tl
 
 from flux2_bench.attention import use_backend
+from flux2_bench.kernels import fp8_attention as fa
 from flux2_bench.kernels.fp8_attention import (
     _exp2_fma,
     attention_fp32_ref,
     fp8_attention,
     fp8_attention_ref,
     quantize_qkv,
+    sample_tokens,
 )
 from flux2_bench.sampling import image_ids, text_ids
 from flux2_bench.weights import synthetic_transformer
@@ -149,6 +151,41 @@ def test_quantize_qkv_layout():
     assert ((v_deq - v).abs() <= tol).all()
 
 
+def test_sample_tokens():
+    assert sample_tokens(100).tolist() == list(range(100))  # short sequences: every token
+    idx = sample_tokens(4608)
+    assert len(idx) == fa.SAMPLE and idx[0] == 0 and idx[-1] < 4608 and (idx.diff() > 0).all()
+
+
+def test_long_sequence_uses_the_sample_estimates():
+    # L > SAMPLE: K's mean and V's scale estimate come from every 2nd-3rd token; kernel and reference agree
+    q, k, v = flux_like(1, 2, 600, 32, seed=5)
+    out, ref = fp8_attention(q, k, v), fp8_attention_ref(q, k, v)
+    assert rel_l2(out, ref) < 5e-3, describe(out, ref, 0.05)
+    quant = quantize_qkv(q, k, v)
+    idx = sample_tokens(600)
+    est = v[:, :, idx].abs().amax(2) * fa.V_HEADROOM / fa.FP8_MAX  # no token exceeds 64x the sample's max here
+    assert torch.equal(quant["vs"], est)
+
+
+def test_v_outlier_outside_the_sample_is_recast():
+    """A token the sample misses, 100x the sampled ones in one channel: the quant kernel's cast saturates it,
+    the fixup re-casts the head with the true |max|. The other head is left as the quant kernel wrote it."""
+    q, k, v = flux_like(1, 2, 600, 32, seed=6)
+    assert 1 not in sample_tokens(600).tolist()
+    big = 100.0 * fa.V_HEADROOM * v[0, 0].abs().max()
+    v[0, 0, 1, 5] = big
+    quant = quantize_qkv(q, k, v)
+    assert torch.equal(quant["vs"][0, 0, 5], big / fa.FP8_MAX)
+    v_deq = quant["vt8"].float().transpose(-1, -2)[:, :, :600] * quant["vs"][:, :, None, :]
+    tol = v.abs() * 2**-4 + quant["vs"][:, :, None, :] * 2**-9
+    assert ((v_deq - v).abs() <= tol).all(), "V not within e4m3's half-ulp of the input after the fixup"
+    est = v[0, 1, sample_tokens(600)].abs().amax(0) * fa.V_HEADROOM / fa.FP8_MAX
+    assert torch.equal(quant["vs"][0, 1], est)
+    out, ref = fp8_attention(q, k, v), fp8_attention_ref(q, k, v)
+    assert rel_l2(out, ref) < 5e-3, describe(out, ref, 0.05)
+
+
 @pytest.mark.parametrize(
     "kwargs,err,match",
     [
@@ -213,10 +250,12 @@ def test_gpu_flux_shapes(L):
 def test_gpu_quantize_bit_exact():
     """The in-kernel fp32->e4m3 casts (saturating, round-to-nearest-even) equal torch's, bit for bit."""
     q, k, v = flux_like(1, 4, 1000, 128)
-    # every V channel's amax is exactly 448, so the channel scale is exactly 1 and the kernel casts V
-    # itself; values span normals and e4m3 subnormals (|x| < 2**-6)
-    v = torch.randn_like(v) * torch.logspace(-4, 2, 1000, device=v.device)[:, None]
-    v[:, :, 0] = 448.0
+    # every V channel's amax is exactly 448 (token 1, outside the sample, so the fixup re-casts every head) and
+    # the sampled tokens stay below 448 / V_HEADROOM: the channel scale is exactly 1 and the kernel casts V itself;
+    # values span normals and e4m3 subnormals (|x| < 2**-6)
+    v = (torch.rand_like(v) * 2 - 1) * torch.logspace(-4, 0.8, 1000, device=v.device)[:, None]
+    v[:, :, 1] = 448.0
+    assert 1 not in sample_tokens(1000).tolist()
     quant = quantize_qkv(q, k, v, scale_block=64)
     assert (quant["vs"] == 1.0).all()
     v8 = v.to(torch.float8_e4m3fn)
