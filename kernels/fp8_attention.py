@@ -59,7 +59,9 @@ V_PERM16 = tuple(((c >> 1) & 3) * 4 + ((c >> 3) & 1) * 2 + (c & 1) for c in rang
 # 448), so the headroom costs nothing but values below 2**-6 / 448 * V_HEADROOM of the sample's largest (which
 # go subnormal), and a channel whose tokens exceed the estimate is re-cast by `_v_fixup_kernel` (rare; exact).
 SAMPLE = 256
+SAMPLE_BLOCK = 64  # sampled tokens per _sample_kernel program
 V_HEADROOM = 64.0
+_V_BLOCK_AMAX = True  # timing probes only: False skips the quant kernel's V block maxima (the fixup then reads garbage)
 PAD = 128  # quantized copies are padded to a multiple of this many tokens (>= every block size)
 # fp8 P·V: half of each tile's exp2 on the FMA pipe (`_exp2_fma`); FLUX2_ATTN_EXP2_SPLIT=1 turns it on.
 # Off: measured slower on the H100 (reports/fp8_attention/exp2_split.md) because this kernel is
@@ -109,41 +111,51 @@ def _norm_rope_tile(x, offs_l, L, off_b, w_ptr, cos_ptr, sin_ptr, stride_cb, str
 
 @triton.jit
 def _sample_kernel(
-    k_ptr, v_ptr, kmean_ptr, vest_ptr,
+    k_ptr, v_ptr, kpart_ptr, vpart_ptr,
     kw_ptr, cos_ptr, sin_ptr, eps,
     L, S,
     H,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_cb, stride_cl,
-    D: tl.constexpr, S_MAX: tl.constexpr, BLOCK_L: tl.constexpr, WITH_V: tl.constexpr, V_HEADROOM: tl.constexpr,
+    D: tl.constexpr, BLOCK_L: tl.constexpr, WITH_V: tl.constexpr,
     NORM_ROPE: tl.constexpr, ROUND: tl.constexpr, EXACT_BF16: tl.constexpr,
 ):  # fmt: skip
-    """One head's estimates over S of its tokens (token i * L // S for i < S, ``sample_tokens``): K's column
-    mean and V_HEADROOM times V's column |max|. NORM_ROPE: K is taken before QK-norm and RoPE, applied here."""
-    pid_bh = tl.program_id(0)
+    """BLOCK_L of one head's S sampled tokens (token i * L // S for i < S, ``sample_tokens``): their K column sum
+    and V column |max| into part [(b*H+h), program, D] (``_estimates`` combines the parts). NORM_ROPE: K is
+    taken before QK-norm and RoPE, applied here."""
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_d = tl.arange(0, D)
-    k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
-    v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
-    ksum = tl.zeros([D], dtype=tl.float32)
-    vmax = tl.zeros([D], dtype=tl.float32)
-    for start in tl.static_range(0, S_MAX, BLOCK_L):
-        i = start + tl.arange(0, BLOCK_L)
-        offs_l = tl.where(i < S, (i * L) // S, L)  # L: a row past the end (masked)
-        mask = (offs_l < L)[:, None]
-        k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        if NORM_ROPE:
-            k = _norm_rope_tile(k, offs_l, L, off_b, kw_ptr, cos_ptr, sin_ptr, stride_cb, stride_cl, eps,
-                                D, ROUND, EXACT_BF16)  # fmt: skip
-        ksum += tl.sum(k, axis=0)
-        if WITH_V:
-            v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=mask, other=0.0)
-            vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), axis=0))
-    tl.store(kmean_ptr + pid_bh * D + offs_d, ksum / S)
+    i = pid_p * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_l = tl.where(i < S, (i * L) // S, L)  # L: a row past the end (masked)
+    mask = (offs_l < L)[:, None]
+    k = tl.load(k_ptr + off_b * stride_kb + off_h * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)  # fmt: skip
+    if NORM_ROPE:
+        k = _norm_rope_tile(k, offs_l, L, off_b, kw_ptr, cos_ptr, sin_ptr, stride_cb, stride_cl, eps,
+                            D, ROUND, EXACT_BF16)  # fmt: skip
+    part = (pid_bh * tl.num_programs(0) + pid_p) * D + offs_d
+    tl.store(kpart_ptr + part, tl.sum(k, axis=0))
     if WITH_V:
-        tl.store(vest_ptr + pid_bh * D + offs_d, vmax * V_HEADROOM)
+        v = tl.load(v_ptr + off_b * stride_vb + off_h * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :],
+                    mask=mask, other=0.0)  # fmt: skip
+        tl.store(vpart_ptr + part, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+
+
+@triton.jit
+def _estimates(kpart_ptr, vpart_ptr, bh, S, offs_d, NP: tl.constexpr, D: tl.constexpr, V_HEADROOM: tl.constexpr,
+               WITH_V: tl.constexpr):  # fmt: skip
+    """One head's K mean over the sample and V's channel |max| estimate (V_HEADROOM x the sample's, at least
+    1e-30) from ``_sample_kernel``'s NP parts."""
+    parts = (bh * NP + tl.arange(0, NP))[:, None] * D + offs_d[None, :]
+    kmean = tl.sum(tl.load(kpart_ptr + parts), axis=0) / S
+    vest = kmean
+    if WITH_V:
+        vest = tl.maximum(tl.max(tl.load(vpart_ptr + parts), axis=0) * V_HEADROOM, 1e-30)
+    return kmean, vest
 
 
 @triton.jit
@@ -160,10 +172,10 @@ def _store_v_block(v, v_amax, vt8_ptr, bh, Lp, offs_l, offs_d,
 
 @triton.jit
 def _quant_kernel(
-    q_ptr, k_ptr, v_ptr, kmean_ptr, vest_ptr, vblk_ptr,
+    q_ptr, k_ptr, v_ptr, kpart_ptr, vpart_ptr, vblk_ptr,
     q8_ptr, k8_ptr, vt8_ptr, qs_ptr, ks_ptr, vs_ptr,
     qw_ptr, kw_ptr, cos_ptr, sin_ptr, eps,
-    L, Lp, H, n_sblk, q_scale_mult,
+    L, Lp, H, n_sblk, q_scale_mult, S,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
@@ -171,11 +183,12 @@ def _quant_kernel(
     D: tl.constexpr, SCALE_BLOCK: tl.constexpr, WITH_V: tl.constexpr, QK_INT8: tl.constexpr,
     QK_MAX: tl.constexpr, EMULATE_CAST: tl.constexpr,
     NORM_ROPE: tl.constexpr, ROUND: tl.constexpr, EXACT_BF16: tl.constexpr, V_PERM16: tl.constexpr,
+    NP: tl.constexpr, V_HEADROOM: tl.constexpr, V_BLOCK_AMAX: tl.constexpr,
 ):  # fmt: skip
-    """One SCALE_BLOCK of tokens of one head: Q and smoothed K (minus ``kmean``) to fp8 with one scale each; V to
-    fp8 with the channel scale ``vest`` / 448 (the estimate; ``_v_fixup_kernel`` corrects it where V exceeds it),
-    stored transposed (block 0 also stores the V scales), and this block's V column |max| into ``vblk``. Rows
-    past L are written as zeros (padding)."""
+    """One SCALE_BLOCK of tokens of one head: Q and smoothed K (minus the sample's mean) to fp8 with one scale
+    each; V to fp8 with the channel scale estimate / 448 (``_estimates``; ``_v_fixup_kernel`` corrects it where V
+    exceeds it), stored transposed (block 0 also stores the V scales), and this block's V column |max| into
+    ``vblk``. Rows past L are written as zeros (padding)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -185,6 +198,7 @@ def _quant_kernel(
     offs_d = tl.arange(0, D)
     row_ok = (offs_l < L)[:, None]
     dst = bh * Lp * D + offs_l[:, None] * D + offs_d[None, :]
+    kmean, vest = _estimates(kpart_ptr, vpart_ptr, bh, S, offs_d, NP, D, V_HEADROOM, WITH_V)
 
     q = tl.load(q_ptr + off_b * stride_qb + off_h * stride_qh + offs_l[:, None] * stride_ql + offs_d[None, :],
                 mask=row_ok, other=0.0).to(tl.float32)  # fmt: skip
@@ -200,7 +214,7 @@ def _quant_kernel(
     if NORM_ROPE:
         k = _norm_rope_tile(k, offs_l, L, off_b, kw_ptr, cos_ptr, sin_ptr, stride_cb, stride_cl, eps,
                             D, ROUND, EXACT_BF16)  # fmt: skip
-    k = tl.where(row_ok, k - tl.load(kmean_ptr + pid_bh * D + offs_d)[None, :], 0.0)
+    k = tl.where(row_ok, k - kmean[None, :], 0.0)
     k_amax = tl.maximum(tl.max(tl.abs(k)), 1e-30)
     tl.store(k8_ptr + dst, _to_qk(k * (QK_MAX / k_amax), QK_INT8, EMULATE_CAST))
     tl.store(ks_ptr + pid_bh * n_sblk + pid_s, k_amax / QK_MAX)
@@ -208,19 +222,20 @@ def _quant_kernel(
     if WITH_V:
         v = tl.load(v_ptr + off_b * stride_vb + off_h * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :],
                     mask=row_ok, other=0.0).to(tl.float32)  # fmt: skip
-        tl.store(vblk_ptr + (bh * n_sblk + pid_s) * D + offs_d, tl.max(tl.abs(v), axis=0))
-        v_amax = tl.maximum(tl.load(vest_ptr + pid_bh * D + offs_d), 1e-30)
+        if V_BLOCK_AMAX:
+            tl.store(vblk_ptr + (bh * n_sblk + pid_s) * D + offs_d, tl.max(tl.abs(v), axis=0))
         if pid_s == 0:
-            tl.store(vs_ptr + pid_bh * D + offs_d, v_amax / 448.0)
-        _store_v_block(v, v_amax, vt8_ptr, bh, Lp, offs_l, offs_d, SCALE_BLOCK, D, EMULATE_CAST, V_PERM16)
+            tl.store(vs_ptr + pid_bh * D + offs_d, vest / 448.0)
+        _store_v_block(v, vest, vt8_ptr, bh, Lp, offs_l, offs_d, SCALE_BLOCK, D, EMULATE_CAST, V_PERM16)
 
 
 @triton.jit
 def _v_fixup_kernel(
-    v_ptr, vest_ptr, vblk_ptr, vt8_ptr, vs_ptr,
-    L, Lp, H, n_sblk,
+    v_ptr, kpart_ptr, vpart_ptr, vblk_ptr, vt8_ptr, vs_ptr,
+    L, Lp, H, n_sblk, S,
     stride_vb, stride_vh, stride_vl,
     D: tl.constexpr, SCALE_BLOCK: tl.constexpr, EMULATE_CAST: tl.constexpr, V_PERM16: tl.constexpr,
+    NP: tl.constexpr, V_HEADROOM: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     """One head: V's column |max| over all tokens (the quant kernel's block maxima). Where it exceeds the estimate
     the quant kernel cast with (a token more than V_HEADROOM times the sample's largest: saturated), re-cast the
@@ -229,10 +244,13 @@ def _v_fixup_kernel(
     pid_bh = tl.program_id(0)
     bh = pid_bh.to(tl.int64)
     offs_d = tl.arange(0, D)
-    est = tl.maximum(tl.load(vest_ptr + pid_bh * D + offs_d), 1e-30)
+    _kmean, est = _estimates(kpart_ptr, vpart_ptr, bh, S, offs_d, NP, D, V_HEADROOM, True)
     amax = tl.zeros([D], dtype=tl.float32)
-    for s in range(n_sblk):
-        amax = tl.maximum(amax, tl.load(vblk_ptr + (bh * n_sblk + s) * D + offs_d))
+    for s0 in range(0, n_sblk, BLOCK_S):
+        blk = s0 + tl.arange(0, BLOCK_S)
+        m = tl.load(vblk_ptr + (bh * n_sblk + blk)[:, None] * D + offs_d[None, :], mask=(blk < n_sblk)[:, None],
+                    other=0.0)  # fmt: skip
+        amax = tl.maximum(amax, tl.max(m, axis=0))
     if tl.max(amax - est) > 0:
         v_amax = tl.maximum(amax, est)
         tl.store(vs_ptr + pid_bh * D + offs_d, v_amax / 448.0)
@@ -490,16 +508,18 @@ def quantize_qkv(
     # (reports/fp8_attention/probe_prepass_time.md: the exact statistics cost a pass of their own, 40 % of the
     # pre-pass at L = 4608)
     n_sample = min(L, SAMPLE)
-    kmean = torch.empty(B * H, D, device=dev, dtype=torch.float32)
-    vest = torch.empty_like(kmean) if with_v else kmean
+    n_parts = SAMPLE // SAMPLE_BLOCK
+    kpart = torch.empty(B * H, n_parts, D, device=dev, dtype=torch.float32)
+    vpart = torch.empty_like(kpart) if with_v else kpart
     fused = norm_rope is not None
     stride_cb, stride_cl = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1)) if fused else (0, 0)
     rope_meta = dict(NORM_ROPE=fused, ROUND=_ROUND[q.dtype], EXACT_BF16=_INTERPRET)
-    _sample_kernel[(B * H,)](
-        k, v, kmean, vest, kw, cos, sin, eps, L, n_sample, H,
+    _sample_kernel[(n_parts, B * H)](
+        k, v, kpart, vpart, kw, cos, sin, eps, L, n_sample, H,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), stride_cb, stride_cl,
-        D=D, S_MAX=SAMPLE, BLOCK_L=64, WITH_V=with_v, V_HEADROOM=V_HEADROOM, num_warps=4, **rope_meta,
+        D=D, BLOCK_L=SAMPLE_BLOCK, WITH_V=with_v, num_warps=4, **rope_meta,
     )  # fmt: skip
+    est_meta = dict(NP=n_parts, V_HEADROOM=V_HEADROOM)
 
     out = {
         "q8": torch.empty(B, H, Lp, D, device=dev, dtype=qk_dtype),
@@ -515,23 +535,25 @@ def quantize_qkv(
         out["vs"] = torch.empty(B, H, D, device=dev, dtype=torch.float32)
     vt8 = out.get(vt_key, out["k8"])
     vs = out.get("vs", out["qs"])
-    vblk = torch.empty(B * H, n_sblk, D, device=dev, dtype=torch.float32) if with_v else kmean
+    vblk = torch.empty(B * H, n_sblk, D, device=dev, dtype=torch.float32) if with_v else kpart
     _quant_kernel[(n_sblk, B * H)](
-        q, k, v, kmean, vest, vblk,
+        q, k, v, kpart, vpart, vblk,
         out["q8"], out["k8"], vt8, out["qs"], out["ks"], vs,
         qw, kw, cos, sin, eps,
-        L, Lp, H, n_sblk, sm_scale * LOG2E,
+        L, Lp, H, n_sblk, sm_scale * LOG2E, n_sample,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         stride_cb, stride_cl,
         D=D, SCALE_BLOCK=scale_block, WITH_V=with_v, QK_INT8=qk == "int8", QK_MAX=QK_RANGE[qk],
-        EMULATE_CAST=emulate, V_PERM16=v_perm16, num_warps=PREPASS_WARPS[scale_block], **rope_meta,
+        EMULATE_CAST=emulate, V_PERM16=v_perm16, num_warps=PREPASS_WARPS[scale_block], **rope_meta, **est_meta,
+        V_BLOCK_AMAX=_V_BLOCK_AMAX,
     )  # fmt: skip
     if with_v:
         _v_fixup_kernel[(B * H,)](
-            v, vest, vblk, vt8, vs, L, Lp, H, n_sblk, v.stride(0), v.stride(1), v.stride(2),
-            D=D, SCALE_BLOCK=scale_block, EMULATE_CAST=emulate, V_PERM16=v_perm16, num_warps=PREPASS_WARPS[scale_block],
+            v, kpart, vpart, vblk, vt8, vs, L, Lp, H, n_sblk, n_sample, v.stride(0), v.stride(1), v.stride(2),
+            D=D, SCALE_BLOCK=scale_block, EMULATE_CAST=emulate, V_PERM16=v_perm16, BLOCK_S=32,
+            num_warps=PREPASS_WARPS[scale_block], **est_meta,
         )  # fmt: skip
     return out
 
