@@ -12,6 +12,13 @@ four launches: stats, two torch reductions, quant); do_bench 0.17-0.22 ms, the r
 quant ~0.09 ms, each reduction < 0.01 ms. If so, a pre-pass that reads K and V once (no stats pass) saves
 ~0.05 ms of GPU time at L = 4608, and fewer launches save host time only.
 
+Run 1 confirmed it (GPU 0.156 ms: quant 83 us, stats 59 us at 1.9 TB/s, reductions 5.5 us; do_bench 0.232 with
+264 us of host time per call). Run 2, after the pre-pass became one read (session 17): 0.123 ms, but the sample
+kernel (one program per head) took 18.5 us and the fixup's serial reduction 6 us (18 us at L = 16896), and the
+quant kernel 95 us (83 in run 1). Expectation for run 3 (written before it), with the sample split over 4
+programs per head and the fixup's reduction vectorized: sample 3-5 us, fixup 3-5 us, pre-pass 0.10-0.11 ms of
+GPU time at L = 4608; the quant kernel without its V block maxima (timing only) 0-10 % faster than with them.
+
     python3 reports/fp8_attention/probe_prepass_time.py --out $OUT/probe_prepass_time_run1.json
     python3 reports/fp8_attention/probe_prepass_time.py --render reports/fp8_attention/probe_prepass_time_run1.json
 """
