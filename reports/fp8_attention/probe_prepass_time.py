@@ -22,7 +22,10 @@ Run 3: sample 7.4 us, fixup 5.4 us (11 at L = 16896), pre-pass 0.116 ms; the qua
 maxima (a column reduction across the warps) and 89 without: the check cost 12 % (8 % at 16896). Expectation for
 run 4 (written before it), with the check as an atomic max per V element above its channel's estimate (none in
 the usual case: predicated off) and Q, K, V loaded before the estimates: quant kernel 83-90 us at L = 4608, the
-check <= 3 % of it; fixup ~3 us (one 512-byte read per head); pre-pass 0.100-0.105 ms.
+check <= 3 % of it; fixup ~3 us (one 512-byte read per head); pre-pass 0.100-0.105 ms. Run 4: the fixup 1.6 us
+as expected, but the check cost more, not less: 109 us against 92 without it (18 %; 16 % at L = 16896). Not
+profiled; the likely cause is a layout conversion of the whole V tile for the per-element atomics. The library
+went back to the column reduction, with the atomic only on the reduced vector (one per channel that overflows).
 
     python3 reports/fp8_attention/probe_prepass_time.py --out $OUT/probe_prepass_time_run1.json
     python3 reports/fp8_attention/probe_prepass_time.py --render reports/fp8_attention/probe_prepass_time_run1.json
