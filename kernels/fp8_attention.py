@@ -61,7 +61,7 @@ V_PERM16 = tuple(((c >> 1) & 3) * 4 + ((c >> 3) & 1) * 2 + (c & 1) for c in rang
 SAMPLE = 256
 SAMPLE_BLOCK = 64  # sampled tokens per _sample_kernel program
 V_HEADROOM = 64.0
-_V_CHECK = True  # timing probes only: False skips the quant kernel's V overflow check (a saturated V stays so)
+_V_CHECK = True  # timing probes only: False skips the quant kernel's V block maxima (the fixup then reads garbage)
 PAD = 128  # quantized copies are padded to a multiple of this many tokens (>= every block size)
 # fp8 P·V: half of each tile's exp2 on the FMA pipe (`_exp2_fma`); FLUX2_ATTN_EXP2_SPLIT=1 turns it on.
 # Off: measured slower on the H100 (reports/fp8_attention/exp2_split.md) because this kernel is
@@ -111,7 +111,7 @@ def _norm_rope_tile(x, offs_l, L, off_b, w_ptr, cos_ptr, sin_ptr, stride_cb, str
 
 @triton.jit
 def _sample_kernel(
-    k_ptr, v_ptr, kpart_ptr, vpart_ptr, vover_ptr,
+    k_ptr, v_ptr, kpart_ptr, vpart_ptr,
     kw_ptr, cos_ptr, sin_ptr, eps,
     L, S,
     H,
@@ -122,8 +122,8 @@ def _sample_kernel(
     NORM_ROPE: tl.constexpr, ROUND: tl.constexpr, EXACT_BF16: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_L of one head's S sampled tokens (token i * L // S for i < S, ``sample_tokens``): their K column sum
-    and V column |max| into part [(b*H+h), program, D] (``_estimates`` combines the parts); zeroes the head's
-    ``vover``. NORM_ROPE: K is taken before QK-norm and RoPE, applied here."""
+    and V column |max| into part [(b*H+h), program, D] (``_estimates`` combines the parts). NORM_ROPE: K is
+    taken before QK-norm and RoPE, applied here."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -139,8 +139,6 @@ def _sample_kernel(
                             D, ROUND, EXACT_BF16)  # fmt: skip
     part = (pid_bh * tl.num_programs(0) + pid_p) * D + offs_d
     tl.store(kpart_ptr + part, tl.sum(k, axis=0))
-    if WITH_V and pid_p == 0:  # the quant kernel's V overflow maxima start at 0
-        tl.store(vover_ptr + pid_bh * D + offs_d, tl.zeros([D], dtype=tl.int32))
     if WITH_V:
         v = tl.load(v_ptr + off_b * stride_vb + off_h * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :],
                     mask=mask, other=0.0)  # fmt: skip
@@ -174,7 +172,7 @@ def _store_v_block(v, v_amax, vt8_ptr, bh, Lp, offs_l, offs_d,
 
 @triton.jit
 def _quant_kernel(
-    q_ptr, k_ptr, v_ptr, kpart_ptr, vpart_ptr, vover_ptr,
+    q_ptr, k_ptr, v_ptr, kpart_ptr, vpart_ptr, vblk_ptr,
     q8_ptr, k8_ptr, vt8_ptr, qs_ptr, ks_ptr, vs_ptr,
     qw_ptr, kw_ptr, cos_ptr, sin_ptr, eps,
     L, Lp, H, n_sblk, q_scale_mult, S,
@@ -185,14 +183,12 @@ def _quant_kernel(
     D: tl.constexpr, SCALE_BLOCK: tl.constexpr, WITH_V: tl.constexpr, QK_INT8: tl.constexpr,
     QK_MAX: tl.constexpr, EMULATE_CAST: tl.constexpr,
     NORM_ROPE: tl.constexpr, ROUND: tl.constexpr, EXACT_BF16: tl.constexpr, V_PERM16: tl.constexpr,
-    NP: tl.constexpr, V_HEADROOM: tl.constexpr, V_CHECK: tl.constexpr,
+    NP: tl.constexpr, V_HEADROOM: tl.constexpr, V_BLOCK_AMAX: tl.constexpr,
 ):  # fmt: skip
     """One SCALE_BLOCK of tokens of one head: Q and smoothed K (minus the sample's mean) to fp8 with one scale
-    each; V to fp8 with the channel scale estimate / 448 (``_estimates``), stored transposed (block 0 also stores
-    the V scales). Where a V channel's |max| over the block exceeds the estimate (its cast saturated), it is max-ed
-    into ``vover`` (fp32 bits as int32; an atomic per such channel, none in the usual case) for
-    ``_v_fixup_kernel``. Rows past L are
-    written as zeros (padding). Q, K and V are loaded first, so that their loads are in flight together."""
+    each; V to fp8 with the channel scale estimate / 448 (``_estimates``; ``_v_fixup_kernel`` corrects it where V
+    exceeds it), stored transposed (block 0 also stores the V scales), and this block's V column |max| into
+    ``vblk``. Rows past L are written as zeros (padding)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -202,17 +198,10 @@ def _quant_kernel(
     offs_d = tl.arange(0, D)
     row_ok = (offs_l < L)[:, None]
     dst = bh * Lp * D + offs_l[:, None] * D + offs_d[None, :]
-
-    q = tl.load(q_ptr + off_b * stride_qb + off_h * stride_qh + offs_l[:, None] * stride_ql + offs_d[None, :],
-                mask=row_ok, other=0.0)  # fmt: skip
-    k = tl.load(k_ptr + off_b * stride_kb + off_h * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :],
-                mask=row_ok, other=0.0)  # fmt: skip
-    if WITH_V:
-        v = tl.load(v_ptr + off_b * stride_vb + off_h * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :],
-                    mask=row_ok, other=0.0)  # fmt: skip
     kmean, vest = _estimates(kpart_ptr, vpart_ptr, bh, S, offs_d, NP, D, V_HEADROOM, WITH_V)
 
-    q = q.to(tl.float32)
+    q = tl.load(q_ptr + off_b * stride_qb + off_h * stride_qh + offs_l[:, None] * stride_ql + offs_d[None, :],
+                mask=row_ok, other=0.0).to(tl.float32)  # fmt: skip
     if NORM_ROPE:
         q = _norm_rope_tile(q, offs_l, L, off_b, qw_ptr, cos_ptr, sin_ptr, stride_cb, stride_cl, eps,
                             D, ROUND, EXACT_BF16)  # fmt: skip
@@ -220,7 +209,8 @@ def _quant_kernel(
     tl.store(q8_ptr + dst, _to_qk(q * (QK_MAX / q_amax), QK_INT8, EMULATE_CAST))
     tl.store(qs_ptr + pid_bh * n_sblk + pid_s, q_amax / QK_MAX * q_scale_mult)
 
-    k = k.to(tl.float32)
+    k = tl.load(k_ptr + off_b * stride_kb + off_h * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :],
+                mask=row_ok, other=0.0).to(tl.float32)  # fmt: skip
     if NORM_ROPE:
         k = _norm_rope_tile(k, offs_l, L, off_b, kw_ptr, cos_ptr, sin_ptr, stride_cb, stride_cl, eps,
                             D, ROUND, EXACT_BF16)  # fmt: skip
@@ -230,11 +220,10 @@ def _quant_kernel(
     tl.store(ks_ptr + pid_bh * n_sblk + pid_s, k_amax / QK_MAX)
 
     if WITH_V:
-        v = v.to(tl.float32)
-        if V_CHECK:  # (probe_prepass_time runs 3-4: 12 % of this kernel; per element atomics cost 18 %)
-            col_max = tl.max(tl.abs(v), axis=0)
-            tl.atomic_max(vover_ptr + pid_bh * D + offs_d, col_max.to(tl.int32, bitcast=True), mask=col_max > vest,
-                          sem="relaxed")  # fmt: skip
+        v = tl.load(v_ptr + off_b * stride_vb + off_h * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :],
+                    mask=row_ok, other=0.0).to(tl.float32)  # fmt: skip
+        if V_BLOCK_AMAX:  # 12 % of this kernel (probe_prepass_time run 3); per-element atomics instead: 18 % (run 4)
+            tl.store(vblk_ptr + (bh * n_sblk + pid_s) * D + offs_d, tl.max(tl.abs(v), axis=0))
         if pid_s == 0:
             tl.store(vs_ptr + pid_bh * D + offs_d, vest / 448.0)
         _store_v_block(v, vest, vt8_ptr, bh, Lp, offs_l, offs_d, SCALE_BLOCK, D, EMULATE_CAST, V_PERM16)
@@ -242,23 +231,28 @@ def _quant_kernel(
 
 @triton.jit
 def _v_fixup_kernel(
-    v_ptr, kpart_ptr, vpart_ptr, vover_ptr, vt8_ptr, vs_ptr,
+    v_ptr, kpart_ptr, vpart_ptr, vblk_ptr, vt8_ptr, vs_ptr,
     L, Lp, H, n_sblk, S,
     stride_vb, stride_vh, stride_vl,
     D: tl.constexpr, SCALE_BLOCK: tl.constexpr, EMULATE_CAST: tl.constexpr, V_PERM16: tl.constexpr,
-    NP: tl.constexpr, V_HEADROOM: tl.constexpr,
+    NP: tl.constexpr, V_HEADROOM: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """One head: if any V channel exceeded its estimate (``vover`` > 0: a token more than V_HEADROOM times the
-    sample's largest, whose cast saturated), re-cast the head's V with the channel scale max(estimate, ``vover``)
-    / 448, which is max(estimate, the channel's |max|) / 448. Otherwise
-    (the usual case) return: the head's V was read once."""
+    """One head: V's column |max| over all tokens (the quant kernel's block maxima). Where it exceeds the estimate
+    the quant kernel cast with (a token more than V_HEADROOM times the sample's largest: saturated), re-cast the
+    head's V with the channel scale max(estimate, |max|) / 448. Otherwise (the usual case) return: the head's
+    V was read once."""
     pid_bh = tl.program_id(0)
     bh = pid_bh.to(tl.int64)
     offs_d = tl.arange(0, D)
-    over = tl.load(vover_ptr + pid_bh * D + offs_d).to(tl.float32, bitcast=True)
-    if tl.max(over) > 0:
-        _kmean, est = _estimates(kpart_ptr, vpart_ptr, bh, S, offs_d, NP, D, V_HEADROOM, True)
-        v_amax = tl.maximum(over, est)
+    _kmean, est = _estimates(kpart_ptr, vpart_ptr, bh, S, offs_d, NP, D, V_HEADROOM, True)
+    amax = tl.zeros([D], dtype=tl.float32)
+    for s0 in range(0, n_sblk, BLOCK_S):
+        blk = s0 + tl.arange(0, BLOCK_S)
+        m = tl.load(vblk_ptr + (bh * n_sblk + blk)[:, None] * D + offs_d[None, :], mask=(blk < n_sblk)[:, None],
+                    other=0.0)  # fmt: skip
+        amax = tl.maximum(amax, tl.max(m, axis=0))
+    if tl.max(amax - est) > 0:
+        v_amax = tl.maximum(amax, est)
         tl.store(vs_ptr + pid_bh * D + offs_d, v_amax / 448.0)
         v_base = v_ptr + (pid_bh // H).to(tl.int64) * stride_vb + (pid_bh % H).to(tl.int64) * stride_vh
         for s in range(n_sblk):
@@ -520,9 +514,8 @@ def quantize_qkv(
     fused = norm_rope is not None
     stride_cb, stride_cl = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1)) if fused else (0, 0)
     rope_meta = dict(NORM_ROPE=fused, ROUND=_ROUND[q.dtype], EXACT_BF16=_INTERPRET)
-    vover = torch.empty(B * H, D, device=dev, dtype=torch.int32) if with_v else kpart
     _sample_kernel[(n_parts, B * H)](
-        k, v, kpart, vpart, vover, kw, cos, sin, eps, L, n_sample, H,
+        k, v, kpart, vpart, kw, cos, sin, eps, L, n_sample, H,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), stride_cb, stride_cl,
         D=D, BLOCK_L=SAMPLE_BLOCK, WITH_V=with_v, num_warps=4, **rope_meta,
     )  # fmt: skip
@@ -542,8 +535,9 @@ def quantize_qkv(
         out["vs"] = torch.empty(B, H, D, device=dev, dtype=torch.float32)
     vt8 = out.get(vt_key, out["k8"])
     vs = out.get("vs", out["qs"])
+    vblk = torch.empty(B * H, n_sblk, D, device=dev, dtype=torch.float32) if with_v else kpart
     _quant_kernel[(n_sblk, B * H)](
-        q, k, v, kpart, vpart, vover,
+        q, k, v, kpart, vpart, vblk,
         out["q8"], out["k8"], vt8, out["qs"], out["ks"], vs,
         qw, kw, cos, sin, eps,
         L, Lp, H, n_sblk, sm_scale * LOG2E, n_sample,
@@ -553,12 +547,12 @@ def quantize_qkv(
         stride_cb, stride_cl,
         D=D, SCALE_BLOCK=scale_block, WITH_V=with_v, QK_INT8=qk == "int8", QK_MAX=QK_RANGE[qk],
         EMULATE_CAST=emulate, V_PERM16=v_perm16, num_warps=PREPASS_WARPS[scale_block], **rope_meta, **est_meta,
-        V_CHECK=_V_CHECK,
+        V_BLOCK_AMAX=_V_CHECK,
     )  # fmt: skip
     if with_v:
         _v_fixup_kernel[(B * H,)](
-            v, kpart, vpart, vover, vt8, vs, L, Lp, H, n_sblk, n_sample, v.stride(0), v.stride(1), v.stride(2),
-            D=D, SCALE_BLOCK=scale_block, EMULATE_CAST=emulate, V_PERM16=v_perm16,
+            v, kpart, vpart, vblk, vt8, vs, L, Lp, H, n_sblk, n_sample, v.stride(0), v.stride(1), v.stride(2),
+            D=D, SCALE_BLOCK=scale_block, EMULATE_CAST=emulate, V_PERM16=v_perm16, BLOCK_S=128,
             num_warps=PREPASS_WARPS[scale_block], **est_meta,
         )  # fmt: skip
     return out

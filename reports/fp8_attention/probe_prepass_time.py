@@ -25,7 +25,9 @@ the usual case: predicated off) and Q, K, V loaded before the estimates: quant k
 check <= 3 % of it; fixup ~3 us (one 512-byte read per head); pre-pass 0.100-0.105 ms. Run 4: the fixup 1.6 us
 as expected, but the check cost more, not less: 109 us against 92 without it (18 %; 16 % at L = 16896). Not
 profiled; the likely cause is a layout conversion of the whole V tile for the per-element atomics. The library
-went back to the column reduction, with the atomic only on the reduced vector (one per channel that overflows).
+went back to the column reduction, with the atomic only on the reduced vector (one per channel that overflows);
+a one-off profile of that (device log only, no JSON) gave 111.6 us, so the library returned to run 3's kernels
+(block maxima stored, the fixup reduces them), with the fixup reading 128 blocks per step.
 
     python3 reports/fp8_attention/probe_prepass_time.py --out $OUT/probe_prepass_time_run1.json
     python3 reports/fp8_attention/probe_prepass_time.py --render reports/fp8_attention/probe_prepass_time_run1.json
