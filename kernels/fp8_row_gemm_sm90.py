@@ -122,7 +122,6 @@ if gluon is not None:
         M, N, K, stride_asm, stride_bsn, stride_rm, stride_gn,
         HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
         PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, SUBTILE: gl.constexpr, STORE: gl.constexpr,
-        STAGGER: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup. Cooperative: rows [WG * 64, WG * 64 + 64) of every tile of the program (its own
         64-row A box in each slot). Ping-pong: all 128 rows of every other tile of the program (WG 0 the
@@ -136,11 +135,7 @@ if gluon is not None:
         the producer, where the parity wait cannot tell the awaited phase from one two laps earlier: it read
         slots before their data arrived (probe_row_ws run 1: launch failures; wrong results under
         compute-sanitizer). With it, a consumer starts a tile only after every earlier step was waited for, so
-        the slot it waits on is at most one phase from the awaited one.
-
-        ``STAGGER`` (cooperative): consumer 1 starts STAGGER K steps after consumer 0 (``turn[0]``, unused by the
-        cooperative schedule otherwise) and the offset persists, so that one consumer's epilogue runs while the
-        other still issues wgmmas, at the price of STAGGER ring slots of prefetch."""
+        the slot it waits on is at most one phase from the awaited one."""
         NUM_STAGES: gl.constexpr = b_smem.shape[0]
         BOXES: gl.constexpr = a_smem.shape[0] // NUM_STAGES  # A boxes per slot: 2 cooperative, 1 ping-pong
         BM: gl.constexpr = a_smem.shape[1]  # this consumer's rows
@@ -176,10 +171,6 @@ if gluon is not None:
             it = 0
             box = WG
             row0 = WG * BM
-        if STAGGER > 0:
-            gl.static_assert(not PINGPONG)
-            if WG == 1:
-                mbarrier.wait(turn.index(0), 0)  # consumer 0 has issued its first STAGGER steps
         for tile_id in range(first, num_pid_m * num_pid_n, stride):
             pid_m, pid_n = _block._tile_pids(tile_id, num_pid_m, num_pid_n, GROUP)
             off_m = pid_m * BM_TILE + row0
@@ -205,9 +196,6 @@ if gluon is not None:
                 # the wgmma of step j - 1 has retired: its slot may be refilled
                 mbarrier.arrive(empty.index((it + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=j > 0)
                 it += 1
-                if STAGGER > 0:  # noqa: SIM102 (constexpr branches, kept apart)
-                    if WG == 0:  # release consumer 1 once (a first tile shorter than STAGGER: at its end)
-                        mbarrier.arrive(turn.index(0), count=1, pred=it == gl.minimum(STAGGER, k_tiles))
             if PINGPONG:  # every wgmma of this tile issued: the other consumer's turn
                 mbarrier.arrive(turn.index(1 - WG), count=1)
                 n += 1
@@ -267,7 +255,6 @@ if gluon is not None:
         PREFETCH: gl.constexpr,
         SUBTILE: gl.constexpr,
         STORE: gl.constexpr,
-        STAGGER: gl.constexpr,
         num_warps: gl.constexpr,
     ):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -299,10 +286,10 @@ if gluon is not None:
             [
             (_row_consumer, (a_smem, b_smem, c_smem, ready, empty, turn, out_desc, a_scale_ptr, b_scale_ptr, res_ptr,
                              gate_ptr, M, N, K, stride_asm, stride_bsn, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE,
-                             GROUP, WG0, PINGPONG, PREFETCH, SUBTILE, STORE, STAGGER)),
+                             GROUP, WG0, PINGPONG, PREFETCH, SUBTILE, STORE)),
             (_row_consumer, (a_smem, b_smem, c_smem, ready, empty, turn, out_desc, a_scale_ptr, b_scale_ptr, res_ptr,
                              gate_ptr, M, N, K, stride_asm, stride_bsn, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE,
-                             GROUP, WG1, PINGPONG, PREFETCH, SUBTILE, STORE, STAGGER)),
+                             GROUP, WG1, PINGPONG, PREFETCH, SUBTILE, STORE)),
             (_block._ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),
             ],
             [4, 1],
@@ -360,7 +347,6 @@ def fp8_row_gemm_sm90(
     pingpong: bool = False,
     prefetch_scales: bool = False,
     epilogue_subtile: bool = False,
-    stagger: int = 0,
     _store: bool = True,
 ) -> torch.Tensor:
     """``residual + gate * (a_scale * b_scale * (a @ b.T))`` on Hopper with per-row / per-tensor scales (module
@@ -371,9 +357,8 @@ def fp8_row_gemm_sm90(
     ring (2-8, within sm_90's 227 KB of shared memory: ``smem_bytes``). ``prefetch_scales``: load each tile's
     scales before its K loop instead of in the epilogue. ``epilogue_subtile`` (cooperative only): store each
     consumer's 64 x ``block_n`` tile in two halves through one half-size buffer, which frees the shared memory
-    of a fourth ring stage at ``block_n=256``. ``stagger`` (cooperative only, 0 to ``num_stages - 2``): the second
-    consumer runs that many K steps behind the first (``_row_consumer``). ``_store=False`` is for timing probes: the
-    output is left unwritten."""
+    of a fourth ring stage at ``block_n=256``. ``_store=False`` is for timing probes: the output is left
+    unwritten."""
     _check_fp8_operands(a, b, out_dtype)
     if out_dtype not in _OUT_GL:
         raise ValueError(f"fp8_row_gemm_sm90 writes bf16 or fp16 (TMA store), got out_dtype={out_dtype}")
@@ -397,10 +382,6 @@ def fp8_row_gemm_sm90(
         raise ValueError("epilogue_subtile is for the cooperative schedule (pingpong=False)")
     if not 2 <= num_stages <= 8:
         raise ValueError(f"num_stages must be in 2..8, got {num_stages}")
-    if stagger and pingpong:
-        raise ValueError("stagger is for the cooperative schedule (pingpong=False)")
-    if not 0 <= stagger <= num_stages - 2:
-        raise ValueError(f"stagger must be in 0..num_stages - 2 = {num_stages - 2}, got {stagger}")
     smem = smem_bytes(num_stages, block_n, pingpong, subtile=epilogue_subtile, prefetch=prefetch_scales)
     if smem > SMEM_BYTES:
         raise ValueError(f"num_stages={num_stages} with block_n={block_n}{' (ping-pong)' if pingpong else ''} needs "
@@ -419,17 +400,17 @@ def fp8_row_gemm_sm90(
     res = residual if residual is not None else out
     g = gate.reshape(-1) if gate is not None else out.view(-1)
     return _launch(a, b, a_scale, b_scale, out, res, g, s_am, s_bn, residual is not None, gate is not None,
-                   block_n, num_stages, pingpong, prefetch_scales, epilogue_subtile, _store, stagger)  # fmt: skip
+                   block_n, num_stages, pingpong, prefetch_scales, epilogue_subtile, _store)  # fmt: skip
 
 
 def _launch(a, b, a_scale, b_scale, out, res, g, s_am, s_bn, has_res, has_gate, block_n, num_stages, pingpong,
-            prefetch=False, subtile=False, store=True, stagger=0):  # fmt: skip
+            prefetch=False, subtile=False, store=True):  # fmt: skip
     M, K = a.shape
     N = b.shape[0]
     ints = (M, N, K, s_am, s_bn, res.stride(0), g.stride(0))
     consts = dict(HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=GROUP_M,
                   PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, PINGPONG=pingpong, PREFETCH=prefetch,
-                  SUBTILE=subtile, STORE=store, STAGGER=stagger)  # fmt: skip
+                  SUBTILE=subtile, STORE=store)  # fmt: skip
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     # everything the launch specializes on: integer values (Triton specializes on 1 and on 16-divisibility),
     # the pointers' 16-byte alignment, dtypes, the descriptors' shapes and row strides, the constexprs

@@ -48,10 +48,6 @@ def test_rejects_bad_arguments():
         R.fp8_row_gemm_sm90(a, b, sa, sb, pingpong=True, block_n=128, epilogue_subtile=True)
     with pytest.raises(ValueError, match="num_stages must be in 2..8"):
         R.fp8_row_gemm_sm90(a, b, sa, sb, num_stages=1)
-    with pytest.raises(ValueError, match=r"stagger must be in 0..num_stages - 2 = 2"):
-        R.fp8_row_gemm_sm90(a, b, sa, sb, num_stages=4, stagger=3)
-    with pytest.raises(ValueError, match="stagger is for the cooperative schedule"):
-        R.fp8_row_gemm_sm90(a, b, sa, sb, pingpong=True, block_n=128, stagger=1)
     with pytest.raises(ValueError, match="shared memory"):
         R.fp8_row_gemm_sm90(a, b, sa, sb, block_n=256, num_stages=4)
     with pytest.raises(ValueError, match="shared memory"):
@@ -105,12 +101,6 @@ SCHEDULES = {
     "coop_bn256_s3_pre": dict(block_n=256, num_stages=3, prefetch_scales=True),
     "coop_bn256_s4_sub_pre": dict(block_n=256, num_stages=4, epilogue_subtile=True, prefetch_scales=True),
     "coop_bn128_s6_sub": dict(block_n=128, num_stages=6, epilogue_subtile=True),
-    # consumer 1 one / two K steps behind consumer 0 (K = 784 and 1040: 7 and 9 steps; (40, 384, 640): consumer 1
-    # has no valid row but must still be released)
-    "coop_bn256_s4_sub_pre_stagger1": dict(
-        block_n=256, num_stages=4, epilogue_subtile=True, prefetch_scales=True, stagger=1
-    ),
-    "coop_bn128_s6_stagger2": dict(block_n=128, num_stages=6, stagger=2),
     "pingpong_s5": dict(pingpong=True, block_n=128, num_stages=5),
     "pingpong_s2": dict(pingpong=True, block_n=128, num_stages=2),
 }

@@ -56,15 +56,7 @@ def dump_and_report(ck, d: Path, tag: str, expected_smem: int) -> str:
 
 
 def compile_cfg(
-    block_n: int,
-    stages: int,
-    pingpong: bool,
-    res: bool,
-    gate: bool,
-    prefetch=False,
-    subtile=False,
-    store=True,
-    stagger=0,
+    block_n: int, stages: int, pingpong: bool, res: bool, gate: bool, prefetch=False, subtile=False, store=True
 ):
     rows = 128 if pingpong else 64
     part = block_n // 2 if subtile else block_n
@@ -86,7 +78,7 @@ def compile_cfg(
     }
     const = dict(HAS_RESIDUAL=res, HAS_GATE=gate, NUM_STAGES=stages, GROUP=R.GROUP_M, PRODUCER_REGS=R.PRODUCER_REGS,
                  CONSUMER_REGS=R.CONSUMER_REGS, PINGPONG=pingpong, PREFETCH=prefetch, SUBTILE=subtile,
-                 STORE=store, STAGGER=stagger, num_warps=4)  # fmt: skip
+                 STORE=store, num_warps=4)  # fmt: skip
     for c in const:
         sig[c] = "constexpr"
     names = list(sig)
@@ -107,17 +99,14 @@ def main():
             (128, 5, True, False, False, False, False), (128, 5, True, True, True, False, False),
             (128, 6, False, False, False, False, False), (256, 3, False, False, False, True, False),
             (256, 4, False, False, False, True, True), (256, 4, False, True, True, True, True),
-            (256, 4, False, False, False, False, True), (256, 4, False, False, False, True, True, 1),
-            (256, 4, False, True, True, True, True, 2)]  # fmt: skip
-    for block_n, stages, pp, res, gate, pre, sub, *stagger in cfgs:
-        stagger = stagger[0] if stagger else 0
+            (256, 4, False, False, False, False, True)]  # fmt: skip
+    for block_n, stages, pp, res, gate, pre, sub in cfgs:
         epi = f"{'res' if res else 'nores'}_{'gate' if gate else 'nogate'}"
         tag = f"{'pp' if pp else 'coop'}_bn{block_n}_s{stages}_{epi}{'_pre' if pre else ''}{'_sub' if sub else ''}"
-        tag += f"_stagger{stagger}" if stagger else ""
         if args.match and args.match not in tag:
             continue
         try:
-            ck = compile_cfg(block_n, stages, pp, res, gate, pre, sub, stagger=stagger)
+            ck = compile_cfg(block_n, stages, pp, res, gate, pre, sub)
         except Exception as e:  # noqa: BLE001 (report every config)
             print(f"== {tag}: COMPILE FAILED {type(e).__name__}: {str(e)[:3000]}")
             continue
