@@ -78,7 +78,6 @@ import triton
 
 from flux2_bench.kernels import fp8_block_gemm_sm90 as _block
 from flux2_bench.kernels.fp8_attention import P_SHIFT as _P_SHIFT
-from flux2_bench.kernels.fp8_matmul import _rebased
 
 gluon, gl = _block.gluon, _block.gl
 if gluon is not None:
@@ -549,23 +548,17 @@ def fp8_attention_sm90(
     index = v.device.index if v.device.index is not None else torch.cuda.current_device()
     key = (index, q8.dtype, out.dtype, D, block_n, grid, *ints, *consts.values(),
            *(t.data_ptr() % 16 == 0 for t in (quant["qs"], quant["ks"], quant["vs"], out)))  # fmt: skip
-    hit = _LAUNCHERS.get(key) if FAST_LAUNCH else None
-    if hit is not None:
-        runner, q_desc, k_desc, v_desc, tail = hit
-        runner(_rebased(q_desc, q2), _rebased(k_desc, k2), _rebased(v_desc, v2), quant["qs"], quant["ks"],
-               quant["vs"], out, *ints, *tail)  # fmt: skip
-        return out
-    q_desc = TensorDescriptor(q2, list(q2.shape), [D, 1], [CONSUMER_ROWS, D],
-                              gl.NVMMASharedLayout.get_default_for([CONSUMER_ROWS, D], qk_gl))  # fmt: skip
-    k_desc = TensorDescriptor(k2, list(k2.shape), [D, 1], [block_n, D],
-                              gl.NVMMASharedLayout.get_default_for([block_n, D], qk_gl))  # fmt: skip
-    v_desc = TensorDescriptor(v2, list(v2.shape), [Lp, 1], [D, block_n],
-                              gl.NVMMASharedLayout.get_default_for([D, block_n], gl.float8e4nv))  # fmt: skip
-    compiled = _fp8_attention_sm90_kernel[grid](
-        q_desc, k_desc, v_desc, quant["qs"], quant["ks"], quant["vs"], out, *ints, **consts, num_warps=4,
-        maxnreg=WS_REGS[consumers][0],
-    )  # fmt: skip
-    if FAST_LAUNCH:
-        _block.cache_launcher(_LAUNCHERS, key, _fp8_attention_sm90_kernel, compiled, grid, 7 + len(ints), consts,
-                              (q_desc, k_desc, v_desc))  # fmt: skip
+
+    def make():
+        q_desc = TensorDescriptor(q2, list(q2.shape), [D, 1], [CONSUMER_ROWS, D],
+                                  gl.NVMMASharedLayout.get_default_for([CONSUMER_ROWS, D], qk_gl))  # fmt: skip
+        k_desc = TensorDescriptor(k2, list(k2.shape), [D, 1], [block_n, D],
+                                  gl.NVMMASharedLayout.get_default_for([block_n, D], qk_gl))  # fmt: skip
+        v_desc = TensorDescriptor(v2, list(v2.shape), [Lp, 1], [D, block_n],
+                                  gl.NVMMASharedLayout.get_default_for([D, block_n], gl.float8e4nv))  # fmt: skip
+        return grid, (q_desc, k_desc, v_desc)
+
+    _block.launch_cached(_LAUNCHERS, key, FAST_LAUNCH, _fp8_attention_sm90_kernel, (q2, k2, v2),
+                         (quant["qs"], quant["ks"], quant["vs"], out, *ints), make, consts, num_warps=4,
+                         maxnreg=WS_REGS[consumers][0])  # fmt: skip
     return out

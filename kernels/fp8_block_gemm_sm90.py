@@ -783,30 +783,24 @@ def _launch_ws(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stage
     # the pointers' 16-byte alignment, dtypes, the descriptors' row strides, the constexprs
     key = (index, a.stride(0), b.stride(0), out.dtype, res.dtype, g.dtype, *ints, *consts.values(),
            *(t.data_ptr() % 16 == 0 for t in (a_scale, b_scale, out, res, g)))  # fmt: skip
-    hit = _WS_LAUNCHERS.get(key) if FAST_LAUNCH else None
-    if hit is not None:
-        runner, a_desc, b_desc, out_desc, tail = hit
-        o_desc = _rebased(out_desc, out) if tma_store else _rebased(a_desc, a)
-        runner(_rebased(a_desc, a), _rebased(b_desc, b), o_desc, a_scale, b_scale, out, res, g, *ints, *tail)
-        return out
-    a_layout = gl.NVMMASharedLayout.get_default_for([64, BLOCK_K], gl.float8e4nv)
-    b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float8e4nv)
-    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [64, BLOCK_K], a_layout)
-    b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [BLOCK_N, BLOCK_K], b_layout)
-    if tma_store:
-        o_layout = gl.NVMMASharedLayout.get_default_for(
-            [64, BLOCK_N], {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[out.dtype]
-        )
-        out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [64, BLOCK_N], o_layout)
-    else:
-        out_desc = a_desc  # not read (TMA_STORE=False); the kernel's signature takes a descriptor there
-    grid = (min(-(-M // (64 * consumers)) * -(-N // BLOCK_N), _num_sms(index)), 1, 1)
-    compiled = _fp8_block_gemm_sm90_ws_kernel[grid](
-        a_desc, b_desc, out_desc, a_scale, b_scale, out, res, g, *ints, **consts, num_warps=4, maxnreg=maxnreg
-    )
-    if FAST_LAUNCH:
-        cache_launcher(_WS_LAUNCHERS, key, _fp8_block_gemm_sm90_ws_kernel, compiled, grid, 8 + len(ints), consts,
-                       (a_desc, b_desc, out_desc))  # fmt: skip
+
+    def make():
+        a_layout = gl.NVMMASharedLayout.get_default_for([64, BLOCK_K], gl.float8e4nv)
+        b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float8e4nv)
+        a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [64, BLOCK_K], a_layout)
+        b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [BLOCK_N, BLOCK_K], b_layout)
+        if tma_store:
+            o_layout = gl.NVMMASharedLayout.get_default_for(
+                [64, BLOCK_N], {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[out.dtype]
+            )
+            out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [64, BLOCK_N], o_layout)
+        else:
+            out_desc = a_desc  # not read (TMA_STORE=False); the kernel's signature takes a descriptor there
+        grid = (min(-(-M // (64 * consumers)) * -(-N // BLOCK_N), _num_sms(index)), 1, 1)
+        return grid, (a_desc, b_desc, out_desc)
+
+    launch_cached(_WS_LAUNCHERS, key, FAST_LAUNCH, _fp8_block_gemm_sm90_ws_kernel, (a, b, out if tma_store else a),
+                  (a_scale, b_scale, out, res, g, *ints), make, consts, num_warps=4, maxnreg=maxnreg)  # fmt: skip
     return out
 
 
@@ -820,6 +814,25 @@ def cache_launcher(cache: dict, key: tuple, kernel, compiled, grid, n_runtime: i
     full = {**consts, "num_warps": 4}
     tail = tuple(full[n] for n in kernel.arg_names[n_runtime:])
     cache[key] = (compiled[grid], *descs, tail)
+
+
+def launch_cached(
+    cache: dict, key: tuple, fast: bool, kernel, desc_tensors: tuple, args: tuple, make, consts: dict, **launch
+) -> None:
+    """Launch the Gluon ``kernel`` as ``kernel[grid](*descriptors, *args, **consts, **launch)``, where ``make()``
+    returns ``(grid, descriptors)`` (the kernel's leading TMA-descriptor parameters, descriptor i over
+    ``desc_tensors[i]``). With ``fast``, the first launch of ``key`` (everything the launch specializes on) is
+    cached (``cache_launcher``) and later ones go through the compiled kernel's launcher with the first launch's
+    descriptors re-pointed at ``desc_tensors`` (``_rebased``): no JIT argument processing, no descriptor checks."""
+    hit = cache.get(key) if fast else None
+    if hit is not None:
+        runner, *descs, tail = hit
+        runner(*map(_rebased, descs, desc_tensors), *args, *tail)
+        return
+    grid, descs = make()
+    compiled = kernel[grid](*descs, *args, **consts, **launch)
+    if fast:
+        cache_launcher(cache, key, kernel, compiled, grid, len(descs) + len(args), consts, descs)
 
 
 def fp8_block_gemm_sm90_ws(

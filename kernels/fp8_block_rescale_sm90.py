@@ -88,7 +88,6 @@ import os
 import torch
 
 from flux2_bench.kernels import fp8_block_gemm_sm90 as _block
-from flux2_bench.kernels.fp8_matmul import _rebased
 
 gluon, gl = _block.gluon, _block.gl
 if gluon is not None:
@@ -446,24 +445,18 @@ def _launch(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, 
     key = (index, a.stride(0), b.stride(0), out.stride(0), out.dtype, res.dtype, g.dtype, block_n, *ints,
            *consts.values(),
            *(t.data_ptr() % 16 == 0 for t in (a_scale, b_scale, res, g)))  # fmt: skip
-    hit = _LAUNCHERS.get(key) if FAST_LAUNCH else None
-    if hit is not None:
-        runner, a_desc, b_desc, out_desc, tail = hit
-        runner(_rebased(a_desc, a), _rebased(b_desc, b), _rebased(out_desc, out), a_scale, b_scale, res, g, *ints,
-               *tail)  # fmt: skip
-        return out
-    e4m3 = gl.float8e4nv
-    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [64, BLOCK_K],
-                              gl.NVMMASharedLayout.get_default_for([64, BLOCK_K], e4m3))  # fmt: skip
-    b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [block_n, BLOCK_K],
-                              gl.NVMMASharedLayout.get_default_for([block_n, BLOCK_K], e4m3))  # fmt: skip
-    o_layout = gl.NVMMASharedLayout.get_default_for([64, HALF_N], getattr(gl, _OUT_GL[out.dtype]))
-    out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [64, HALF_N], o_layout)
-    grid = (min(-(-M // BLOCK_M) * -(-N // block_n), _block._num_sms(index)), 1, 1)
-    compiled = _fp8_block_gemm_rescaled_kernel[grid](
-        a_desc, b_desc, out_desc, a_scale, b_scale, res, g, *ints, **consts, num_warps=4, maxnreg=MAXNREG
-    )
-    if FAST_LAUNCH:
-        _block.cache_launcher(_LAUNCHERS, key, _fp8_block_gemm_rescaled_kernel, compiled, grid, 7 + len(ints), consts,
-                              (a_desc, b_desc, out_desc))  # fmt: skip
+
+    def make():
+        e4m3 = gl.float8e4nv
+        a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [64, BLOCK_K],
+                                  gl.NVMMASharedLayout.get_default_for([64, BLOCK_K], e4m3))  # fmt: skip
+        b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [block_n, BLOCK_K],
+                                  gl.NVMMASharedLayout.get_default_for([block_n, BLOCK_K], e4m3))  # fmt: skip
+        o_layout = gl.NVMMASharedLayout.get_default_for([64, HALF_N], getattr(gl, _OUT_GL[out.dtype]))
+        out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [64, HALF_N], o_layout)
+        grid = (min(-(-M // BLOCK_M) * -(-N // block_n), _block._num_sms(index)), 1, 1)
+        return grid, (a_desc, b_desc, out_desc)
+
+    _block.launch_cached(_LAUNCHERS, key, FAST_LAUNCH, _fp8_block_gemm_rescaled_kernel, (a, b, out),
+                         (a_scale, b_scale, res, g, *ints), make, consts, num_warps=4, maxnreg=MAXNREG)  # fmt: skip
     return out

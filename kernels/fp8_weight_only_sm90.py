@@ -109,7 +109,7 @@ import torch
 import triton.language as tl
 
 from flux2_bench.kernels import fp8_block_gemm_sm90 as _block
-from flux2_bench.kernels.fp8_matmul import E4M3_TO_BF16_PTX, _check_epilogue, _rebased
+from flux2_bench.kernels.fp8_matmul import E4M3_TO_BF16_PTX, _check_epilogue
 
 gluon, gl = _block.gluon, _block.gl
 if gluon is not None:
@@ -690,28 +690,20 @@ def _launch(x, w, w_scale, out, res, g, mode, s_n, s_k, has_res, has_gate, block
     # everything the launch specializes on (see fp8_row_gemm_sm90._launch)
     key = (index, x.stride(0), w.stride(0), out.dtype, g.dtype, block_t, sk_grid, *ints, *consts.values(),
            *(t.data_ptr() % 16 == 0 for t in (w_scale, g, res)))  # fmt: skip
-    hit = _LAUNCHERS.get(key) if FAST_LAUNCH else None
-    if hit is not None:
-        runner, w_desc, x_desc, out_desc, res_desc, tail = hit
-        res_desc = _rebased(res_desc, res) if has_res else _rebased(out_desc, out)
-        runner(_rebased(w_desc, w), _rebased(x_desc, x), _rebased(out_desc, out), res_desc, w_scale, g, ws, cnt, out,
-               res, *ints, *tail)  # fmt: skip
-        return out
-    w_desc = TensorDescriptor(w, [N, K], [w.stride(0), 1], [ROWS, BLOCK_K],
-                              gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_K], gl.uint8))  # fmt: skip
-    x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [block_t, BLOCK_K],
-                              gl.NVMMASharedLayout.get_default_for([block_t, BLOCK_K], gl.bfloat16))  # fmt: skip
-    o_layout = gl.NVMMASharedLayout.get_default_for([block_t, ROWS], getattr(gl, _OUT_GL[out.dtype]))
-    out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [block_t, ROWS], o_layout)
-    res_desc = TensorDescriptor(res, [M, N], [res.stride(0), 1], [block_t, ROWS], o_layout) if has_res else out_desc
-    grid = (sk_grid or min(-(-N // (2 * ROWS)) * -(-M // block_t), _block._num_sms(index)), 1, 1)
-    compiled = _fp8_weight_only_sm90_kernel[grid](
-        w_desc, x_desc, out_desc, res_desc, w_scale, g, ws, cnt, out, res, *ints, **consts, num_warps=4,
-        maxnreg=MAXNREG,
-    )  # fmt: skip
-    if FAST_LAUNCH:
-        _block.cache_launcher(_LAUNCHERS, key, _fp8_weight_only_sm90_kernel, compiled, grid, 10 + len(ints), consts,
-                              (w_desc, x_desc, out_desc, res_desc))  # fmt: skip
+
+    def make():
+        w_desc = TensorDescriptor(w, [N, K], [w.stride(0), 1], [ROWS, BLOCK_K],
+                                  gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_K], gl.uint8))  # fmt: skip
+        x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [block_t, BLOCK_K],
+                                  gl.NVMMASharedLayout.get_default_for([block_t, BLOCK_K], gl.bfloat16))  # fmt: skip
+        o_layout = gl.NVMMASharedLayout.get_default_for([block_t, ROWS], getattr(gl, _OUT_GL[out.dtype]))
+        out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [block_t, ROWS], o_layout)
+        res_desc = TensorDescriptor(res, [M, N], [res.stride(0), 1], [block_t, ROWS], o_layout) if has_res else out_desc
+        grid = (sk_grid or min(-(-N // (2 * ROWS)) * -(-M // block_t), _block._num_sms(index)), 1, 1)
+        return grid, (w_desc, x_desc, out_desc, res_desc)
+
+    _block.launch_cached(_LAUNCHERS, key, FAST_LAUNCH, _fp8_weight_only_sm90_kernel, (w, x, out, res if has_res else out),
+                         (w_scale, g, ws, cnt, out, res, *ints), make, consts, num_warps=4, maxnreg=MAXNREG)  # fmt: skip
     return out
 
 
