@@ -58,7 +58,9 @@ Epilogue options (session 16, reports/fp8_matmul/probe_row_epilogue.py runs 1-2,
 which frees the shared memory of a fourth ring stage (+0.6 % on M >= 4096, up to +12 % on the few-tile M = 512
 shapes). Together, 4 stages: 1.010x the Triton persistent kernel on M >= 4096, which is what ``fp8_matmul`` now
 dispatches from 1024 rows. A diagnostic with the stores skipped ran only 1.024x faster: the epilogue left costs
-~2.5 %, the rest of the gap to cuBLAS (0.98x) is in the K loop.
+~2.5 %, the rest of the gap to cuBLAS (0.98x) is in the K loop. Running consumer 1 one or two K steps behind
+consumer 0, so that their epilogues would overlap each other's wgmmas, gained nothing (probe_row_stagger run 1,
+session 17: 1.000x / 1.003x, same bits; the option was removed).
 """
 
 from __future__ import annotations
