@@ -1181,16 +1181,20 @@ def _streamk_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The persistent kernel's stream-K workspace (fp32, 2 partial-tile slots per SM, sized for the
     largest tile) and arrival counters (int32, one per tile, zero between launches: each tile's last
     arrival resets its counter). One pair per device and stream, so that launches on
-    different streams never share counters; allocated once (17.3 MB for 128x128 tiles on a 132-SM H100)."""
-    configs = _fp8_gemm_persistent.configs  # (tests and diagnostics swap the list)
+    different streams never share counters; allocated once (17.3 MB for 128x128 tiles on a 132-SM H100).
+
+    Keyed by the tile size the current configs need, not by the config list's identity: tests and diagnostics
+    swap or edit the list, and a freed list's id() is reused by the next one, which then got a workspace sized
+    for another tile (an out-of-bounds write the interpreter turned into heap corruption, CI stop 24)."""
+    configs = _fp8_gemm_persistent.configs
+    tile = max((c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs if c.kwargs["STREAM_K"]), default=1)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        key = (index, _current_raw_stream(index), id(configs))
+        key = (index, _current_raw_stream(index), tile)
     else:
-        key = (device.type, None, id(configs))
+        key = (device.type, None, tile)
     bufs = _STREAMK_BUFFERS.get(key)
     if bufs is None:
-        tile = max((c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs if c.kwargs["STREAM_K"]), default=1)
         slots = 2 * _num_sms(device)
         bufs = (torch.empty(slots * tile, device=device, dtype=torch.float32),
                 torch.zeros(_STREAMK_MAX_TILES, device=device, dtype=torch.int32))  # fmt: skip

@@ -258,6 +258,19 @@ def test_fp8_gemm_stream_k_matches_ref(case, granularity, monkeypatch):
     assert torch.equal(again, out), "second launch on reset counters differs"
 
 
+def test_stream_k_workspace_fits_the_current_configs(monkeypatch):
+    """The workspace follows the configs' largest stream-K tile even when the list object is reused (edited in
+    place here; a freed list's id() recurs too): it was keyed by id(configs), and a 16x32 workspace served a
+    32x128 launch, an out-of-bounds write that crashed CI (stop 24)."""
+    monkeypatch.setattr(F, "_STREAMK_BUFFERS", {})
+    configs = [F._pcfg(16, 32, 1, 4, False, stream_k=True)]
+    monkeypatch.setattr(F._fp8_gemm_persistent, "configs", configs)
+    slots = 2 * F._num_sms(torch.device(DEV))
+    assert F._streamk_buffers(torch.device(DEV))[0].numel() >= slots * 16 * 32
+    configs[:] = [F._pcfg(32, 128, 1, 4, False, stream_k=True), F._pcfg(128, 256, 1, 4, True)]  # data-parallel
+    assert F._streamk_buffers(torch.device(DEV))[0].numel() >= slots * 32 * 128
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,K,N", [(512, 6144, 18432), (512, 6144, 6144), (512, 18432, 6144)])
 @pytest.mark.parametrize("granularity", ["row", "block"])
