@@ -588,10 +588,10 @@ def _measure_anchors(cfg: RunConfig, size: int) -> list[Row]:
 
     rows = []
     cell = Cell("bf16", size, 0)
-    for name, quantize in (
-        ("diffusers-bf16", None),
-        ("diffusers-torchao-fp8-row", anchors.quantize_torchao_fp8_row),
-        ("diffusers-bnb-nf4", anchors.quantize_bnb_nf4),
+    for name, quantize, libs in (
+        ("diffusers-bf16", None, ("diffusers",)),
+        ("diffusers-torchao-fp8-row", anchors.quantize_torchao_fp8_row, ("diffusers", "torchao")),
+        ("diffusers-bnb-nf4", anchors.quantize_bnb_nf4, ("diffusers", "bitsandbytes")),
     ):
         base = Row(cfg.preset, name, size, size, 0, cfg.steps, _weights(cfg))
         dmodel = fwd = None
@@ -614,7 +614,7 @@ def _measure_anchors(cfg: RunConfig, size: int) -> list[Row]:
                 base, ms_per_step=timing.median, ms_per_step_p10=timing.p10, ms_per_step_p90=timing.p90,
                 weights_gib=model_bytes(dmodel) / GIB, peak_allocated_gib=mem.allocator_peak_bytes / GIB,
                 peak_device_gib=mem.device_peak_bytes / GIB if mem.device_peak_bytes else None,
-                notes="transformer step only (anchor)",
+                notes=f"transformer step only (anchor: {_versions(libs)})",
             ))  # fmt: skip
         except Exception as e:
             rows.append(replace(base, status=f"error: {type(e).__name__}: {str(e)[:300]}"))
@@ -622,6 +622,19 @@ def _measure_anchors(cfg: RunConfig, size: int) -> list[Row]:
             dmodel = fwd = None  # the forward closure holds the model: drop both before the next anchor
             _free()
     return rows
+
+
+def _versions(dists) -> str:
+    """'diffusers 0.42.1, torchao 0.18.0': the anchor libraries a row was timed with."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def one(d):
+        try:
+            return f"{d} {version(d)}"
+        except PackageNotFoundError:
+            return f"{d} (version unknown)"
+
+    return ", ".join(map(one, dists))
 
 
 class _Shim:

@@ -567,7 +567,7 @@ def build_blocks(run: Run, plots: dict[str, Path], skipped: dict[str, str]) -> l
             (
                 "table",
                 Table(
-                    ["cell", "anchor", "label", "anchor ms/step", "ours", "ours ms/step", "anchor / ours"],
+                    ["cell", "anchor", "label", "anchor ms/step", "ours", "ours ms/step", "anchor / ours", "versions"],
                     [
                         [
                             run.config(ours) if ours else run.config(a),
@@ -577,6 +577,7 @@ def build_blocks(run: Run, plots: dict[str, Path], skipped: dict[str, str]) -> l
                             ours.recipe if ours else "no matching row",
                             fmt_ms(ours.ms_per_step) if ours else "—",
                             f"{fmt(ratio, 2)}x" if ratio is not None else "—",
+                            _anchor_versions(a),
                         ]
                         for a, ours, ratio in anc
                     ],
@@ -675,6 +676,13 @@ def fits_cells(run: Run) -> tuple[list[str], list[str], dict[tuple[str, str], tu
     configs = list(dict.fromkeys(c for c, _ in cells))
     tiers = list(dict.fromkeys(t for _, t in cells))
     return configs, tiers, cells
+
+
+def _anchor_versions(row: Row) -> str:
+    """The library versions an anchor row was timed with (its notes: "... (anchor: diffusers 0.42.1, ...)");
+    runs before they were recorded say so."""
+    notes = row.notes or ""
+    return notes.split("(anchor: ", 1)[1].rstrip(")") if "(anchor: " in notes else "not recorded"
 
 
 def anchor_pairs(run: Run) -> list[tuple[Row, Row | None, float | None]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ def make_real_run(d: Path) -> list[Row]:
                 "delta_exact_match": -0.3333,
             },
         ),
-        _row("diffusers-bf16", w, **_latency(455.5, 73.0)),
+        _row("diffusers-bf16", w, **_latency(455.5, 73.0), notes="transformer step only (anchor: diffusers 0.42.1)"),
         _row("int4-g128", w, status="non-finite", notes="NaN in step 3 latents"),
         _row("fp8-block", w, status="error: RuntimeError: CUDA launch failure"),
         _row("fp8-row", w, tier="rtx4090", label="emulated", placement="resident", **_latency(252.5, 22.1)),
@@ -239,6 +240,8 @@ def test_fits_matrix_projection_and_anchor(real_run):
     anchor = _md_cells(_table_row(_section(md, "Anchors"), "bf16", "diffusers-bf16"))
     assert anchor[3] == report.fmt_ms(a.ms_per_step) and anchor[5] == report.fmt_ms(b.ms_per_step)
     assert anchor[6] == f"{a.ms_per_step / b.ms_per_step:.2f}x"
+    assert anchor[7] == "diffusers 0.42.1", "the anchor's library version, from its row's notes"
+    assert report._anchor_versions(replace(a, notes="transformer step only (anchor)")) == "not recorded"
 
 
 def test_quality_tables(real_run):
