@@ -138,7 +138,14 @@ import os
 
 import torch
 
-from flux2_bench.kernels.fp8_matmul import QBLOCK, _as_fp32_scale, _check_epilogue, _check_fp8_operands, _rebased
+from flux2_bench.kernels.fp8_matmul import (
+    QBLOCK,
+    _as_fp32_scale,
+    _check_epilogue,
+    _check_fp8_operands,
+    _desc_template,
+    _rebased,
+)
 
 try:  # Gluon ships with Triton >= 3.5; its API moves between releases (written against 3.6)
     from triton.experimental import gluon
@@ -806,14 +813,14 @@ def _launch_ws(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stage
 
 def cache_launcher(cache: dict, key: tuple, kernel, compiled, grid, n_runtime: int, consts: dict, descs: tuple) -> None:
     """Keep ``(launcher, *descs, constexprs)`` for ``key``: the compiled kernel's launcher for ``grid``, the first
-    launch's TMA descriptors (re-pointed per call with ``_rebased``) and the constexpr arguments in parameter
+    launch's TMA descriptors without their tensors (``_desc_template``; re-pointed per call with ``_rebased``) and the constexpr arguments in parameter
     order (the kernel's parameters after its ``n_runtime`` runtime ones). Nothing when the launch returned no
     compiled kernel."""
     if compiled is None or not hasattr(compiled, "__getitem__"):
         return
     full = {**consts, "num_warps": 4}
     tail = tuple(full[n] for n in kernel.arg_names[n_runtime:])
-    cache[key] = (compiled[grid], *descs, tail)
+    cache[key] = (compiled[grid], *map(_desc_template, descs), tail)
 
 
 def launch_cached(

@@ -695,6 +695,70 @@ def test_gpu_cached_launches_match_ref(monkeypatch, persistent):
     assert F._FAST_LAUNCHERS, "no launch was cached"
 
 
+@pytest.mark.gpu
+def test_gpu_launch_caches_keep_no_tensors(monkeypatch):
+    """Every launch cache (the persistent Triton kernel's and the five Gluon kernels') keeps its first launch's
+    descriptors without their tensors: the operands and output of a first launch are freed when the caller drops
+    them. They were not, and every peak of a FLUX.2 run rose by up to 5.8 GiB (reports/h100, session 18)."""
+    import gc
+    import weakref
+
+    from flux2_bench.kernels import fp8_attention as FA
+    from flux2_bench.kernels import fp8_attention_sm90 as A
+    from flux2_bench.kernels import fp8_block_gemm_sm90 as G
+    from flux2_bench.kernels import fp8_block_rescale_sm90 as BR
+    from flux2_bench.kernels import fp8_row_gemm_sm90 as R
+    from flux2_bench.kernels import fp8_weight_only_sm90 as W
+
+    if not G.is_available():
+        pytest.skip("needs an sm_90 GPU and Gluon")
+    for mod, name in ((F, "_FAST_LAUNCHERS"), (F, "_DESC_TEMPLATES"), (G, "_WS_LAUNCHERS"), (BR, "_LAUNCHERS"),
+                      (R, "_LAUNCHERS"), (W, "_LAUNCHERS"), (A, "_LAUNCHERS")):  # fmt: skip
+        monkeypatch.setattr(mod, name, {})  # every launch below is its cache's first
+    monkeypatch.setattr(F, "PERSISTENT", True)
+    monkeypatch.setattr(F, "ROW_GLUON", False)  # fp8_gemm row -> the persistent Triton kernel
+    M, K, N = 512, 1152, 640
+
+    def gemm(granularity):
+        x = act(M, K)
+        xq, xs = F.quantize_fp8(x, granularity)
+        _, wq, ws = make_weight(N, K, granularity)
+        return xq, wq, xs, ws
+
+    def persistent():
+        xq, wq, xs, ws = gemm("row")
+        return xq, wq, F.fp8_gemm(xq, wq, xs, ws)
+
+    def row_gluon():
+        xq, wq, xs, ws = gemm("row")
+        return xq, wq, R.fp8_row_gemm_sm90(xq, wq, xs, ws)
+
+    def block_ws():
+        xq, wq, xs, ws = gemm("block")
+        return xq, wq, G.fp8_block_gemm_sm90_ws(xq, wq, xs, ws)
+
+    def block_rescaled():
+        xq, wq, xs, ws = gemm("block")
+        return xq, wq, BR.fp8_block_gemm_rescaled_sm90(xq, wq, xs, ws)
+
+    def weight_only():
+        x = act(M, K)
+        _, wq, ws = make_weight(N, K, "row")
+        return x, wq, W.fp8_weight_only_sm90(x, wq, ws)
+
+    def attention():
+        q, k, v = (torch.randn(1, 2, 640, 128, device=DEV).to(torch.bfloat16) for _ in range(3))
+        quant = FA.quantize_qkv(q, k, v, v_perm16=True)
+        return quant["q8"], quant["k8"], quant["vt8p"], A.fp8_attention_sm90(quant, v)
+
+    for launch in (persistent, row_gluon, block_ws, block_rescaled, weight_only, attention):
+        refs = [weakref.ref(t) for t in launch()]
+        gc.collect()
+        alive = [i for i, r in enumerate(refs) if r() is not None]
+        assert not alive, f"{launch.__name__}: tensors {alive} of its first launch are still alive"
+    assert F._DESC_TEMPLATES and G._WS_LAUNCHERS and BR._LAUNCHERS and R._LAUNCHERS and W._LAUNCHERS and A._LAUNCHERS
+
+
 def test_fast_launcher_hands_the_compiled_kernel_its_grid_and_constexprs(monkeypatch):
     """The cached launcher bypasses Triton's binder: it must pass the runtime arguments unchanged, then
     every constexpr in signature order (launch keywords, the autotuned config, the EVEN_K heuristic),
