@@ -1,4 +1,9 @@
-"""Block-scaled FP8 GEMM for Hopper (sm_90) in Gluon, with lagged promotion (DeepGEMM's scheme).
+"""Block-scaled FP8 GEMM for Hopper (sm_90) in Gluon, warp-specialized, with per-step promotion (DeepGEMM's scheme).
+
+The kernel that runs (since session 18 the only one here): ``Warp-specialized variant`` below, with the consumer
+schedule of ``Schedules`` (unlagged promotion, deferred scale multiply) and the options of ``Profile``. The
+sections in between are the history that led to it; what they describe and this file no longer holds is named in
+``Pruned`` at the end.
 
 What
 ----
@@ -50,8 +55,8 @@ CTA barriers, so one warpgroup's FMAs and moves run under the other's wgmma).
 
 Measured (run 1, reports/fp8_matmul/block_sm90_run1.json): 0.53-0.65x row-wise, exact.
 
-Warp-specialized variant (``warp_specialized=True`` / ``fp8_block_gemm_sm90_ws``)
----------------------------------------------------------------------------------
+Warp-specialized variant (the kernel since run 2; ``fp8_block_gemm_sm90``)
+--------------------------------------------------------------------------
 DeepGEMM's structure with ``gl.warp_specialize`` (Triton 3.6: the default partition runs in the
 kernel's ``num_warps`` warps and may be a consumer; workers take no tensors, only scalars,
 descriptors, shared-memory views and constexprs; ``worker_num_regs`` becomes setmaxnreg):
@@ -129,6 +134,16 @@ TMA issues; the option was removed.
 runs this kernel for block scales with ``fast_accum=False`` or an fp32 output only; fast accumulation with a
 2-byte output goes to ``fp8_block_rescale_sm90`` (a rescaled accumulator instead of a promoted one: 128 x 256
 tiles, 1.25x this kernel).
+
+Pruned (session 18)
+-------------------
+The options ``fp8_matmul`` never dispatches are gone: the first, non-specialized kernel (``block_m`` 64 / 128,
+``warp_specialized=False``), the lagged schedule (``lagged``) and the unlagged one that multiplies the scales
+when loaded (``defer_scale=False``); ``fp8_block_gemm_sm90_ws`` became ``fp8_block_gemm_sm90``. Every
+configuration ``_block_gluon_options`` returns compiles to the same SASS as before
+(``reports/fp8_matmul/sass_block_sm90.py``: 12 configurations, ``sass_block_sm90_{before,after}_prune.json``).
+The probes that timed the removed options (``bench_block_sm90.py``, ``probe_ws_schedule.py``,
+``compile_block_sm90.py``, ``ncu_block_ws.py``) ran against this file as of 787a08e.
 """
 
 from __future__ import annotations
@@ -167,7 +182,6 @@ except Exception as e:  # noqa: BLE001 (any import failure means "not available"
 BLOCK_N = 128
 BLOCK_K = 128
 GROUP_M = 8
-_WARPS = {128: 8, 64: 4}  # BLOCK_M -> num_warps (one warpgroup per 64 rows)
 # Warp-specialized kernel, two consumers: 4 (default partition, consumer 0) + 4 (consumer 1) + 1 (producer)
 # warps, rounded up to 12 (registers are handed out per warpgroup): 12 x 32 threads x 168 = 64512 of the
 # 65536 registers; setmaxnreg then gives the producer's warpgroup 40 and each consumer 232
@@ -202,134 +216,6 @@ if gluon is not None:
         pid_m = first_pid_m + (tile_id % group_size_m)
         pid_n = (tile_id % num_pid_in_group) // group_size_m
         return pid_m, pid_n
-
-    @gluon.jit
-    def _load_step(a_desc, b_desc, a_smem, b_smem, ready, slot, j, k_tiles, off_m, off_n):
-        """TMA loads of K step j into ring slot ``slot`` (nothing past the last step)."""
-        BK: gl.constexpr = a_desc.block_type.shape[1]
-        p = j < k_tiles
-        kk = j * BK
-        bar = ready.index(slot)
-        mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=p)
-        tma.async_copy_global_to_shared(a_desc, [off_m, kk], bar, a_smem.index(slot), pred=p)
-        tma.async_copy_global_to_shared(b_desc, [off_n, kk], bar, b_smem.index(slot), pred=p)
-
-    @gluon.jit
-    def _mma_step(a_smem, b_smem, ready, zero, j, NUM_STAGES: gl.constexpr):
-        """Wait for step j's tiles, issue its async wgmma into a fresh accumulator (use_acc=False)."""
-        s = j % NUM_STAGES
-        mbarrier.wait(ready.index(s), (j // NUM_STAGES) & 1)
-        return warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-
-    @gluon.jit
-    def _retire_step(tok, a_smem, b_smem, j, NUM_STAGES: gl.constexpr):
-        """Wait for step j's wgmma: its product is ready and its ring slot free."""
-        s = j % NUM_STAGES
-        part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_smem.index(s), b_smem.index(s)))
-        return part
-
-    @gluon.jit
-    def _step_scale(sa_ptrs, sb_ptr, mask_m, j, k_tiles, stride_ask, stride_bsk):
-        """a_scale[m, j] * b_scale[pid_n, j] for the rows of the tile (0 for rows past M)."""
-        a_s = gl.load(sa_ptrs + j * stride_ask, mask=mask_m, other=0.0)
-        b_s = gl.load(sb_ptr + j * stride_bsk)
-        return a_s * b_s
-
-    @gluon.jit
-    def _fp8_block_gemm_sm90_kernel(
-        a_desc,  # (M, K) e4m3, block [BLOCK_M, BLOCK_K]
-        b_desc,  # (N, K) e4m3, block [BLOCK_N, BLOCK_K]
-        a_scale_ptr,
-        b_scale_ptr,
-        out_ptr,
-        res_ptr,
-        gate_ptr,
-        M,
-        N,
-        K,
-        stride_asm,
-        stride_ask,
-        stride_bsn,
-        stride_bsk,
-        stride_om,
-        stride_rm,
-        stride_gn,
-        HAS_RESIDUAL: gl.constexpr,
-        HAS_GATE: gl.constexpr,
-        NUM_STAGES: gl.constexpr,
-        GROUP: gl.constexpr,
-        num_warps: gl.constexpr,
-    ):
-        BM: gl.constexpr = a_desc.block_type.shape[0]
-        BK: gl.constexpr = a_desc.block_type.shape[1]
-        BN: gl.constexpr = b_desc.block_type.shape[0]
-        gl.static_assert(BK == 128)
-        gl.static_assert(BN == 128)
-        gl.static_assert(16 * num_warps == BM)  # warps stacked along M: 16 rows per warp
-
-        pid_m, pid_n = _tile_pids(gl.program_id(0), gl.cdiv(M, BM), gl.cdiv(N, BN), GROUP)
-        off_m = pid_m * BM
-        off_n = pid_n * BN
-
-        # wgmma accumulator layout: m16 x n128 x k32 (fp8) instructions, warps along M
-        mma: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 32]
-        )
-        row_l: gl.constexpr = gl.SliceLayout(1, mma)
-        col_l: gl.constexpr = gl.SliceLayout(0, mma)
-
-        # shared-memory ring of A and B tiles, one "ready" mbarrier per slot (TMA arrival)
-        a_smem = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES, BM, BK], a_desc.layout)
-        b_smem = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES, BN, BK], b_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready.index(i), count=1)
-        fence_async_shared()
-
-        k_tiles = gl.cdiv(K, BK)
-        for i in gl.static_range(NUM_STAGES):  # prologue: the first NUM_STAGES K steps in flight
-            _load_step(a_desc, b_desc, a_smem, b_smem, ready, i, i, k_tiles, off_m, off_n)
-
-        offs_m = off_m + gl.arange(0, BM, layout=row_l)
-        mask_m = offs_m < M
-        sa_ptrs = a_scale_ptr + offs_m * stride_asm
-        sb_ptr = b_scale_ptr + pid_n * stride_bsn
-
-        zero = gl.zeros([BM, BN], gl.float32, layout=mma)
-        acc = gl.zeros([BM, BN], gl.float32, layout=mma)
-        # Lagged promotion: the FMAs of step j-1 run on the CUDA cores between the issue of step j's
-        # wgmma and the wait for it. (Unrolling by two so that two products take turns instead of
-        # the copy into `part` was tried: ptxas then moves the FMAs out of the issue-wait window,
-        # because they read registers a wgmma wrote; reading a copy, it leaves them inside.)
-        part = gl.zeros([BM, BN], gl.float32, layout=mma)  # step j-1's product (none before step 0)
-        scale = gl.zeros([BM], gl.float32, layout=row_l)  # its a_s * b_s
-        for j in range(k_tiles):
-            tok = _mma_step(a_smem, b_smem, ready, zero, j, NUM_STAGES)
-            acc = acc + part * scale[:, None]
-            scale = _step_scale(sa_ptrs, sb_ptr, mask_m, j, k_tiles, stride_ask, stride_bsk)
-            part = _retire_step(tok, a_smem, b_smem, j, NUM_STAGES)
-            _load_step(a_desc, b_desc, a_smem, b_smem, ready, j % NUM_STAGES, j + NUM_STAGES, k_tiles, off_m, off_n)
-        acc = acc + part * scale[:, None]
-
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.invalidate(ready.index(i))
-
-        # epilogue: gate, residual, cast, masked store
-        offs_n = off_n + gl.arange(0, BN, layout=col_l)
-        mask_n = offs_n < N
-        if HAS_GATE:
-            g = gl.load(gate_ptr + offs_n * stride_gn, mask=mask_n, other=0.0).to(gl.float32)
-            acc = acc * g[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        rows = offs_m.to(gl.int64)[:, None]
-        if HAS_RESIDUAL:
-            r = gl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0)
-            acc = acc + r.to(gl.float32)
-        gl.store(out_ptr + rows * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-    # ------------------------------------------------------------------------------------------
-    # Warp-specialized variant: one TMA producer warp, two independent consumer warpgroups
-    # ------------------------------------------------------------------------------------------
 
     @gluon.jit
     def _ws_producer(a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP: gl.constexpr):
@@ -382,22 +268,19 @@ if gluon is not None:
         M, N, K,
         stride_asm, stride_ask, stride_bsn, stride_bsk, stride_om, stride_rm, stride_gn,
         HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
-        ORDERED: gl.constexpr, LAGGED: gl.constexpr, DEFER_SCALE: gl.constexpr, TMA_STORE: gl.constexpr,
+        ORDERED: gl.constexpr, TMA_STORE: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup (4 warps): rows [WG * 64, WG * 64 + 64) of each tile, no barrier shared with
-        the other consumers: it waits ``ready[s]``, issues its m64n128 wgmma on its A box, waits for
-        it, releases the slot (``empty[s]``, one arrival per consumer) and promotes. The epilogue
-        (gate, residual, cast, store) of its 64 rows runs while the producer already loads the next
-        tile.
+        the other consumers: it waits ``ready[s]``, issues its m64n128 wgmma on its A box, loads the
+        next step's raw scales, waits for the wgmma, releases the slot (``empty[s]``, one arrival per
+        consumer) and promotes step k right after its wait (DeepGEMM's order), relying on the other
+        consumers' wgmmas for the overlap. The scales are multiplied only at their promotion, a step after
+        their load: multiplying them at once made ptxas wait for the loads before the wgmma wait
+        (ncu_block_ws run 1: 16 % of consumer 1's stall samples). The epilogue (gate, residual, cast,
+        store) of its 64 rows runs while the producer already loads the next tile.
 
-        ``LAGGED``: promote step k-1 while step k's wgmma runs (the product copied into lagged
-        registers); otherwise promote step k right after its wait (DeepGEMM's order), relying on
-        the other consumers' wgmmas for the overlap. ``ORDERED`` (two consumers only): consumer 1
-        issues step ``it``'s wgmma only after consumer 0 issued its own (``issued[s]``).
-        ``DEFER_SCALE`` (unlagged): the next step's scales are loaded under the wgmma and multiplied
-        only at their promotion, a step later; multiplying them at once made ptxas wait for the
-        loads before the wgmma wait (ncu_block_ws run 1: 16 % of consumer 1's stall samples).
-        ``TMA_STORE``: the tile leaves through this consumer's shared-memory buffer and a TMA store,
+        ``ORDERED`` (two consumers only): consumer 1 issues step ``it``'s wgmma only after consumer 0
+        issued its own (``issued[s]``). ``TMA_STORE``: the tile leaves through this consumer's shared-memory buffer and a TMA store,
         which drains during the next tile's K loop (``c_smem``: [CONSUMERS, 64, BN] of the output
         dtype)."""
         NUM_STAGES: gl.constexpr = b_smem.shape[0]
@@ -427,11 +310,7 @@ if gluon is not None:
             sb_ptr = b_scale_ptr + pid_n * stride_bsn
 
             acc = gl.zeros([BM, BN], gl.float32, layout=mma)
-            part = gl.zeros([BM, BN], gl.float32, layout=mma)  # step j-1's product (LAGGED)
-            scale = gl.zeros([BM], gl.float32, layout=row_l)  # its a_s * b_s
             a_cur, b_cur = _step_scales(sa_ptrs, sb_ptr, mask_m, 0, stride_ask, stride_bsk)  # step 0's
-            if not LAGGED:
-                scale = a_cur * b_cur
             for j in range(k_tiles):
                 s = it % NUM_STAGES
                 mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
@@ -443,29 +322,14 @@ if gluon is not None:
                 if ORDERED and WG == 0:
                     mbarrier.arrive(issued.index(s), count=1)
                 nxt_j = gl.minimum(j + 1, k_tiles - 1)
-                if LAGGED:
-                    acc = acc + part * scale[:, None]
-                    a_cur, b_cur = _step_scales(sa_ptrs, sb_ptr, mask_m, j, stride_ask, stride_bsk)
-                    scale = a_cur * b_cur
-                    part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
-                    mbarrier.arrive(empty.index(s), count=1)
-                elif DEFER_SCALE:  # raw scales of step j + 1 loaded now, multiplied at its promotion
-                    a_nxt, b_nxt = _step_scales(sa_ptrs, sb_ptr, mask_m, nxt_j, stride_ask, stride_bsk)
-                    part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
-                    mbarrier.arrive(empty.index(s), count=1)
-                    acc = acc + part * (a_cur * b_cur)[:, None]
-                    a_cur = a_nxt
-                    b_cur = b_nxt
-                else:  # scales of step j + 1 loaded and multiplied now
-                    a_nxt, b_nxt = _step_scales(sa_ptrs, sb_ptr, mask_m, nxt_j, stride_ask, stride_bsk)
-                    nxt = a_nxt * b_nxt
-                    part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
-                    mbarrier.arrive(empty.index(s), count=1)
-                    acc = acc + part * scale[:, None]
-                    scale = nxt
+                # raw scales of step j + 1 loaded now, multiplied at its promotion
+                a_nxt, b_nxt = _step_scales(sa_ptrs, sb_ptr, mask_m, nxt_j, stride_ask, stride_bsk)
+                part, _a, _b = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a_s, b_s))
+                mbarrier.arrive(empty.index(s), count=1)
+                acc = acc + part * (a_cur * b_cur)[:, None]
+                a_cur = a_nxt
+                b_cur = b_nxt
                 it += 1
-            if LAGGED:
-                acc = acc + part * scale[:, None]
 
             off_n = pid_n * BN
             offs_n = off_n + gl.arange(0, BN, layout=col_l)
@@ -504,9 +368,7 @@ if gluon is not None:
         PRODUCER_REGS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         ORDERED: gl.constexpr,
-        LAGGED: gl.constexpr,
         CONSUMERS: gl.constexpr,
-        DEFER_SCALE: gl.constexpr,
         TMA_STORE: gl.constexpr,
         num_warps: gl.constexpr,
     ):  # fmt: skip
@@ -551,12 +413,12 @@ if gluon is not None:
                 [
                 (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
                                 out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG0, ORDERED, LAGGED,
-                                DEFER_SCALE, TMA_STORE)),
+                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG0, ORDERED,
+                                TMA_STORE)),
                 (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
                                 out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG1, ORDERED, LAGGED,
-                                DEFER_SCALE, TMA_STORE)),
+                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG1, ORDERED,
+                                TMA_STORE)),
                     (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),
                 ],
                 [4, 1],
@@ -567,16 +429,16 @@ if gluon is not None:
                 [
                 (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
                                 out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG0, ORDERED, LAGGED,
-                                DEFER_SCALE, TMA_STORE)),
+                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG0, ORDERED,
+                                TMA_STORE)),
                 (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
                                 out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG1, ORDERED, LAGGED,
-                                DEFER_SCALE, TMA_STORE)),
+                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG1, ORDERED,
+                                TMA_STORE)),
                 (_ws_consumer, (a_smem, b_smem, c_smem, ready, empty, issued, out_desc, a_scale_ptr, b_scale_ptr,
                                 out_ptr, res_ptr, gate_ptr, M, N, K, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG2, ORDERED, LAGGED,
-                                DEFER_SCALE, TMA_STORE)),
+                                stride_om, stride_rm, stride_gn, HAS_RESIDUAL, HAS_GATE, GROUP, WG2, ORDERED,
+                                TMA_STORE)),
                     (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP)),
                 ],
                 [4, 4, 1],
@@ -677,48 +539,29 @@ def fp8_block_gemm_sm90(
     out_dtype: torch.dtype = torch.bfloat16,
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
-    block_m: int = 128,
-    num_stages: int = 4,
-    warp_specialized: bool = False,
-    ws_ordered: bool = False,
-    ws_lagged: bool = True,
-    ws_consumers: int = 2,
-    ws_defer_scale: bool = False,
-    ws_tma_store: bool = False,
+    num_stages: int = 3,
+    consumers: int = 2,
+    ordered: bool | None = None,
+    tma_store: bool = False,
 ) -> torch.Tensor:
     """``residual + gate * ((a * a_scale) @ (b * b_scale).T)`` with 1x128 (A) and 128x128 (B) block
     scales on Hopper: e4m3 ``a`` (M, K), ``b`` (N, K); fp32 ``a_scale`` (M, ceil(K/128)), ``b_scale``
     (ceil(N/128), ceil(K/128)); returns ``out_dtype`` (M, N). Same maths as ``fp8_gemm`` with block
-    scales (module docstring). ``block_m``: 128 (8 warps) or 64 (4 warps, small M); ``num_stages``:
-    depth of the TMA ring (2-6; each stage holds (block_m + 128) x 128 bytes). ``warp_specialized``:
-    the persistent warp-specialized kernel (one TMA producer warp, two consumer warpgroups of 64
-    rows; block_m must be 128). ``ws_ordered`` / ``ws_lagged``: its schedule (``_ws_consumer``):
-    consumer 1 issues each wgmma after consumer 0's / each consumer promotes the previous step
-    under its own wgmma (False: right after the wait). ``ws_consumers``: 2 (128 x 128 tiles) or 3
-    (192 x 128 tiles, 160 registers per consumer). ``ws_defer_scale``: multiply each step's scales at
-    its promotion instead of when loaded (unlagged schedule). ``ws_tma_store``: write the tile through
-    shared memory and a TMA store (2-byte outputs with 16-byte aligned rows)."""
+    scales (module docstring), on the persistent warp-specialized kernel: one TMA producer warp and
+    ``consumers`` warpgroups of 64 rows, 2 (128 x 128 tiles) or 3 (192 x 128 tiles, 160 registers per
+    consumer). ``num_stages``: depth of the TMA ring (2-6, within sm_90's shared memory). ``ordered`` (two
+    consumers; the default there): consumer 1 issues each wgmma after consumer 0's. ``tma_store``: write the tile through shared
+    memory and a TMA store (2-byte outputs; rows that are not 16-byte aligned fall back to plain stores)."""
     M, N, K = check_block_operands(a, b, a_scale, b_scale, out_dtype, residual, gate)
-    if block_m not in _WARPS:
-        raise ValueError(f"block_m must be one of {sorted(_WARPS)}, got {block_m}")
     if not 2 <= num_stages <= 6:
         raise ValueError(f"num_stages must be in 2..6, got {num_stages}")
-    ws_options = ws_ordered or not ws_lagged or ws_consumers != 2 or ws_defer_scale or ws_tma_store
-    if ws_options and not warp_specialized:
-        raise ValueError(
-            "ws_ordered / ws_lagged / ws_consumers / ws_defer_scale / ws_tma_store are options of the "
-            "warp-specialized kernel (warp_specialized=True)"
-        )
-    if ws_consumers not in WS_REGS:
-        raise ValueError(f"ws_consumers must be one of {sorted(WS_REGS)}, got {ws_consumers}")
-    if ws_consumers != 2 and ws_ordered:
-        raise ValueError("ws_ordered orders two consumers; it needs ws_consumers=2")
-    if ws_defer_scale and ws_lagged:
-        raise ValueError("ws_defer_scale is a variant of the unlagged schedule (ws_lagged=False)")
-    if ws_tma_store and out_dtype.itemsize != 2:
-        raise ValueError(f"ws_tma_store writes 2-byte outputs (bf16 / fp16), got out_dtype={out_dtype}")
-    if warp_specialized and block_m != 128:
-        raise ValueError(f"warp_specialized needs block_m=128 (two consumer warpgroups of 64 rows), got {block_m}")
+    if consumers not in WS_REGS:
+        raise ValueError(f"consumers must be one of {sorted(WS_REGS)}, got {consumers}")
+    if consumers != 2 and ordered:
+        raise ValueError("ordered orders two consumers; it needs consumers=2")
+    ordered = consumers == 2 if ordered is None else ordered
+    if tma_store and out_dtype.itemsize != 2:
+        raise ValueError(f"tma_store writes 2-byte outputs (bf16 / fp16), got out_dtype={out_dtype}")
     check_sm90_launch("fp8_block_gemm_sm90", a, b, a_scale, b_scale, residual, gate)
     _check_tma(a, "a")
     _check_tma(b, "b")
@@ -733,30 +576,13 @@ def fp8_block_gemm_sm90(
         return out
     res = residual if residual is not None else out
     g = gate.reshape(-1) if gate is not None else out.view(-1)
-    if warp_specialized:
-        opts = dict(ordered=ws_ordered, lagged=ws_lagged, consumers=ws_consumers, defer_scale=ws_defer_scale,
-                    tma_store=ws_tma_store and out.data_ptr() % 16 == 0 and (N * out.element_size()) % 16 == 0)  # fmt: skip
-        smem = _ws_smem_bytes(num_stages, ws_consumers, out.element_size() if opts["tma_store"] else 0)
-        if smem > SMEM_BYTES:
-            raise ValueError(f"num_stages={num_stages} with {ws_consumers} consumers needs {smem} B of shared memory, "
-                             f"more than sm_90's {SMEM_BYTES}")  # fmt: skip
-        return _launch_ws(
-            a, b, a_scale, b_scale, out, res, g, residual is not None, gate is not None, num_stages, **opts
-        )
-    a_layout = gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K], gl.float8e4nv)
-    b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float8e4nv)
-    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [block_m, BLOCK_K], a_layout)
-    b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [BLOCK_N, BLOCK_K], b_layout)
-    num_tiles = -(-M // block_m) * -(-N // BLOCK_N)
-    _fp8_block_gemm_sm90_kernel[(num_tiles,)](
-        a_desc, b_desc, a_scale, b_scale, out, res, g,
-        M, N, K,
-        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
-        out.stride(0), res.stride(0), g.stride(0),
-        HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None,
-        NUM_STAGES=num_stages, GROUP=GROUP_M, num_warps=_WARPS[block_m],
-    )  # fmt: skip
-    return out
+    tma_store = tma_store and out.data_ptr() % 16 == 0 and (N * out.element_size()) % 16 == 0
+    smem = _ws_smem_bytes(num_stages, consumers, out.element_size() if tma_store else 0)
+    if smem > SMEM_BYTES:
+        raise ValueError(f"num_stages={num_stages} with {consumers} consumers needs {smem} B of shared memory, "
+                         f"more than sm_90's {SMEM_BYTES}")  # fmt: skip
+    return _launch_ws(a, b, a_scale, b_scale, out, res, g, residual is not None, gate is not None, num_stages,
+                      ordered=ordered, consumers=consumers, tma_store=tma_store)  # fmt: skip
 
 
 # Cached launches of the warp-specialized kernel (the dispatch of fp8_gemm's block scales): Gluon's
@@ -775,16 +601,15 @@ def _ws_smem_bytes(num_stages: int, consumers: int, out_bytes: int) -> int:
     return num_stages * (consumers * 64 + BLOCK_N) * BLOCK_K + consumers * 64 * BLOCK_N * out_bytes + 24 * num_stages
 
 
-def _launch_ws(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, *, ordered, lagged,
-               consumers=2, defer_scale=False, tma_store=False):  # fmt: skip
+def _launch_ws(a, b, a_scale, b_scale, out, res, g, has_res, has_gate, num_stages, *, ordered, consumers, tma_store):
     M, K = a.shape
     N = b.shape[0]
     maxnreg, consumer_regs, producer_regs = WS_REGS[consumers]
     ints = (M, N, K, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
             out.stride(0), res.stride(0), g.stride(0))  # fmt: skip
     consts = dict(HAS_RESIDUAL=has_res, HAS_GATE=has_gate, NUM_STAGES=num_stages, GROUP=GROUP_M,
-                  PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, ORDERED=ordered, LAGGED=lagged,
-                  CONSUMERS=consumers, DEFER_SCALE=defer_scale, TMA_STORE=tma_store)  # fmt: skip
+                  PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, ORDERED=ordered, CONSUMERS=consumers,
+                  TMA_STORE=tma_store)  # fmt: skip
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     # everything the launch specializes on: integer values (Triton specializes on 1 and on 16-divisibility),
     # the pointers' 16-byte alignment, dtypes, the descriptors' row strides, the constexprs
@@ -840,28 +665,3 @@ def launch_cached(
     compiled = kernel[grid](*descs, *args, **consts, **launch)
     if fast:
         cache_launcher(cache, key, kernel, compiled, grid, len(descs) + len(args), consts, descs)
-
-
-def fp8_block_gemm_sm90_ws(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    a_scale: torch.Tensor,
-    b_scale: torch.Tensor,
-    *,
-    out_dtype: torch.dtype = torch.bfloat16,
-    residual: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
-    num_stages: int = 4,
-    ordered: bool = False,
-    lagged: bool = True,
-    consumers: int = 2,
-    defer_scale: bool = False,
-    tma_store: bool = False,
-) -> torch.Tensor:
-    """``fp8_block_gemm_sm90(..., block_m=128, warp_specialized=True)``: same arguments and maths
-    (``consumers=3``: 192-row tiles)."""
-    return fp8_block_gemm_sm90(
-        a, b, a_scale, b_scale, out_dtype=out_dtype, residual=residual, gate=gate,
-        block_m=128, num_stages=num_stages, warp_specialized=True, ws_ordered=ordered, ws_lagged=lagged,
-        ws_consumers=consumers, ws_defer_scale=defer_scale, ws_tma_store=tma_store,
-    )  # fmt: skip

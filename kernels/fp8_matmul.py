@@ -1273,7 +1273,7 @@ def _block_gluon_options(M: int, out_dtype: torch.dtype) -> dict:
     tiles where M is a multiple of 192 from 4608 rows (single.linear1/2 at M = 4608: 1.01-1.19x two consumers;
     at M = 4096, 21.3 tiles of 192 rows, 0.92-1.0x; at M = 512, 0.72-0.81x), with 4 stages; otherwise two
     ordered consumers, 3 stages from M = 1024 and 5 below (deeper rings with the TMA store: no gain)."""
-    opts = dict(lagged=False, defer_scale=True, tma_store=out_dtype.itemsize == 2)
+    opts = dict(tma_store=out_dtype.itemsize == 2)
     if M >= 4096 and M % 192 == 0:
         return dict(opts, consumers=3, num_stages=4)
     return dict(opts, consumers=2, ordered=True, num_stages=3 if M >= 1024 else 5)
@@ -1352,9 +1352,9 @@ def _launch_gemm(a, b, a_scale, b_scale, out_dtype, residual, gate, fast_accum, 
         # fp8_gemm checked the operands, scales and epilogue; _use_block_rescale what the kernel adds
         return R.run_checked(a, b, a_scale, b_scale, out_dtype, residual, gate, **BLOCK_RESCALE_OPTIONS)
     if mode == SCALE_BLOCK and not a_bf16 and _use_block_gluon(a, b, a_scale, b_scale, residual):
-        from flux2_bench.kernels.fp8_block_gemm_sm90 import fp8_block_gemm_sm90_ws
+        from flux2_bench.kernels.fp8_block_gemm_sm90 import fp8_block_gemm_sm90
 
-        return fp8_block_gemm_sm90_ws(
+        return fp8_block_gemm_sm90(
             a,
             b,
             a_scale,

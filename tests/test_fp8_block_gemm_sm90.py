@@ -75,14 +75,10 @@ def test_rejects_non_fp8_and_shape_errors():
         G.fp8_block_gemm_sm90(a, b, sa, sb, residual=torch.zeros(32, 64))
     with pytest.raises(ValueError, match=r"gate must have shape \(128,\)"):
         G.fp8_block_gemm_sm90(a, b, sa, sb, gate=torch.zeros(64))
-    with pytest.raises(ValueError, match="block_m must be one of"):
-        G.fp8_block_gemm_sm90(a, b, sa, sb, block_m=96)
     with pytest.raises(ValueError, match="num_stages"):
         G.fp8_block_gemm_sm90(a, b, sa, sb, num_stages=1)
-    with pytest.raises(ValueError, match="warp_specialized needs block_m=128"):
-        G.fp8_block_gemm_sm90(a, b, sa, sb, block_m=64, warp_specialized=True)
     with pytest.raises(ValueError, match="num_stages"):
-        G.fp8_block_gemm_sm90_ws(a, b, sa, sb, num_stages=7)
+        G.fp8_block_gemm_sm90(a, b, sa, sb, num_stages=7)
     with pytest.raises(ValueError, match="contiguous along K"):
         G.fp8_block_gemm_sm90(a.t().contiguous().t(), b, sa, sb)
 
@@ -91,8 +87,6 @@ def test_rejects_cpu_tensors():
     a, b, sa, sb = _operands(32, 128, 256)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         G.fp8_block_gemm_sm90(a, b, sa, sb)
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
-        G.fp8_block_gemm_sm90_ws(a, b, sa, sb)
 
 
 @pytest.mark.gpu
@@ -143,15 +137,16 @@ def _abs_sum(a, b, sa, sb, gate):
     return fp8_gemm_ref(a.float().abs().to(E4M3), b.float().abs().to(E4M3), sa, sb, out_dtype=torch.float32, gate=g)
 
 
-# the kernels under test: (block_m, warp_specialized)
-VARIANTS = {"bm128": (128, False), "bm64": (64, False), "ws": (128, True)}
+# the schedules under test (keywords of fp8_block_gemm_sm90): two consumers, ordered (the default) or not, and
+# three consumers on 192-row tiles
+VARIANTS = {"ordered": {}, "unordered": dict(ordered=False), "c3": dict(consumers=3)}
 
 
 @pytest.mark.gpu
 @needs_sm90
 @pytest.mark.parametrize(
     "M, N, K",
-    # (40, 384, 640): the WS kernel's second consumer warpgroup (rows 64..127) has no valid row
+    # (40, 384, 640): the second consumer warpgroup (rows 64..127) has no valid row
     [(256, 512, 384), (1000, 1111, 768), (64, 128, 128), (77, 300, 1040), (40, 384, 640)],
 )
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -159,13 +154,10 @@ VARIANTS = {"bm128": (128, False), "bm64": (64, False), "ws": (128, True)}
     "out_dtype, epilogue", [(torch.bfloat16, False), (torch.float32, True), (torch.bfloat16, True)]
 )
 def test_matches_reference(M, N, K, variant, out_dtype, epilogue):
-    block_m, ws = VARIANTS[variant]
     a, b, sa, sb = _operands(M, N, K, "cuda")
     res = (torch.randn(M, N, device="cuda") * 10).to(out_dtype) if epilogue else None
     gate = torch.randn(N, device="cuda").to(torch.bfloat16) if epilogue else None
-    out = G.fp8_block_gemm_sm90(
-        a, b, sa, sb, out_dtype=out_dtype, residual=res, gate=gate, block_m=block_m, warp_specialized=ws
-    )
+    out = G.fp8_block_gemm_sm90(a, b, sa, sb, out_dtype=out_dtype, residual=res, gate=gate, **VARIANTS[variant])
     ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32, residual=res, gate=gate)
     _check(out, ref, _abs_sum(a, b, sa, sb, gate), out_dtype, f"{M}x{N}x{K} {variant} {out_dtype} ep={epilogue}")
 
@@ -173,25 +165,24 @@ def test_matches_reference(M, N, K, variant, out_dtype, epilogue):
 @pytest.mark.gpu
 @needs_sm90
 @pytest.mark.parametrize("num_stages", [2, 3, 6])
-def test_ws_ring_depths(num_stages):
-    """The WS kernel's ready/empty phases with other ring depths, K steps not a multiple of the depth,
-    and more tiles than SMs (each persistent program walks several tiles through one ring)."""
+def test_ring_depths(num_stages):
+    """The ready/empty phases with other ring depths, K steps not a multiple of the depth, and more tiles than
+    SMs (each persistent program walks several tiles through one ring)."""
     M, N, K = 1100, 2 * 1024 + 40, 7 * 128 + 32
     a, b, sa, sb = _operands(M, N, K, "cuda", seed=2)
-    out = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, out_dtype=torch.float32, num_stages=num_stages)
+    out = G.fp8_block_gemm_sm90(a, b, sa, sb, out_dtype=torch.float32, num_stages=num_stages)
     ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)
-    _check(out, ref, _abs_sum(a, b, sa, sb, None), torch.float32, f"ws num_stages={num_stages}")
+    _check(out, ref, _abs_sum(a, b, sa, sb, None), torch.float32, f"num_stages={num_stages}")
 
 
 @pytest.mark.gpu
 @needs_sm90
-@pytest.mark.parametrize("variant", ["bm128", "ws"])
+@pytest.mark.parametrize("variant", ["ordered", "c3"])
 def test_flux2_shape_sampled_rows(variant):
     """FLUX.2-dev double.img.qkv at 1024^2 (4096 x 6144 -> 18432); the ref on 256 sampled rows."""
-    block_m, ws = VARIANTS[variant]
     M, N, K = 4096, 18432, 6144
     a, b, sa, sb = _operands(M, N, K, "cuda", seed=1)
-    out = G.fp8_block_gemm_sm90(a, b, sa, sb, out_dtype=torch.float32, block_m=block_m, warp_specialized=ws)
+    out = G.fp8_block_gemm_sm90(a, b, sa, sb, out_dtype=torch.float32, **VARIANTS[variant])
     rows = torch.randperm(M, generator=torch.Generator().manual_seed(0))[:256].cuda()
     ref = fp8_gemm_ref(a[rows], b, sa[rows], sb, out_dtype=torch.float32)
     _check(out[rows], ref, _abs_sum(a[rows], b, sa[rows], sb, None), torch.float32, f"{variant} 4096x18432x6144 rows")
@@ -199,54 +190,19 @@ def test_flux2_shape_sampled_rows(variant):
     assert rel < 1e-3, f"{variant}: rel L2 error {rel:.3g} on 256 sampled rows"
 
 
-@pytest.mark.gpu
-@needs_sm90
-@pytest.mark.parametrize("ordered, lagged", [(True, True), (True, False), (False, False)])
-@pytest.mark.parametrize(
-    "M, N, K, num_stages",
-    [(1000, 1111, 768, 4), (40, 384, 640, 4), (1100, 2 * 1024 + 40, 7 * 128 + 32, 3), (300, 640, 1040, 2)],
-)
-def test_ws_schedules_are_bit_identical_to_the_lagged_one(ordered, lagged, M, N, K, num_stages):
-    """The consumer schedules (issue order, promotion lag) change when the promotions run, not their
-    order: each output element gets the same fp32 operations, so the bits must match the default."""
-    a, b, sa, sb = _operands(M, N, K, "cuda", seed=3)
-    res = (torch.randn(M, N, device="cuda") * 10).to(torch.bfloat16)
-    gate = torch.randn(N, device="cuda").to(torch.bfloat16)
-    for kw in ({}, {"residual": res, "gate": gate}):
-        base = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, out_dtype=torch.float32, num_stages=num_stages, **kw)
-        out = G.fp8_block_gemm_sm90_ws(
-            a, b, sa, sb, out_dtype=torch.float32, num_stages=num_stages, ordered=ordered, lagged=lagged, **kw
-        )
-        assert torch.equal(out, base), f"max |diff| {(out - base).abs().max().item():.3g}"
-    ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)
-    out = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, out_dtype=torch.float32, ordered=ordered, lagged=lagged)
-    _check(out, ref, _abs_sum(a, b, sa, sb, None), torch.float32, f"ordered={ordered} lagged={lagged}")
-
-
-def test_ws_schedule_options_need_the_ws_kernel():
+def test_option_combinations_are_checked():
     a = torch.zeros(64, 128, dtype=E4M3)
     b = torch.zeros(128, 128, dtype=E4M3)
     sa, sb = torch.ones(64, 1), torch.ones(1, 1)
-    for kw in ({"ws_ordered": True}, {"ws_consumers": 3}, {"ws_tma_store": True}):
-        with pytest.raises(ValueError, match="warp-specialized"):
-            G.fp8_block_gemm_sm90(a, b, sa, sb, **kw)
-
-
-def test_ws_option_combinations_are_checked():
-    a = torch.zeros(64, 128, dtype=E4M3)
-    b = torch.zeros(128, 128, dtype=E4M3)
-    sa, sb = torch.ones(64, 1), torch.ones(1, 1)
-    with pytest.raises(ValueError, match="ws_consumers must be one of"):
-        G.fp8_block_gemm_sm90_ws(a, b, sa, sb, consumers=4)
-    with pytest.raises(ValueError, match="needs ws_consumers=2"):
-        G.fp8_block_gemm_sm90_ws(a, b, sa, sb, consumers=3, ordered=True, lagged=False)
-    with pytest.raises(ValueError, match="unlagged schedule"):
-        G.fp8_block_gemm_sm90_ws(a, b, sa, sb, defer_scale=True)
+    with pytest.raises(ValueError, match="consumers must be one of"):
+        G.fp8_block_gemm_sm90(a, b, sa, sb, consumers=4)
+    with pytest.raises(ValueError, match="needs consumers=2"):
+        G.fp8_block_gemm_sm90(a, b, sa, sb, consumers=3, ordered=True)
     with pytest.raises(ValueError, match="2-byte outputs"):
-        G.fp8_block_gemm_sm90_ws(a, b, sa, sb, lagged=False, tma_store=True, out_dtype=torch.float32)
+        G.fp8_block_gemm_sm90(a, b, sa, sb, tma_store=True, out_dtype=torch.float32)
 
 
-def test_ws_shared_memory_budget():
+def test_shared_memory_budget():
     """The ring, the TMA-store buffers and the barriers; the launcher refuses what sm_90 cannot hold."""
     assert G._ws_smem_bytes(3, 2, 0) == 3 * 256 * 128 + 72
     assert G._ws_smem_bytes(4, 3, 2) == 4 * 320 * 128 + 3 * 64 * 128 * 2 + 96
@@ -255,44 +211,43 @@ def test_ws_shared_memory_budget():
 
 @pytest.mark.gpu
 @needs_sm90
-def test_ws_refuses_a_ring_that_does_not_fit():
+def test_refuses_a_ring_that_does_not_fit():
     a, b, sa, sb = _operands(256, 256, 256, "cuda")
     with pytest.raises(ValueError, match="shared memory"):
-        G.fp8_block_gemm_sm90_ws(a, b, sa, sb, consumers=3, lagged=False, tma_store=True, num_stages=6)
+        G.fp8_block_gemm_sm90(a, b, sa, sb, consumers=3, tma_store=True, num_stages=6)
 
 
 @pytest.mark.gpu
 @needs_sm90
 @pytest.mark.parametrize(
     "kw",
-    [dict(ordered=True, defer_scale=True), dict(ordered=True, defer_scale=True, tma_store=True),
-     dict(consumers=3, defer_scale=True), dict(consumers=3, defer_scale=True, tma_store=True), dict(consumers=3)],
-    ids=["order+defer", "order+defer+tma", "c3+defer", "c3+defer+tma", "c3"],
-)  # fmt: skip
+    [dict(ordered=True), dict(ordered=True, tma_store=True), dict(consumers=3), dict(consumers=3, tma_store=True)],
+    ids=["ordered", "ordered+tma", "c3", "c3+tma"],
+)
 @pytest.mark.parametrize(
     "M, N, K, num_stages",
     [(1000, 1111, 768, 4), (40, 384, 640, 3), (1100, 2 * 1024 + 40, 7 * 128 + 32, 3), (300, 640, 1040, 2)],
 )
-def test_ws_consumers_defer_and_tma_store_are_bit_identical(kw, M, N, K, num_stages):
-    """Three consumers (192-row tiles), deferred scale multiplies and the TMA-store epilogue change who
-    computes a row and how it leaves, not the fp32 operations on it: bf16 outputs (ragged M, N, K, with
-    and without the gated residual) must match the unlagged two-consumer kernel bit for bit."""
+def test_schedules_are_bit_identical(kw, M, N, K, num_stages):
+    """The wgmma issue order, three consumers (192-row tiles) and the TMA-store epilogue change who computes a row
+    and how it leaves, not the fp32 operations on it: bf16 outputs (ragged M, N, K, with and without the gated
+    residual) must match the unordered two-consumer kernel bit for bit."""
     a, b, sa, sb = _operands(M, N, K, "cuda", seed=6)
     res = (torch.randn(M, N, device="cuda") * 10).to(torch.bfloat16)
     gate = torch.randn(N, device="cuda").to(torch.bfloat16)
     for epi in ({}, {"residual": res, "gate": gate}):
-        base = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, num_stages=num_stages, lagged=False, **epi)
-        out = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, num_stages=num_stages, lagged=False, **kw, **epi)
+        base = G.fp8_block_gemm_sm90(a, b, sa, sb, num_stages=num_stages, ordered=False, **epi)
+        out = G.fp8_block_gemm_sm90(a, b, sa, sb, num_stages=num_stages, **kw, **epi)
         assert torch.equal(out, base), f"max |diff| {(out.float() - base.float()).abs().max().item():.3g}"
     ref = fp8_gemm_ref(a, b, sa, sb, out_dtype=torch.float32)
-    out = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, lagged=False, **kw)
+    out = G.fp8_block_gemm_sm90(a, b, sa, sb, **kw)
     _check(out, ref, _abs_sum(a, b, sa, sb, None), torch.bfloat16, str(kw))
 
 
 @pytest.mark.gpu
 @needs_sm90
-def test_ws_cached_launch_matches_a_fresh_one(monkeypatch):
-    """After the first launch of a specialization the WS kernel is launched through its cached
+def test_cached_launch_matches_a_fresh_one(monkeypatch):
+    """After the first launch of a specialization the kernel is launched through its cached
     launcher with the first launch's TMA descriptors re-pointed: other tensors of the same shape must
     give the bits of a launch through Gluon's JIT path."""
     G._WS_LAUNCHERS.clear()
@@ -301,10 +256,10 @@ def test_ws_cached_launch_matches_a_fresh_one(monkeypatch):
         a, b, sa, sb = _operands(M, N, K, "cuda", seed=seed)
         res = (torch.randn(M, N, device="cuda") * 10).to(torch.bfloat16)
         gate = torch.randn(N, device="cuda").to(torch.bfloat16)
-        kw = dict(out_dtype=torch.float32, residual=res, gate=gate, ordered=True, lagged=False)
-        fast = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, **kw)
+        kw = dict(out_dtype=torch.float32, residual=res, gate=gate)
+        fast = G.fp8_block_gemm_sm90(a, b, sa, sb, **kw)
         monkeypatch.setattr(G, "FAST_LAUNCH", False)
-        fresh = G.fp8_block_gemm_sm90_ws(a, b, sa, sb, **kw)
+        fresh = G.fp8_block_gemm_sm90(a, b, sa, sb, **kw)
         monkeypatch.setattr(G, "FAST_LAUNCH", True)
         assert torch.equal(fast, fresh), f"seed {seed}: max |diff| {(fast - fresh).abs().max().item():.3g}"
     assert len(G._WS_LAUNCHERS) == 1, "both calls should share one cached specialization"

@@ -313,13 +313,11 @@ def test_block_gluon_options_follow_the_measured_dispatch():
     """Three consumers only where M is a multiple of 192 from 4608 rows (no padded tile rows; measured
     faster on FLUX.2's single-stream linears), the TMA store only for 2-byte outputs."""
     opts = F._block_gluon_options(4608, torch.bfloat16)
-    assert opts == dict(lagged=False, defer_scale=True, tma_store=True, consumers=3, num_stages=4)
+    assert opts == dict(tma_store=True, consumers=3, num_stages=4)
     assert F._block_gluon_options(4096, torch.bfloat16)["consumers"] == 2
-    assert F._block_gluon_options(16896, torch.float32) == dict(
-        lagged=False, defer_scale=True, tma_store=False, consumers=3, num_stages=4
-    )
+    assert F._block_gluon_options(16896, torch.float32) == dict(tma_store=False, consumers=3, num_stages=4)
     small = F._block_gluon_options(512, torch.float16)
-    assert small == dict(lagged=False, defer_scale=True, tma_store=True, consumers=2, ordered=True, num_stages=5)
+    assert small == dict(tma_store=True, consumers=2, ordered=True, num_stages=5)
     assert F._block_gluon_options(1152, torch.bfloat16)["consumers"] == 2  # a multiple of 192 below 4096
 
 
@@ -339,8 +337,8 @@ def test_gpu_block_scales_dispatch(M, K, N, gluon, monkeypatch):
     if not G.is_available():
         pytest.skip("needs sm_90 and Gluon")
     calls = []
-    real = G.fp8_block_gemm_sm90_ws
-    monkeypatch.setattr(G, "fp8_block_gemm_sm90_ws", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = G.fp8_block_gemm_sm90
+    monkeypatch.setattr(G, "fp8_block_gemm_sm90", lambda *a, **k: calls.append(k) or real(*a, **k))
     x = act(M, K)
     _, wq, ws = make_weight(N, K, "block")
     xq, xs = F.quantize_fp8(x, "block")
@@ -735,7 +733,7 @@ def test_gpu_launch_caches_keep_no_tensors(monkeypatch):
 
     def block_ws():
         xq, wq, xs, ws = gemm("block")
-        return xq, wq, G.fp8_block_gemm_sm90_ws(xq, wq, xs, ws)
+        return xq, wq, G.fp8_block_gemm_sm90(xq, wq, xs, ws)
 
     def block_rescaled():
         xq, wq, xs, ws = gemm("block")

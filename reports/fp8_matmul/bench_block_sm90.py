@@ -1,5 +1,8 @@
 """H100 check and benchmark of the Gluon block-scaled FP8 GEMM (kernels/fp8_block_gemm_sm90.py).
 
+History: written for the options ``kernels/fp8_block_gemm_sm90.py`` had up to 787a08e (``fp8_block_gemm_sm90_ws``,
+``lagged``, ``defer_scale``, the non-specialized kernel); they were pruned in session 18. Run it from that commit.
+
 For every FLUX.2-dev GEMM shape at 1024^2 (shape list of bench_fp8_matmul.py):
 1. correctness of fp8_block_gemm_sm90 (block_m 128 and 64, warp-specialized) against fp8_gemm_ref on 256 sampled rows
    (rel L2 error, fp32 output);

@@ -1,5 +1,8 @@
 """Compile kernels/fp8_block_gemm_sm90.py's Gluon kernel for sm_90 on a machine without a GPU.
 
+History: written for the options ``kernels/fp8_block_gemm_sm90.py`` had up to 787a08e (``fp8_block_gemm_sm90_ws``,
+``lagged``, ``defer_scale``, the non-specialized kernel); they were pruned in session 18. Run it from that commit.
+
 Run with Triton 3.6 (the device's version) first on the path, e.g. ``/tmp/py36 reports/fp8_matmul/
 compile_block_sm90.py [--dump DIR]``. For each config (``ws_*``: the warp-specialized kernel) it
 prints registers / spills (ptxas) / shared memory, and the SASS of the K loop (of each consumer

@@ -1,6 +1,9 @@
 """Why the block-scaled GEMM runs at ~0.7x row-wise: one launch of each variant on double.img.proj
 (4096 x 6144 x 6144, where run 13 measured 952 TFLOP/s block against 1458 row-wise) for Nsight Compute.
 
+History: written for the options ``kernels/fp8_block_gemm_sm90.py`` had up to 787a08e (``fp8_block_gemm_sm90_ws``,
+``lagged``, ``defer_scale``, the non-specialized kernel); they were pruned in session 18. Run it from that commit.
+
 argv[1] picks the variant:
 
 - ``block``: the Gluon warp-specialized kernel as ``fp8_gemm`` dispatches it (``_block_gluon_options``; run 1

@@ -1,6 +1,9 @@
 """Probe: three consumer warpgroups, deferred scale multiplies and a TMA-store epilogue for the
 warp-specialized block GEMM.
 
+History: written for the options ``kernels/fp8_block_gemm_sm90.py`` had up to 787a08e (``fp8_block_gemm_sm90_ws``,
+``lagged``, ``defer_scale``, the non-specialized kernel); they were pruned in session 18. Run it from that commit.
+
 Question. Nsight Compute on double.img.proj (ncu_block_ws run 1, ``ncu_block_ws.md``) put the Gluon block
 kernel's tensor pipe at 55 % active against cuBLAS's 128 x 128 block kernel 1.34x faster with the same tile
 (``nvjet_sm90_qqtst_128x128_128x6_1x2_..._coopA``: 6 stages, a 1 x 2 cluster). Three findings:

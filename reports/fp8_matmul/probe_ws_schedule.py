@@ -1,5 +1,8 @@
 """Probe: does the schedule of the two consumer warpgroups limit the warp-specialized block GEMM?
 
+History: written for the options ``kernels/fp8_block_gemm_sm90.py`` had up to 787a08e (``fp8_block_gemm_sm90_ws``,
+``lagged``, ``defer_scale``, the non-specialized kernel); they were pruned in session 18. Run it from that commit.
+
 Question. ``kernels/fp8_block_gemm_sm90.py``'s warp-specialized kernel (block scales, 128 x 128 tiles)
 ran at ~850 TFLOP/s (run 2 of bench_block_sm90.py), against ~1200 for our row-wise kernel on the same
 128 x 128 tile (probe_wide_tiles run 1, ``128x128_s4_w4``): the promotion costs ~30 %, although each
