@@ -1085,7 +1085,10 @@ def _make_fast_launcher(fn, grid, compiled, args, meta):
     g = grid({**dict(zip(names, args, strict=False)), **full}) if callable(grid) else grid
     g = tuple(g) + (1,) * (3 - len(g))
     runner = compiled[g]
-    return lambda *a: runner(*a, *tail)
+    # the key names the autotuner's config list and cache by id(): holding them here keeps a freed list's id
+    # from passing to a new one (a test pinning another config) while this launcher is cached
+    owners = (getattr(fn, "configs", None), getattr(fn, "cache", None))
+    return lambda *a, _owners=owners: runner(*a, *tail)
 
 
 def _launch(fn, grid, *args, _key=None, **meta):

@@ -785,6 +785,36 @@ def test_fast_launcher_hands_the_compiled_kernel_its_grid_and_constexprs(monkeyp
     assert dict(zip(names[len(args) :], all_args[len(args) :], strict=True)) == {n: want[n] for n in names[len(args) :]}
 
 
+def test_fast_launcher_keeps_the_objects_its_key_names_alive(monkeypatch):
+    """``_launch_key`` names the autotuner's config list and cache by id(): a list freed while its launcher stayed
+    cached could pass its id to a new list (a test pinning another config), which would then get the old config's
+    launcher (the stream-K workspace had this bug, CI stop 24). The launcher holds both."""
+    import collections
+    import gc
+    import weakref
+
+    class Configs(list):  # a list that takes weak references
+        pass
+
+    M, K, N = 33, 145, 81
+    a, b = act(M, K).to(torch.float8_e4m3fn), act(N, K).to(torch.float8_e4m3fn)
+    sa, sb = torch.rand(M, device=DEV) + 0.5, torch.rand(N, device=DEV) + 0.5
+    F.fp8_gemm(a, b, sa, sb)
+    seen = []
+    monkeypatch.setattr(F, "_launch", lambda fn, grid, *args, **meta: seen.append((fn, grid, args, meta)))
+    F.fp8_gemm(a, b, sa, sb)
+    ((fn, grid, args, meta),) = seen
+    with monkeypatch.context() as m:
+        m.setattr(fn, "configs", Configs(fn.configs))
+        ref = weakref.ref(fn.configs)
+        launcher = F._make_fast_launcher(fn, grid, collections.defaultdict(lambda: None), args, meta)
+    gc.collect()
+    assert ref() is not None, "the cached launcher let the config list its key names be freed"
+    del launcher
+    gc.collect()
+    assert ref() is None
+
+
 def test_autotune_graph_timer_refused_with_persistent_kernel(monkeypatch):
     """The CUDA-graph autotune timer together with the persistent kernel returned wrong outputs on the
     H100 (reports/quant_runtime/diag_persistent_bisect): that pair falls back to the eager timer."""
