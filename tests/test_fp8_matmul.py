@@ -757,18 +757,25 @@ def test_gpu_launch_caches_keep_no_tensors(monkeypatch):
     assert F._DESC_TEMPLATES and G._WS_LAUNCHERS and BR._LAUNCHERS and R._LAUNCHERS and W._LAUNCHERS and A._LAUNCHERS
 
 
+def _recorded_gemm_launch(monkeypatch, M=33, K=145, N=81):
+    """(kernel, grid, args, meta) that ``fp8_gemm`` hands ``_launch`` for an (M, K) x (N, K) row-scaled GEMM,
+    after a first call that autotuned it (the interpreter launch records the autotuner's best config)."""
+    a, b = act(M, K).to(torch.float8_e4m3fn), act(N, K).to(torch.float8_e4m3fn)
+    sa, sb = torch.rand(M, device=DEV) + 0.5, torch.rand(N, device=DEV) + 0.5
+    F.fp8_gemm(a, b, sa, sb)
+    seen = []
+    monkeypatch.setattr(F, "_launch", lambda fn, grid, *args, **meta: seen.append((fn, grid, args, meta)))
+    F.fp8_gemm(a, b, sa, sb)
+    (launch,) = seen
+    return launch
+
+
 def test_fast_launcher_hands_the_compiled_kernel_its_grid_and_constexprs(monkeypatch):
     """The cached launcher bypasses Triton's binder: it must pass the runtime arguments unchanged, then
     every constexpr in signature order (launch keywords, the autotuned config, the EVEN_K heuristic),
     under the grid the autotuned config implies. A stub stands in for the compiled kernel."""
     M, K, N = 33, 145, 81
-    a, b = act(M, K).to(torch.float8_e4m3fn), act(N, K).to(torch.float8_e4m3fn)
-    sa, sb = torch.rand(M, device=DEV) + 0.5, torch.rand(N, device=DEV) + 0.5
-    F.fp8_gemm(a, b, sa, sb)  # the interpreter launch records the autotuner's best config
-    seen = []
-    monkeypatch.setattr(F, "_launch", lambda fn, grid, *args, **meta: seen.append((fn, grid, args, meta)))
-    F.fp8_gemm(a, b, sa, sb)
-    ((fn, grid, args, meta),) = seen
+    fn, grid, args, meta = _recorded_gemm_launch(monkeypatch, M, K, N)
     calls = []
 
     class CompiledStub:
@@ -796,14 +803,7 @@ def test_fast_launcher_keeps_the_objects_its_key_names_alive(monkeypatch):
     class Configs(list):  # a list that takes weak references
         pass
 
-    M, K, N = 33, 145, 81
-    a, b = act(M, K).to(torch.float8_e4m3fn), act(N, K).to(torch.float8_e4m3fn)
-    sa, sb = torch.rand(M, device=DEV) + 0.5, torch.rand(N, device=DEV) + 0.5
-    F.fp8_gemm(a, b, sa, sb)
-    seen = []
-    monkeypatch.setattr(F, "_launch", lambda fn, grid, *args, **meta: seen.append((fn, grid, args, meta)))
-    F.fp8_gemm(a, b, sa, sb)
-    ((fn, grid, args, meta),) = seen
+    fn, grid, args, meta = _recorded_gemm_launch(monkeypatch)
     with monkeypatch.context() as m:
         m.setattr(fn, "configs", Configs(fn.configs))
         ref = weakref.ref(fn.configs)
