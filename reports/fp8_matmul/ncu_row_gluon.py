@@ -15,10 +15,11 @@ DETAILS = ("Duration", "SM Frequency", "Compute (SM) Throughput", "Memory Throug
            "DRAM Throughput", "L2 Hit Rate", "Registers Per Thread", "Dynamic Shared Memory Per Block", "Block Size",
            "Grid Size", "Cluster Size")  # fmt: skip
 RAW = {
+    "gpu__time_duration.sum": "duration",
+    "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed": "tensor pipe active",
     "dram__bytes_read.sum": "DRAM bytes read",
     "lts__t_sectors_srcunit_tex_op_read.sum": "L2 sectors read by SMs",
     "lts__t_sector_op_read_hit_rate.pct": "L2 read hit rate",
-    "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active": "tensor pipe (wgmma) active",
 }
 SHAPES = {"txt_qkv": "double.txt.qkv 512 x 6144 x 18432 (run 21 A/B: 0.934)",
           "img_proj": "double.img.proj 4096 x 6144 x 6144 (1.017, the control)",
@@ -32,6 +33,30 @@ def detail(txt: str, name: str) -> tuple[str, float | None]:
         return "n/a", None
     v = float(m.group(2).replace(",", ""))
     return f"{m.group(2)} {m.group(1) or ''}".strip(), v
+
+
+UNITS = {
+    "": 1.0,
+    "sector": 1.0,
+    "byte": 1.0,
+    "Kbyte": 1e3,
+    "Mbyte": 1e6,
+    "Gbyte": 1e9,
+    "nsecond": 1e-9,
+    "usecond": 1e-6,
+    "msecond": 1e-3,
+    "ns": 1e-9,
+    "us": 1e-6,
+    "ms": 1e-3,
+}
+
+
+def _scaled(value: str, unit: str) -> float | None:
+    """A raw-page value in its base unit (ncu prints bytes as Kbyte / Mbyte / Gbyte)."""
+    try:
+        return float(value.replace(",", "")) * UNITS[unit]
+    except (KeyError, ValueError):
+        return None
 
 
 def raw(path: Path) -> dict[str, tuple[str, str]]:
@@ -72,11 +97,9 @@ def main(d: Path) -> str:
             if not (a or b):
                 continue
             ratio = ""
-            try:
-                if a and b and not metric.endswith("pct") and not metric.endswith("peak_sustained_active"):
-                    ratio = f"{float(a[0].replace(',', '')) / float(b[0].replace(',', '')):.3f}"
-            except (ValueError, ZeroDivisionError):
-                pass
+            if a and b and not metric.endswith(("pct", "peak_sustained_elapsed")):
+                va, vb = _scaled(*a), _scaled(*b)
+                ratio = f"{va / vb:.3f}" if va is not None and vb else ""
             fmt = lambda x: f"{x[0]} {x[1]}".strip() if x else "n/a"  # noqa: E731
             L.append(f"| {label_m} (`{metric}`) | {fmt(a)} | {fmt(b)} | {ratio} |")
         L.append("")

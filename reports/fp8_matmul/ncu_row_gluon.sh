@@ -9,7 +9,7 @@ out=${1:?OUTDIR}
 mkdir -p "$out"
 ncu=${NCU:-/usr/local/cuda/bin/ncu}
 py="python3 reports/fp8_matmul/ncu_block_ws.py"
-metrics=dram__bytes_read.sum,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sector_op_read_hit_rate.pct,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active
+metrics=dram__bytes_read.sum,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sector_op_read_hit_rate.pct,sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum
 for shape in txt_qkv:512,6144,18432 img_proj:4096,6144,6144 img_mlp_in:4096,6144,36864 linear1:4608,6144,55296; do
     name=${shape%%:*}
     for v in row cublas_row; do
