@@ -457,6 +457,7 @@ def _dequantize_4bit_kernel(
     BLOCK_K: tl.constexpr,
 ):
     # Memory-bound: reads 0.5 byte and writes 2 bytes per element; one (BLOCK_N, BLOCK_K) tile per program.
+    # BLOCK_K may span several scale groups (GROUPS > 1): wider tiles write longer contiguous row segments.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -464,8 +465,6 @@ def _dequantize_4bit_kernel(
     offs_n64 = offs_n.to(tl.int64)
     offs_kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     packed = tl.load(w_ptr + offs_n64[:, None] * stride_wn + offs_kb[None, :], mask=mask_n[:, None], other=0)
-    scale = tl.load(s_ptr + offs_n64 * stride_sn + (pid_k * BLOCK_K) // GROUP_SIZE, mask=mask_n, other=0.0)
-    scale = scale.to(tl.float32)
     hi = (packed >> 4).to(tl.int32)
     lo = (packed & 0xF).to(tl.int32)
     if IS_NF4:
@@ -474,7 +473,19 @@ def _dequantize_4bit_kernel(
     else:
         hi_f = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
         lo_f = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-    w = tl.join(hi_f * scale[:, None], lo_f * scale[:, None]).reshape(BLOCK_N, BLOCK_K)
+    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
+    if GROUPS > 1:  # a scale per (row, group): the packed tile viewed as (BLOCK_N, GROUPS, GROUP_SIZE / 2) bytes
+        offs_g = pid_k * GROUPS + tl.arange(0, GROUPS)
+        scale = tl.load(s_ptr + offs_n64[:, None] * stride_sn + offs_g[None, :], mask=mask_n[:, None], other=0.0)
+        scale = scale.to(tl.float32)[:, :, None]
+        hi_f = (hi_f.reshape(BLOCK_N, GROUPS, GROUP_SIZE // 2) * scale).reshape(BLOCK_N, BLOCK_K // 2)
+        lo_f = (lo_f.reshape(BLOCK_N, GROUPS, GROUP_SIZE // 2) * scale).reshape(BLOCK_N, BLOCK_K // 2)
+    else:  # the tile lies in one group
+        scale = tl.load(s_ptr + offs_n64 * stride_sn + (pid_k * BLOCK_K) // GROUP_SIZE, mask=mask_n, other=0.0)
+        scale = scale.to(tl.float32)[:, None]
+        hi_f = hi_f * scale
+        lo_f = lo_f * scale
+    w = tl.join(hi_f, lo_f).reshape(BLOCK_N, BLOCK_K)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     o_ptrs = out_ptr + offs_n64[:, None] * stride_on + offs_k[None, :]
     tl.store(o_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None])
@@ -484,6 +495,16 @@ def _check_weight(qweight, scales, fmt, code, group_size):
     """Validation shared by dequantize_4bit / dequantize_4bit_ref: reuses the GEMM checks with a 1-row x."""
     x = torch.empty(1, 2 * qweight.shape[-1] if qweight.dim() == 2 else 0, device=qweight.device)
     return _check_inputs(x, qweight, scales, fmt, code, group_size, None, None, torch.bfloat16)
+
+
+def _dequant_tile(k: int, group: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of ``_dequantize_4bit_kernel`` on the GPU: the widest BLOCK_K up to 512 that divides K and
+    holds whole scale groups (or lies in one), 16 KB of bf16 output per program. Wider rows of output per program
+    moved more bytes per second (reports/int4_matmul/probe_dequant_tiles.md); 64 x 64 was the tile until session 19."""
+    for bk in (512, 256, 128, 64, 32):
+        if k % bk == 0 and (bk % group == 0 or group % bk == 0):
+            return 8192 // bk, bk
+    return 64, 64  # unreachable for valid weights: K is a multiple of the group (checked), and groups are >= 32
 
 
 def dequantize_4bit(
@@ -508,7 +529,7 @@ def dequantize_4bit(
     else:
         lut = out  # unused by the int4 path
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" or qweight.device.type != "cuda"
-    block_n, block_k = (32, 64) if interpret else (64, 64)
+    block_n, block_k = (32, 64) if interpret else _dequant_tile(k, group_size)
     grid = (triton.cdiv(n, block_n), k // block_k)
     _dequantize_4bit_kernel[grid](
         qweight, scales, lut, out, n, qweight.stride(0), scales.stride(0), out.stride(0),

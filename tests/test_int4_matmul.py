@@ -193,6 +193,30 @@ def test_dequantize_4bit_matches_ref(fmt):
         dequantize_4bit(q, s, fmt=fmt, code=code, out=scratch[:, :128])
 
 
+@pytest.mark.parametrize("fmt", ["int4-g128", "nf4"])
+def test_dequantize_tiles_spanning_several_groups(fmt):
+    """The dequantization kernel's tiles may span several scale groups (BLOCK_K up to 512: one scale per row and
+    group): every tile gives the fp32 reference's values exactly (fp32 output, so no bf16 rounding is involved),
+    and the library picks the widest BLOCK_K that divides K and holds whole groups."""
+    import triton
+
+    n, k = 40, 1024  # 40 rows: the last row block is partial for every BLOCK_N below
+    _, q, s, code = make_weights(fmt, n, k)
+    ref = unpack_nf4(q, s, code) if fmt == "nf4" else unpack_int4_g128(q, s)
+    scales = s.reshape(n, k // GROUP[fmt])
+    lut = k4._lut_from_code(code, q.device) if fmt == "nf4" else ref
+    out = torch.empty(n, k, device=DEVICE, dtype=torch.float32)
+    for block_n, block_k in ((32, 64), (16, 128), (16, 256), (8, 512)):
+        out.fill_(float("nan"))
+        k4._dequantize_4bit_kernel[(triton.cdiv(n, block_n), k // block_k)](
+            q, scales, lut, out, n, q.stride(0), scales.stride(0), out.stride(0),
+            IS_NF4=fmt == "nf4", GROUP_SIZE=GROUP[fmt], BLOCK_N=block_n, BLOCK_K=block_k,
+        )  # fmt: skip
+        assert torch.equal(out, ref), f"{fmt} {block_n}x{block_k}: {int((out != ref).sum())} elements differ"
+    assert k4._dequant_tile(6144, 64) == (16, 512) and k4._dequant_tile(24576, 128) == (16, 512)
+    assert k4._dequant_tile(64 * 3, 64) == (128, 64) and k4._dequant_tile(128 * 6, 128) == (32, 256)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Validation and config pruning
 # --------------------------------------------------------------------------------------------------------
