@@ -26,6 +26,13 @@ Run 2 expectation (``--wide``, written before it, session 19): the kernel now ta
 BLOCK_K can span groups. 256-512 wide: nf4 2.5-2.7 TB/s (+10-20 %), int4 2.55-2.75; the library picks the widest
 BLOCK_K (up to 512) that divides K, with 16 KB of output per program (16 x 512 at K = 6144): its GB/s within 3 % of
 the sweep's best. Per nf4 step: dequantization 36 -> 30-33 ms.
+
+Run 2 (00bead4), written after it: met for the kernel. 16 x 512 with 4 warps moved 2.50-2.51 TB/s for nf4 (64 x 64:
+2.07-2.22, +13-21 %) and 2.63-2.67 TB/s for int4 (+8-15 %), 85-90 % of the copy ceiling, every output bit-equal to the
+library's; 8 warps or 64 rows at 512 lost (nf4 64 x 512 x 8 warps: 1.76-1.85 TB/s). The "library" column missed for nf4
+(1.83-2.26 TB/s) because this run passed the codebook tensor, which makes ``dequantize_4bit`` rebuild its lookup table
+on every call; the model passes ``code=None`` for the standard table (``QuantLinear._kernel_code``), as the probe now does.
+quant_runtime run 8 measured the model: nf4 dequantization 36.1 -> 30.5 ms per step, int4 33.1 -> 29.1.
 """
 
 from __future__ import annotations
@@ -88,7 +95,8 @@ def probe_format(name: str, n: int, k: int, fmt: str, w, dst, ceil: dict, tiles)
         ms = _bench(call)
         row["tiles"][key] = {"ms": ms, "gbs": moved / ms / 1e6, "bits_equal_library": same}
         print(f"{name:20s} {fmt:9s} {key:12s} {ms:.4f} ms {moved / ms / 1e6:7.0f} GB/s same={same}", flush=True)
-    ms = _bench(lambda: I.dequantize_4bit(qw, scales, fmt=fmt, code=code, out=dst))
+    # code=None for the standard NF4 table, as QuantLinear passes it (a codebook tensor rebuilds the LUT per call)
+    ms = _bench(lambda: I.dequantize_4bit(qw, scales, fmt=fmt, out=dst))
     row["library"] = {"tile": list(I._dequant_tile(k, group)), "ms": ms, "gbs": moved / ms / 1e6}
     return row
 
