@@ -11,6 +11,10 @@ any product).
 
 Expectation (written before the first run, session 19): the 512-wide tile 4-7 ms faster per step for nf4 (the
 profile's 5.6 ms of dequantization) and 3-5 ms for int4-g128 (4.0 ms), every round the same way; outputs bit-equal.
+
+Run 1 (a5ca7c6, dequant_tile_ab.md), written after it: nf4 5.5 ms faster (median of rounds; 4.0-7.3 ms between
+neighbouring rounds), int4-g128 7.8 ms (1.3-10.4), every pair the same way, outputs bit-equal. int4 gained more than
+its profile's 4.0 ms; the rounds spread by up to 13 ms within this one process, so that excess is inside the noise.
 """
 
 from __future__ import annotations
