@@ -29,9 +29,10 @@ the sweep's best. Per nf4 step: dequantization 36 -> 30-33 ms.
 
 Run 2 (00bead4), written after it: met for the kernel. 16 x 512 with 4 warps moved 2.50-2.51 TB/s for nf4 (64 x 64:
 2.07-2.22, +13-21 %) and 2.63-2.67 TB/s for int4 (+8-15 %), 85-90 % of the copy ceiling, every output bit-equal to the
-library's; 8 warps or 64 rows at 512 lost (nf4 64 x 512 x 8 warps: 1.76-1.85 TB/s). The "library" column missed for nf4
-(1.83-2.26 TB/s) because this run passed the codebook tensor, which makes ``dequantize_4bit`` rebuild its lookup table
-on every call; the model passes ``code=None`` for the standard table (``QuantLinear._kernel_code``), as the probe now does.
+library's; 8 warps or 64 rows at 512 lost (nf4 64 x 512 x 8 warps: 1.76-1.85 TB/s). The "library" column missed for
+nf4 (1.83-2.26 TB/s) because this run passed the codebook tensor, which makes ``dequantize_4bit`` rebuild its lookup
+table on every call; the model passes ``code=None`` for the standard table (``QuantLinear._kernel_code``), as the probe
+now does.
 quant_runtime run 8 measured the model: nf4 dequantization 36.1 -> 30.5 ms per step, int4 33.1 -> 29.1.
 """
 
