@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "fp8_matmul"))
+sys.path.insert(0, str(HERE.parent))  # smi_log
+import smi_log  # noqa: E402
 from bench_fp8_attention import bench, flux_like, sdpa_fn  # noqa: E402
 from bench_fp8_matmul import bench_ab, bench_graph  # noqa: E402
 
@@ -67,9 +68,7 @@ def run(out: Path) -> None:
     from flux2_bench.kernels.fp8_attention_sm90 import fp8_attention_sm90
 
     smi_path = out.with_suffix(".smi.csv")
-    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,"
-                            "clocks_event_reasons.active", "--format=csv", "-lms", "50"],
-                           stdout=smi_path.open("w"), stderr=subprocess.DEVNULL)  # fmt: skip
+    smi = smi_log.start(smi_path)
     res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "git_sha": os.environ.get("GIT_SHA", "unknown"),
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -92,23 +91,9 @@ def run(out: Path) -> None:
     out.write_text(json.dumps(res, indent=1))
 
 
-def _smi_samples(path: Path) -> list[tuple[float, float, float, str]]:
-    """(unix time, SM MHz, W, throttle reasons) per nvidia-smi line (its timestamps are the machine's local time,
-    as ``time.time()`` there: UTC on the device)."""
-    out = []
-    for line in path.read_text().splitlines()[1:]:
-        f = [x.strip() for x in line.split(",")]
-        try:
-            t = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=datetime.UTC).timestamp()
-            out.append((t, float(f[1].split()[0]), float(f[3].split()[0]), f[5]))
-        except (ValueError, IndexError):
-            continue
-    return out
-
-
 def render(path: Path) -> str:
     d = json.loads(path.read_text())
-    smi = _smi_samples(path.with_suffix(".smi.csv"))
+    smi = smi_log.samples(path.with_suffix(".smi.csv"))
     # nvidia-smi's clock is local time; on the device that is UTC, but align on the offset that puts the most
     # samples inside the phases in case it is not
     offsets = [0.0] + [h * 3600.0 for h in range(-12, 13) if h]

@@ -1261,7 +1261,7 @@ def _row_gap_note(d: Path) -> str:
     import probe_row_gap as P
 
     data = json.loads(runs[-1].read_text())
-    smi = P._smi(runs[-1].with_suffix(".smi.csv"))
+    smi = P.smi_log.samples(runs[-1].with_suffix(".smi.csv"))
     sus, cyc, clk = {}, {}, {}
     for s in data["shapes"]:
         per = {}

@@ -47,13 +47,15 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench_fp8_matmul's timers and inputs
+sys.path.insert(0, str(HERE.parent))  # smi_log
+import smi_log  # noqa: E402
+
 SHAPES = [("double.txt.qkv", 512, 6144, 18432), ("double.img.proj", 4096, 6144, 6144),
           ("double.img.mlp_in", 4096, 6144, 36864), ("single.linear1", 4608, 6144, 55296)]  # fmt: skip
 EXPECTATION = __doc__.split("Expectation (")[1].split("\n\n")[0].split("): ", 1)[1]
@@ -122,9 +124,7 @@ def run(out: Path, seconds: float, shapes=SHAPES) -> None:
     import torch
     import triton
 
-    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,"
-                            "clocks_event_reasons.active", "--format=csv", "-lms", "50"],
-                           stdout=out.with_suffix(".smi.csv").open("w"), stderr=subprocess.DEVNULL)  # fmt: skip
+    smi = smi_log.start(out.with_suffix(".smi.csv"))
     res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "git_sha": os.environ.get("GIT_SHA", "unknown"),
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -140,26 +140,13 @@ def run(out: Path, seconds: float, shapes=SHAPES) -> None:
     out.write_text(json.dumps(res, indent=1))
 
 
-def _smi(path: Path) -> list[tuple[float, float, float, str]]:
-    """(unix time, SM MHz, W, clock-event reasons) per nvidia-smi line (timestamps in the device's local time, UTC)."""
-    rows = []
-    for line in path.read_text().splitlines()[1:]:
-        f = [x.strip() for x in line.split(",")]
-        try:
-            t = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=datetime.UTC).timestamp()
-            rows.append((t, float(f[1].split()[0]), float(f[3].split()[0]), f[5]))
-        except (ValueError, IndexError):
-            continue
-    return rows
-
-
 def _geo(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
 def render(path: Path) -> str:
     d = json.loads(path.read_text())
-    smi = _smi(path.with_suffix(".smi.csv"))
+    smi = smi_log.samples(path.with_suffix(".smi.csv"))
 
     def inside(a, b):  # samples of a window, its first 200 ms (the clock settling) left out
         return [s for s in smi if a + 0.2 <= s[0] <= b]
