@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -95,7 +94,6 @@ if __name__ == "__main__":
     if a.render:
         (HERE / "dequant_tile_ab.md").write_text(render(a.render))
     elif a.out:
-        os.environ.setdefault("PYTHONUNBUFFERED", "1")
         run(a.out)
     else:
         ap.error("--out or --render")
